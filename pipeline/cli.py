@@ -1,0 +1,168 @@
+"""Command line: each command is a thin wrapper over one library function.
+
+Exit codes of ``pipeline run``: 0 every input done; 1 some input failed (see the summary
+and ``OUT/report.json``); 2 a usage or configuration error (nothing was run).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+import click
+
+from .errors import PipelineError
+
+EXIT_OK, EXIT_FAILED_INPUTS, EXIT_USAGE = 0, 1, 2
+
+
+def _fail(exc: PipelineError, code: int = EXIT_USAGE) -> None:
+    click.echo(f"error: {exc.message}", err=True)
+    sys.exit(code)
+
+
+class _Bar:
+    """A one-line progress bar on stderr (redrawn at most 5 times a second)."""
+
+    def __init__(self) -> None:
+        self.last = 0.0
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, name: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done not in (0, total) and now - self.last < (0.2 if self.tty else 10):
+            return
+        self.last = now
+        width = 30
+        filled = int(width * done / max(total, 1))
+        line = f"{name[:30]:30s} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} blocks"
+        click.echo(("\r" if self.tty else "") + line, err=True, nl=not self.tty or done == total)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="unet-pipeline")
+@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+def main(verbose: int) -> None:
+    """Segment very large biomedical images with a U-Net, tile by tile, into OME-Zarr."""
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--out", "-o", required=True, help="Output Zarr group (created if missing).")
+@click.option("--model", "-m", help="Model file (.pt TorchScript or .onnx).")
+@click.option("--tile", help="Network input size: N or Z,Y,X.")
+@click.option("--overlap", type=int, help="Overlap between tiles in output pixels.")
+@click.option("--blend", type=click.Choice(["auto", "gaussian", "cosine", "constant", "crop"]))
+@click.option("--batch-size", type=int)
+@click.option("--backend", type=click.Choice(["auto", "torchscript", "onnx", "identity"]))
+@click.option("--device", help="auto, cpu, cuda or cuda:N.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]))
+@click.option("--dtype", type=click.Choice(["uint8", "float16", "float32"]))
+@click.option("--normalize", type=click.Choice(["auto", "dtype", "none"]))
+@click.option("--workers", type=int, help="Local Dask worker processes.")
+@click.option("--threads-per-worker", type=int)
+@click.option("--scheduler", help="Address of an existing Dask scheduler ('sync': in-process).")
+@click.option("--chunk", type=int, help="Output chunk size (y and x).")
+@click.option("--block", type=int, help="Block side in pixels (a multiple of --chunk).")
+@click.option("--in-channels", type=int, help="Input channels of a model without metadata.")
+@click.option("--classes", type=int, help="Classes of a model without metadata.")
+@click.option("--series", type=int, help="Image series to read (default: the main image).")
+@click.option("--level", type=int, help="Input pyramid level.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="YAML file of defaults (see configs/default.yaml).")
+def run(inputs, out, model, config_file, **options) -> None:
+    """Segment INPUTS (files or folders) into OUT, one NGFF image per input."""
+    from .config import resolve_config
+    from .io.discover import discover_inputs
+    from .run import run as run_pipeline
+
+    try:
+        cfg = resolve_config(config_file, options)
+        paths = discover_inputs(list(inputs))
+        if not paths:
+            raise PipelineError("no images found", where=", ".join(inputs),
+                                hint="give image files or folders containing .tif/.svs/.zarr")
+        report = run_pipeline(paths, out, model, cfg, progress=_Bar())
+    except PipelineError as exc:
+        _fail(exc)
+    _summary(report, out)
+    sys.exit(EXIT_OK if report.ok else EXIT_FAILED_INPUTS)
+
+
+def _summary(report, out) -> None:
+    click.echo("", err=True)
+    for r in report.inputs:
+        detail = r.output if r.state == "done" else f"{r.reason}: {r.message}"
+        click.echo(f"  {r.state:7s} {r.name:30s} {r.seconds:8.1f} s  {detail}")
+    done = sum(r.state == "done" for r in report.inputs)
+    click.echo(f"{done}/{len(report.inputs)} inputs done, {report.pixels / 1e6:.1f} Mpix in "
+               f"{report.seconds:.1f} s ({report.mpix_per_s:.2f} Mpix/s); report: {out}/report.json")
+
+
+@main.command()
+@click.argument("out")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False),
+              help="State dict to load (read with weights_only=True).")
+@click.option("--in-channels", type=int, default=1, show_default=True)
+@click.option("--classes", type=int, default=1, show_default=True)
+@click.option("--base", type=int, default=64, show_default=True)
+@click.option("--depth", type=int, default=4, show_default=True)
+@click.option("--ndim", type=click.Choice(["2", "3"]), default="2", show_default=True)
+@click.option("--padding", type=click.Choice(["same", "valid"]), default="same", show_default=True)
+@click.option("--activation", type=click.Choice(["auto", "sigmoid", "softmax", "none"]),
+              default="auto", show_default=True)
+@click.option("--normalize", type=click.Choice(["dtype", "none"]), default="dtype", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["torchscript", "onnx"]),
+              help="Default: from OUT's suffix (.pt/.ts or .onnx).")
+def export(out, weights, in_channels, classes, base, depth, ndim, padding, activation,
+           normalize, fmt) -> None:
+    """Export a U-Net (fresh, or with --weights) to a TorchScript or ONNX model file OUT."""
+    from .model.export import export_model
+
+    try:
+        spec = export_model(out, weights=weights, in_channels=in_channels, classes=classes,
+                            base=base, depth=depth, ndim=int(ndim), padding=padding,
+                            activation=activation, normalize=normalize, fmt=fmt)
+    except PipelineError as exc:
+        _fail(exc)
+    click.echo(json.dumps(spec.to_dict(), indent=2))
+
+
+@main.command()
+@click.argument("path")
+def inspect(path) -> None:
+    """Show series, levels, shapes, dtypes, chunks and pixel size of an image or model."""
+    try:
+        if path.lower().endswith((".onnx", ".pt", ".ts", ".pth")):
+            from .backends import read_model_spec
+
+            info = read_model_spec(path).to_dict()
+        else:
+            from .io.sources import describe
+
+            info = describe(path)
+    except PipelineError as exc:
+        _fail(exc, EXIT_FAILED_INPUTS)
+    click.echo(json.dumps(info, indent=2, default=str))
+
+
+@main.command()
+@click.option("--folder", default=".", show_default=True, type=click.Path(file_okay=False),
+              help="Where to write the demo slides, model and output.")
+@click.option("--seconds", default=60.0, show_default=True, help="Training time budget.")
+def demo(folder, seconds) -> None:
+    """Make small synthetic slides and a small trained U-Net, then run the pipeline."""
+    from .demo import run_demo
+
+    try:
+        run_demo(folder, train_seconds=seconds, echo=click.echo)
+    except PipelineError as exc:
+        _fail(exc, EXIT_FAILED_INPUTS)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,144 @@
+"""One validated, frozen run configuration.
+
+Defaults live in :data:`DEFAULTS`; a YAML file (``--config``) and then explicit CLI
+flags override them. Unknown keys and bad values are :class:`ConfigError`. YAML is read
+with ``safe_load`` only: tags such as ``!!python/object`` are refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+BLENDS = ("auto", "gaussian", "cosine", "constant", "crop")
+BACKENDS = ("auto", "torchscript", "onnx", "identity")
+DTYPES = ("uint8", "float16", "float32")
+PRECISIONS = ("fp32", "fp16", "bf16")
+NORMALIZE = ("auto", "dtype", "none")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything ``pipeline run`` needs besides inputs, output and model.
+
+    ``None`` means "derive from the model and the image" (see README).
+    """
+
+    tile: tuple[int, ...] | None = None
+    overlap: int | None = None
+    blend: str = "auto"
+    batch_size: int = 8
+    backend: str = "auto"
+    device: str = "auto"
+    precision: str = "fp32"
+    dtype: str = "uint8"
+    normalize: str = "auto"
+    workers: int | None = None
+    threads_per_worker: int | None = None
+    scheduler: str | None = None
+    chunk: int | None = None
+    block: int | None = None
+    pyramid_min: int = 256
+    in_channels: int | None = None
+    classes: int | None = None
+    series: int | None = None
+    level: int = 0
+    memory_budget_mb: int = 512
+
+    def __post_init__(self) -> None:
+        _check_choice("blend", self.blend, BLENDS)
+        _check_choice("backend", self.backend, BACKENDS)
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("normalize", self.normalize, NORMALIZE)
+        for name in ("batch_size", "workers", "threads_per_worker", "chunk", "block",
+                     "pyramid_min", "in_channels", "classes", "memory_budget_mb"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}",
+                                  where=f"option {name}")
+        if self.overlap is not None and (not isinstance(self.overlap, int) or self.overlap < 0):
+            raise ConfigError(f"overlap must be a non-negative integer, got {self.overlap!r}",
+                              where="option overlap")
+        if self.tile is not None:
+            object.__setattr__(self, "tile", parse_tile(self.tile))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if d["tile"] is not None:
+            d["tile"] = list(d["tile"])
+        return d
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}",
+                          where=f"option {name}")
+
+
+def parse_tile(value: Any) -> tuple[int, ...]:
+    """``256``, ``"256"``, ``"32,128,128"`` or a list → tuple of positive ints."""
+    if isinstance(value, int):
+        parts: list[Any] = [value]
+    elif isinstance(value, str):
+        parts = [p for p in value.replace("x", ",").split(",") if p.strip()]
+    else:
+        parts = list(value)
+    try:
+        tile = tuple(int(p) for p in parts)
+    except (TypeError, ValueError):
+        raise ConfigError(f"tile must be N or Z,Y,X, got {value!r}", where="option tile") from None
+    if not tile or len(tile) > 3 or any(t < 1 for t in tile):
+        raise ConfigError(f"tile must be N or Z,Y,X with positive sizes, got {value!r}",
+                          where="option tile")
+    return tile
+
+
+FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML config file (safe loader only) into a dict of known keys."""
+    import yaml
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config ({exc.strerror})", where=path) from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"invalid YAML: {exc}", where=path,
+                          hint="only plain YAML is accepted (no Python tags)") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("config must be a mapping of option: value", where=path)
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - FIELDS)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(unknown)}", where=path,
+                          hint=f"known keys: {', '.join(sorted(FIELDS))}")
+    return data
+
+
+def resolve_config(file: str | os.PathLike | None = None,
+                   overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """Defaults < YAML ``file`` < ``overrides`` (keys whose value is ``None`` are ignored)."""
+    values: dict[str, Any] = {}
+    if file is not None:
+        values.update(load_yaml(file))
+    for key, value in (overrides or {}).items():
+        if key not in FIELDS:
+            raise ConfigError(f"unknown option {key!r}")
+        if value is not None:
+            values[key] = value
+    try:
+        return RunConfig(**values)
+    except TypeError as exc:
+        raise ConfigError(str(exc), where=file) from exc

@@ -1,0 +1,130 @@
+"""Per-image planning: tile, overlap, blend, lattice, output chunks and blocks.
+
+Pure: derives everything from the model geometry, the image's spatial shape and the
+config. No I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .backends.base import ModelSpec
+from .blend import BlendMode
+from .config import RunConfig
+from .errors import ConfigError
+from .geometry import Region
+from .tiling import Lattice, block_regions, choose_stride
+
+DEFAULT_TILE = {2: 256, 3: 64}
+DEFAULT_CHUNK = {2: 1024, 3: 128}
+
+
+@dataclass(frozen=True)
+class Plan:
+    lattice: Lattice
+    blend: BlendMode
+    chunks: tuple[int, ...]       # spatial output chunk
+    block: tuple[int, ...]        # spatial block (a multiple of chunks)
+    model_ndim: int
+
+    def blocks(self) -> list[Region]:
+        return list(block_regions(self.lattice.shape, self.block))
+
+
+def default_tile(spec: ModelSpec) -> int:
+    want = DEFAULT_TILE[spec.ndim] + 2 * spec.margin
+    below, above = spec.nearest_tiles(max(want, spec.min_tile))
+    return above if below < want else below
+
+
+def model_tile(spec: ModelSpec, cfg: RunConfig) -> tuple[int, ...]:
+    """Network input size per model axis, checked against what the model accepts."""
+    tile = cfg.tile or (default_tile(spec),)
+    if len(tile) == 1:
+        tile = tile * spec.ndim
+    if len(tile) != spec.ndim:
+        raise ConfigError(f"tile {','.join(map(str, tile))} has {len(tile)} sizes but the model is "
+                          f"{spec.ndim}D", where="option --tile",
+                          hint=f"give one size or {spec.ndim} sizes")
+    for t in tile:
+        if not spec.accepts_tile(t):
+            below, above = spec.nearest_tiles(t)
+            near = [str(s) for s in (below, above) if s >= spec.min_tile]
+            raise ConfigError(
+                f"tile {t} is not accepted by the model (sizes are {spec.min_tile} + k*{spec.step})",
+                where="option --tile", hint=f"use {' or '.join(near)}", reason="bad-tile")
+    return tile
+
+
+def resolve_blend(spec: ModelSpec, cfg: RunConfig) -> BlendMode:
+    if cfg.blend != "auto":
+        return BlendMode(cfg.blend)
+    return BlendMode.CROP if spec.margin > 0 else BlendMode.GAUSSIAN
+
+
+def resolve_overlap(spec: ModelSpec, cfg: RunConfig, out_tile: int, blend: BlendMode) -> int:
+    if cfg.overlap is not None:
+        return cfg.overlap
+    if blend is BlendMode.CROP and spec.margin > 0:
+        return 0  # valid models: the margin already supplies the context (overlap-tile)
+    return out_tile // 4
+
+
+def make_plan(spec: ModelSpec, shape: tuple[int, ...], channels: int, classes: int,
+              cfg: RunConfig) -> Plan:
+    """Plan one image of spatial ``shape`` (len ``spec.ndim`` or ``spec.ndim + 1``)."""
+    extra = len(shape) - spec.ndim  # 1: a 2D model running slice by slice on a volume
+    tile = model_tile(spec, cfg)
+    blend = resolve_blend(spec, cfg)
+    out_tile = [t - 2 * spec.margin for t in tile]
+    strides = []
+    for o in out_tile:
+        overlap = resolve_overlap(spec, cfg, o, blend)
+        try:
+            strides.append(choose_stride(o, overlap, spec.step))
+        except ValueError as exc:
+            raise ConfigError(str(exc), where="option --overlap",
+                              hint=f"use an overlap below {o - spec.step}") from None
+    lattice = Lattice(
+        shape,
+        (1,) * extra + tuple(tile),
+        (0,) * extra + (spec.margin,) * spec.ndim,
+        (1,) * extra + tuple(strides),
+    )
+    chunk = cfg.chunk or DEFAULT_CHUNK[spec.ndim]
+    chunks = tuple(min(chunk, n) for n in shape[extra:])
+    chunks = (1,) * extra + chunks
+    block = block_shape(shape, chunks, lattice, channels, classes, cfg)
+    return Plan(lattice, blend, chunks, block, spec.ndim)
+
+
+def block_shape(shape: tuple[int, ...], chunks: tuple[int, ...], lattice: Lattice,
+                channels: int, classes: int, cfg: RunConfig) -> tuple[int, ...]:
+    """Block = whole chunks, as large as the per-worker memory budget allows.
+
+    Bytes per block pixel: float32 accumulators (classes + weight), the normalised
+    float32 input and its raw copy; the halo is counted as a fraction of the block.
+    """
+    if cfg.block is not None:
+        side = [max(c, (cfg.block // c) * c) for c in chunks]
+        side = [1 if c == 1 and i < len(shape) - 2 else s for i, (c, s) in enumerate(zip(chunks, side))]
+        return tuple(min(s, -(-n // c) * c) for s, n, c in zip(side, shape, chunks))
+    per_pixel = 4 * (classes + 1) + 5 * channels
+    budget = cfg.memory_budget_mb * 2**20 / per_pixel
+    block = list(chunks)
+    # grow the axis with the fewest chunks in the block until the budget is used
+    while True:
+        grown = None
+        for axis in sorted(range(len(shape)), key=lambda a: block[a]):
+            if block[axis] >= shape[axis]:
+                continue
+            trial = block.copy()
+            trial[axis] += chunks[axis]
+            halo = math.prod(b + lattice.tile[a] for a, b in enumerate(trial)) / math.prod(trial)
+            if math.prod(trial) * halo <= budget:
+                grown = trial
+                break
+        if grown is None:
+            return tuple(block)
+        block = grown

@@ -1,0 +1,250 @@
+"""Orchestration: per-input planning, the Dask client, progress and the run report.
+
+This layer never touches pixels: it builds :class:`~pipeline.stages.BlockJob` values and
+hands them to a Dask cluster (or runs them in-process with ``scheduler="sync"``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+from . import __version__
+from .backends.base import ModelSpec
+from .config import RunConfig
+from .errors import PipelineError
+from .io import sink
+from .plan import Plan, make_plan
+from .stages import BackendRef, BlockJob, SourceRef, forget_sink, process_block
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class InputResult:
+    path: str
+    name: str
+    state: str = "pending"          # done | failed | skipped
+    reason: str | None = None
+    message: str | None = None
+    output: str | None = None
+    shape: list[int] | None = None
+    pixels: int = 0
+    tiles: int = 0
+    blocks: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class RunReport:
+    inputs: list[InputResult] = field(default_factory=list)
+    seconds: float = 0.0
+    model: dict | None = None
+    config: dict | None = None
+    version: str = __version__
+
+    @property
+    def ok(self) -> bool:
+        return all(r.state == "done" for r in self.inputs)
+
+    @property
+    def pixels(self) -> int:
+        return sum(r.pixels for r in self.inputs if r.state == "done")
+
+    @property
+    def mpix_per_s(self) -> float:
+        return self.pixels / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {"version": self.version, "ok": self.ok, "seconds": round(self.seconds, 3),
+                "pixels": self.pixels, "mpix_per_s": round(self.mpix_per_s, 3),
+                "model": self.model, "config": self.config,
+                "inputs": [asdict(r) for r in self.inputs]}
+
+
+def resolve_model(model: str | None, cfg: RunConfig) -> ModelSpec:
+    """Read the model's geometry once in the driver (probing foreign files)."""
+    from .backends import read_model_spec, resolve_device
+
+    resolve_device(cfg.device)  # a missing GPU is an error before any work starts
+    overrides = _overrides(cfg)
+    if cfg.backend == "identity":
+        from .backends import load_backend
+
+        return load_backend(None, backend="identity", overrides=overrides).spec
+    if model is None:
+        raise PipelineError("no model given", where="option --model",
+                            hint="pass --model FILE (make one with `pipeline export`)",
+                            reason="bad-config")
+    return read_model_spec(model, backend=cfg.backend, overrides=overrides)
+
+
+def _overrides(cfg: RunConfig) -> dict:
+    out = {k: getattr(cfg, k) for k in ("in_channels", "classes") if getattr(cfg, k) is not None}
+    if cfg.normalize != "auto":
+        out["normalize"] = cfg.normalize
+    return out
+
+
+@contextlib.contextmanager
+def dask_client(cfg: RunConfig) -> Iterator[object | None]:
+    """A client on ``cfg.scheduler``, or a loopback-only LocalCluster; None for ``sync``."""
+    if cfg.scheduler == "sync":
+        yield None
+        return
+    from distributed import Client, LocalCluster
+
+    if cfg.scheduler:
+        with Client(cfg.scheduler) as client:
+            yield client
+        return
+    workers, threads = worker_layout(cfg)
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                      host="127.0.0.1", dashboard_address=None, silence_logs=logging.ERROR,
+                      memory_limit=0, env={"OMP_NUM_THREADS": str(threads)}) as cluster, \
+            Client(cluster) as client:
+        yield client
+
+
+def worker_layout(cfg: RunConfig) -> tuple[int, int]:
+    """(worker processes, model threads per worker) for the local cluster."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = cfg.workers or 1
+    threads = cfg.threads_per_worker or max(1, cores // workers)
+    return workers, threads
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def run(inputs: Sequence[str], out: str | os.PathLike, model: str | None, cfg: RunConfig,
+        *, progress: Progress | None = None) -> RunReport:
+    """Segment every input into ``out``; one input's failure never stops the others."""
+    t0 = time.perf_counter()
+    root = sink.open_root(out)
+    del root
+    spec = resolve_model(model, cfg)
+    report = RunReport(model=spec.to_dict(), config=cfg.to_dict())
+    names = sink.unique_names(inputs)
+    _, threads = worker_layout(cfg)
+    ref = BackendRef(spec.path, spec.format if cfg.backend == "auto" else cfg.backend,
+                     _device(cfg), cfg.precision, tuple(sorted(_overrides(cfg).items())), threads)
+    with dask_client(cfg) as client:
+        for path, name in zip(inputs, names):
+            result = InputResult(str(path), name)
+            report.inputs.append(result)
+            t1 = time.perf_counter()
+            try:
+                run_one(path, Path(out), spec, ref, cfg, result, client, progress)
+                result.state = "done"
+            except PipelineError as exc:
+                _fail(result, exc.reason, exc.message)
+            except Exception as exc:  # an unexpected bug must not stop the batch
+                log.debug("unexpected error on %s", path, exc_info=True)
+                _fail(result, "internal-error", f"{path}: {type(exc).__name__}: {exc} "
+                      f"({traceback.extract_tb(exc.__traceback__)[-1].name})")
+            result.seconds = round(time.perf_counter() - t1, 3)
+    report.seconds = time.perf_counter() - t0
+    (Path(out) / "report.json").write_text(json.dumps(report.to_dict(), indent=2))
+    return report
+
+
+def _device(cfg: RunConfig) -> str:
+    from .backends import resolve_device
+
+    return resolve_device(cfg.device)
+
+
+def _fail(result: InputResult, reason: str, message: str) -> None:
+    result.state, result.reason, result.message = "failed", reason, message
+    log.error("%s", message)
+
+
+def run_one(path: str, out: Path, spec: ModelSpec, ref: BackendRef, cfg: RunConfig,
+            result: InputResult, client, progress: Progress | None) -> None:
+    """Plan, run the blocks, build the pyramid and publish one input."""
+    from .io.sources import open_image, to_model_layout
+
+    source = open_image(path, series=cfg.series, level=cfg.level)
+    array, spatial_axes, pixel_size = to_model_layout(source, spec.ndim, spec.in_channels)
+    channels = int(array.shape[0])
+    classes = spec.classes or channels
+    shape = tuple(int(s) for s in array.shape[1:])
+    plan = make_plan(spec, shape, channels, classes, cfg)
+    writer = sink.create_image(out, result.name, (classes, *shape), "c" + spatial_axes,
+                               (classes, *plan.chunks), cfg.dtype)
+    try:
+        sref = SourceRef(str(path), source.series, source.level, spec.ndim, spec.in_channels)
+        jobs = make_jobs(plan, sref, ref, spec, classes, cfg, writer.level_path(0))
+        result.shape, result.blocks = [classes, *shape], len(jobs)
+        result.tiles = run_blocks(jobs, client, lambda d, n: progress and progress(result.name, d, n))
+        levels = sink.write_pyramid(writer, cfg.pyramid_min)
+        sink.write_metadata(writer, levels, pixel_size, provenance(spec, plan, cfg, source))
+        result.output = str(sink.publish(writer))
+        result.pixels = int(array[0].size)
+    except BaseException:
+        sink.discard(writer)
+        raise
+    finally:
+        forget_sink(writer.level_path(0))
+
+
+def make_jobs(plan: Plan, source, ref: BackendRef, spec: ModelSpec, classes: int,
+              cfg: RunConfig, sink_path: str | None) -> list[BlockJob]:
+    normalize = spec.normalize if cfg.normalize == "auto" else cfg.normalize
+    return [
+        BlockJob(i, region, plan.lattice, plan.blend, classes, plan.model_ndim, source, ref,
+                 sink_path, cfg.batch_size, normalize, cfg.dtype)
+        for i, region in enumerate(plan.blocks())
+    ]
+
+
+def run_blocks(jobs: list[BlockJob], client, progress: Callable[[int, int], None]) -> int:
+    """Run every block (in-process when ``client`` is None); returns the tiles run."""
+    tiles = 0
+    progress(0, len(jobs))
+    if client is None:
+        for done, job in enumerate(jobs, 1):
+            tiles += process_block(job).tiles
+            progress(done, len(jobs))
+        return tiles
+    from distributed import as_completed
+
+    futures = client.map(process_block, jobs, pure=False, retries=1)
+    try:
+        for done, (future, res) in enumerate(as_completed(futures, with_results=True), 1):
+            tiles += res.tiles
+            progress(done, len(jobs))
+    except BaseException:
+        client.cancel(futures)
+        raise
+    return tiles
+
+
+def provenance(spec: ModelSpec, plan: Plan, cfg: RunConfig, source) -> dict:
+    lat = plan.lattice
+    return {
+        "version": __version__,
+        "model": {"path": spec.path, "sha256": spec.sha256, "format": spec.format},
+        "backend": cfg.backend if cfg.backend != "auto" else spec.format,
+        "tile": list(lat.tile), "overlap": list(lat.overlap), "stride": list(lat.stride),
+        "blend": plan.blend.value, "chunks": list(plan.chunks), "block": list(plan.block),
+        "input": {"path": str(source.path), "series": source.series, "level": source.level,
+                  "format": source.format},
+        "config": cfg.to_dict(),
+    }

@@ -1,0 +1,151 @@
+"""The global tile lattice of an image and the block plan.
+
+Pure geometry: no dask, zarr or torch. Coordinates are pixels of the image the model
+runs on (the chosen pyramid level).
+
+Per spatial axis a lattice has an input tile ``T``, a valid margin ``m`` and an output
+tile ``O = T - 2m``; tile ``k`` writes ``[k*S, k*S + O)`` and reads ``[k*S - m, k*S - m + T)``.
+The stride ``S`` is a multiple of the network's size step, so every tile sits at the same
+phase of the network's pooling grid as a single whole-image pass would: that is what makes
+tiled ``valid`` inference exact. The lattice starts at 0 and depends only on the image
+shape and the model geometry, never on blocks or workers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+from .geometry import Region
+
+
+@dataclass(frozen=True)
+class Lattice:
+    """Tile positions for one image.
+
+    Attributes
+    ----------
+    shape
+        Spatial shape of the image.
+    tile
+        Input tile size per axis (``T``).
+    margin
+        Valid margin per axis (``m``); the output tile is ``T - 2m``.
+    stride
+        Distance between tile origins per axis (``S``), ``1 <= S <= O``.
+    """
+
+    shape: tuple[int, ...]
+    tile: tuple[int, ...]
+    margin: tuple[int, ...]
+    stride: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        for name in ("shape", "tile", "margin", "stride"):
+            value = tuple(int(v) for v in getattr(self, name))
+            if len(value) != len(self.shape):
+                raise ValueError(f"{name} {value} does not match rank {len(self.shape)}")
+            object.__setattr__(self, name, value)
+        for o, s in zip(self.out_tile, self.stride):
+            if not 1 <= s <= o:
+                raise ValueError(f"stride {self.stride} must be within 1..{self.out_tile}")
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def out_tile(self) -> tuple[int, ...]:
+        return tuple(t - 2 * m for t, m in zip(self.tile, self.margin))
+
+    @property
+    def overlap(self) -> tuple[int, ...]:
+        return tuple(o - s for o, s in zip(self.out_tile, self.stride))
+
+    @property
+    def counts(self) -> tuple[int, ...]:
+        """Number of tiles per axis: enough to cover the image, at least one."""
+        return tuple(
+            1 + max(0, math.ceil((n - o) / s))
+            for n, o, s in zip(self.shape, self.out_tile, self.stride)
+        )
+
+    @property
+    def n_tiles(self) -> int:
+        return math.prod(self.counts)
+
+    def out_region(self, index: Sequence[int]) -> Region:
+        """Output pixels tile ``index`` predicts (may extend past the image)."""
+        return Region([k * s for k, s in zip(index, self.stride)], self.out_tile)
+
+    def in_region(self, index: Sequence[int]) -> Region:
+        """Input pixels tile ``index`` reads (may extend past the image: mirrored)."""
+        return self.out_region(index).grow(self.margin)
+
+    def owned_region(self, index: Sequence[int]) -> Region:
+        """Pixels this tile alone provides in ``crop`` blending.
+
+        Cuts sit in the middle of each overlap; the first and last tiles own up to the
+        image border. The owned regions of all tiles partition the image.
+        """
+        begin, end = [], []
+        for k, s, o, n, c in zip(index, self.stride, self.out_tile, self.shape, self.counts):
+            cut = (o - s) // 2
+            begin.append(0 if k == 0 else k * s + cut)
+            end.append(n if k == c - 1 else (k + 1) * s + cut)
+        return Region.from_bounds(begin, end)
+
+    def tiles_touching(self, region: Region, *, owned: bool = False) -> list[tuple[int, ...]]:
+        """Indices of every tile that contributes to ``region``.
+
+        With ``owned`` (crop blending) a tile contributes only where it owns pixels,
+        otherwise wherever its output tile reaches.
+        """
+        ranges = []
+        for axis in range(self.ndim):
+            lo, hi = region.offset[axis], region.end[axis]
+            s, o, c = self.stride[axis], self.out_tile[axis], self.counts[axis]
+            ks = [
+                k for k in range(max(0, (lo - o) // s), min(c, hi // s + 2))
+                if _touches(self, axis, k, lo, hi, owned)
+            ]
+            ranges.append(ks)
+        return list(itertools.product(*ranges))
+
+
+def _touches(lat: Lattice, axis: int, k: int, lo: int, hi: int, owned: bool) -> bool:
+    index = [0] * lat.ndim
+    index[axis] = k
+    r = lat.owned_region(index) if owned else lat.out_region(index)
+    return r.offset[axis] < hi and lo < r.end[axis]
+
+
+def choose_stride(out_tile: int, overlap: int, step: int) -> int:
+    """Largest multiple of ``step`` that leaves at least ``overlap`` pixels of overlap.
+
+    Raises
+    ------
+    ValueError
+        When no positive stride exists (overlap too large for the tile).
+    """
+    stride = ((out_tile - overlap) // step) * step
+    if stride < 1:
+        raise ValueError(
+            f"overlap {overlap} leaves no room in an output tile of {out_tile} "
+            f"(tile positions must be multiples of {step})"
+        )
+    return stride
+
+
+def block_regions(shape: Sequence[int], block: Sequence[int]) -> Iterator[Region]:
+    """Partition ``shape`` into blocks of ``block`` (the last ones clipped).
+
+    ``block`` must be a multiple of the output chunk shape so that every chunk has
+    exactly one writer.
+    """
+    image = Region.of_shape(shape)
+    counts = [math.ceil(n / b) for n, b in zip(shape, block)]
+    for index in itertools.product(*(range(c) for c in counts)):
+        yield Region([i * b for i, b in zip(index, block)], block).intersect(image)
