@@ -81,6 +81,8 @@ def resolve_model(model: str | None, cfg: RunConfig) -> ModelSpec:
     if cfg.backend == "identity":
         from .backends import load_backend
 
+        if cfg.tile is not None and len(cfg.tile) == 3:
+            overrides["ndim"] = 3  # identity is dimension-agnostic: a 3-D tile asks for 3-D
         return load_backend(None, backend="identity", overrides=overrides).spec
     if model is None:
         raise PipelineError("no model given", where="option --model",
@@ -141,9 +143,7 @@ def run(inputs: Sequence[str], out: str | os.PathLike, model: str | None, cfg: R
     spec = resolve_model(model, cfg)
     report = RunReport(model=spec.to_dict(), config=cfg.to_dict())
     names = sink.unique_names(inputs)
-    _, threads = worker_layout(cfg)
-    ref = BackendRef(spec.path, spec.format if cfg.backend == "auto" else cfg.backend,
-                     _device(cfg), cfg.precision, tuple(sorted(_overrides(cfg).items())), threads)
+    ref = backend_ref(spec, cfg)
     with dask_client(cfg) as client:
         for path, name in zip(inputs, names):
             result = InputResult(str(path), name)
@@ -162,6 +162,16 @@ def run(inputs: Sequence[str], out: str | os.PathLike, model: str | None, cfg: R
     report.seconds = time.perf_counter() - t0
     (Path(out) / "report.json").write_text(json.dumps(report.to_dict(), indent=2))
     return report
+
+
+def backend_ref(spec: ModelSpec, cfg: RunConfig) -> BackendRef:
+    """How workers load the model resolved in the driver."""
+    overrides = _overrides(cfg)
+    if spec.format == "identity":
+        overrides["ndim"] = spec.ndim
+    return BackendRef(spec.path, spec.format if cfg.backend == "auto" else cfg.backend,
+                      _device(cfg), cfg.precision, tuple(sorted(overrides.items())),
+                      worker_layout(cfg)[1])
 
 
 def _device(cfg: RunConfig) -> str:
@@ -248,3 +258,24 @@ def provenance(spec: ModelSpec, plan: Plan, cfg: RunConfig, source) -> dict:
                   "format": source.format},
         "config": cfg.to_dict(),
     }
+
+
+def predict_array(array, model: str | None = None, cfg: RunConfig | None = None, *,
+                  spec: ModelSpec | None = None):
+    """In-process prediction of an array ``(C, *spatial)`` (numpy or dask).
+
+    Same lattice, blocks and blending as :func:`run`, without Dask or Zarr: for
+    debugging, tests and notebooks. Returns ``(K, *spatial)`` in ``cfg.dtype``.
+    """
+    import numpy as np
+
+    cfg = cfg or RunConfig()
+    spec = spec or resolve_model(model, cfg)
+    channels = int(array.shape[0])
+    classes = spec.classes or channels
+    plan = make_plan(spec, tuple(int(s) for s in array.shape[1:]), channels, classes, cfg)
+    ref = backend_ref(spec, cfg)
+    out = np.zeros((classes, *array.shape[1:]), dtype=cfg.dtype)
+    for job in make_jobs(plan, array, ref, spec, classes, cfg, None):
+        out[(slice(None), *job.write.to_slices())] = process_block(job).data
+    return out
