@@ -13,6 +13,7 @@ import logging
 import os
 import time
 import traceback
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -111,6 +112,9 @@ def dask_client(cfg: RunConfig) -> Iterator[object | None]:
             yield client
         return
     workers, threads = worker_layout(cfg)
+    # the scheduler's HTTP endpoint tries port 8787 first and warns when it is taken
+    warnings.filterwarnings("ignore", message="Port .* is already in use", category=UserWarning)
+    # loopback only: a Dask scheduler runs whatever code a client sends it
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                       host="127.0.0.1", dashboard_address=None, silence_logs=logging.ERROR,
                       memory_limit=0, env={"OMP_NUM_THREADS": str(threads)}) as cluster, \

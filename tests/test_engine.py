@@ -56,9 +56,10 @@ def valid_net(tmp_path_factory):
 
     torch.manual_seed(0)
     net = UNet(in_channels=1, classes=2, base=4, depth=3, ndim=2, padding="valid").eval()
-    path = tmp_path_factory.mktemp("valid") / "valid.pt"
-    spec = export_model(path, model=net)
-    return net, spec, str(path)
+    folder = tmp_path_factory.mktemp("valid")
+    spec = export_model(folder / "valid.pt", model=net)
+    export_model(folder / "valid.onnx", model=net)
+    return net, spec, str(folder / "valid.pt")
 
 
 def whole_image(net, image, spec):
@@ -88,7 +89,10 @@ def test_valid_network_tiled_equals_whole_image(valid_net, rng, shape):
 
 
 def test_block_invariance(valid_net, rng):
+    """Bit-identical with ONNX Runtime, whose CPU kernels do not depend on batch size
+    (TorchScript's do, by an ulp: see test_torchscript_matches_onnx_end_to_end)."""
     _, spec, path = valid_net
+    path = path.replace(".pt", ".onnx")
     image = rng.integers(0, 256, size=(1, 170, 150), dtype=np.uint8)
     tile = spec.nearest_tiles(48 + 2 * spec.margin)[1]
     outs = [predict_array(image, path, RunConfig(tile=(tile,), dtype="float32", chunk=16, block=b,
@@ -105,3 +109,12 @@ def test_bad_tile_is_refused_with_nearest_sizes(valid_net, rng):
     with pytest.raises(ConfigError) as info:
         predict_array(np.zeros((1, 64, 64), np.uint8), path, RunConfig(tile=(bad,)))
     assert str(bad) in str(info.value) and str(spec.min_tile) in str(info.value)
+
+
+def test_torchscript_matches_onnx_end_to_end(valid_net, rng):
+    _, spec, path = valid_net
+    image = rng.integers(0, 256, size=(1, 120, 90), dtype=np.uint8)
+    cfg = RunConfig(dtype="float32", chunk=32, block=64, blend="gaussian", overlap=16)
+    ts = predict_array(image, path, cfg)
+    ox = predict_array(image, path.replace(".pt", ".onnx"), cfg)
+    assert np.abs(ts - ox).max() <= 1e-4

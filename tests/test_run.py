@@ -1,0 +1,193 @@
+"""End to end through `pipeline run` (CLI and library) on real files and a real Dask cluster."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+from click.testing import CliRunner
+
+from pipeline.cli import main
+from pipeline.config import RunConfig
+from pipeline.run import run
+
+SVS = "wsi/CMU-1-Small-Region.svs"
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def ngff_images(out: Path):
+    """Read every image in OUT with the ome-zarr reference reader."""
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Multiscales, Reader
+
+    images = {}
+    for child in sorted(p for p in out.iterdir() if p.is_dir()):
+        nodes = list(Reader(parse_url(str(child)))())
+        assert nodes, f"ome-zarr found no image in {child}"
+        node = nodes[0]
+        assert any(isinstance(s, Multiscales) for s in node.specs)
+        images[child.name] = node
+    return images
+
+
+def test_identity_run_on_svs_is_pixel_exact_and_valid_ngff(data_dir, tmp_path):
+    out = tmp_path / "out.zarr"
+    result = cli("run", data_dir / SVS, "--out", out, "--backend", "identity", "--workers", "2",
+                 "--chunk", "512", "--block", "1024")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["ok"] and report["inputs"][0]["state"] == "done"
+    name = report["inputs"][0]["name"]
+    assert name == "CMU-1-Small-Region"
+    level0 = zarr.open_array(str(out / name / "0"), mode="r")
+    expected = tifffile.imread(data_dir / SVS)  # (y, x, 3)
+    assert level0.shape == (3, 2967, 2220)
+    np.testing.assert_array_equal(np.moveaxis(level0[:], 0, -1), expected)
+
+    node = ngff_images(out)[name]
+    shapes = [tuple(d.shape) for d in node.data]
+    assert shapes[0] == (3, 2967, 2220) and shapes[1] == (3, 1483, 1110)
+    assert max(shapes[-1][1:]) <= 256
+    ms = node.metadata
+    scales = [t[0]["scale"] for t in ms["coordinateTransformations"]]
+    assert scales[0] == pytest.approx([1.0, 0.499, 0.499])
+    assert scales[1] == pytest.approx([1.0, 0.998, 0.998])
+    attrs = zarr.open_group(str(out / name), mode="r").attrs.asdict()
+    prov = attrs["pipeline"]
+    assert prov["backend"] == "identity" and prov["blend"] and prov["tile"]
+    assert prov["config"]["chunk"] == 512
+
+
+def test_background_chunks_are_not_stored(tmp_path):
+    image = np.zeros((300, 300), np.uint8)
+    image[:100, :100] = 200
+    path = tmp_path / "sparse.tif"
+    tifffile.imwrite(path, image, tile=(128, 128))
+    out = tmp_path / "o.zarr"
+    report = run([str(path)], out, None, RunConfig(backend="identity", chunk=100, block=100,
+                                                   scheduler="sync"))
+    assert report.ok
+    chunk_files = [p for p in (out / "sparse" / "0").rglob("*") if p.is_file() and p.name != "zarr.json"]
+    assert len(chunk_files) == 1  # only the chunk with signal, of 9
+    arr = zarr.open_array(str(out / "sparse" / "0"), mode="r")
+    np.testing.assert_array_equal(arr[0], image)
+
+
+def test_one_vs_two_workers_identical(data_dir, tmp_path, valid_model):
+    image = data_dir / "isbi2012" / "train-volume.tif"
+    outs = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}.zarr"
+        report = run([str(image)], out, valid_model, RunConfig(workers=workers, chunk=256,
+                                                               block=256, dtype="float32"))
+        assert report.ok, report.inputs[0].message
+        outs.append(zarr.open_array(str(out / "train-volume" / "0"), mode="r")[:])
+    assert outs[0].shape[1:] == (30, 512, 512)
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
+@pytest.fixture(scope="module")
+def valid_model(tmp_path_factory):
+    from pipeline.model.export import export_model
+
+    path = tmp_path_factory.mktemp("m") / "valid2d.onnx"
+    export_model(path, in_channels=1, classes=2, base=4, depth=2, padding="valid")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def rgb_model(tmp_path_factory):
+    from pipeline.model.export import export_model
+
+    path = tmp_path_factory.mktemp("m") / "same_rgb.onnx"
+    export_model(path, in_channels=3, classes=1, base=4, depth=3, padding="same")
+    return str(path)
+
+
+def bad_files(folder: Path) -> dict[str, Path]:
+    files = {
+        "empty": folder / "empty.tif",
+        "random": folder / "random.svs",
+        "text": folder / "notes.tif",
+    }
+    files["empty"].write_bytes(b"")
+    files["random"].write_bytes(np.random.default_rng(0).bytes(4096))
+    files["text"].write_text("this is not an image\n")
+    return files
+
+
+@pytest.mark.parametrize("kind", ["empty", "random", "text"])
+def test_bad_input_refused_clearly_and_others_go_on(tmp_path, kind, data_dir):
+    bad = bad_files(tmp_path)[kind]
+    good = tmp_path / "good.tif"
+    shutil.copy(data_dir / "nuclei2d" / "bbbc007" / "images" / sorted(
+        p.name for p in (data_dir / "nuclei2d" / "bbbc007" / "images").iterdir())[0], good)
+    out = tmp_path / "out.zarr"
+    result = cli("run", bad, good, "--out", out, "--backend", "identity", "--scheduler", "sync")
+    assert result.exit_code == 1
+    assert bad.name in result.output
+    report = json.loads((out / "report.json").read_text())
+    states = {Path(r["path"]).name: r for r in report["inputs"]}
+    assert states[good.name]["state"] == "done"
+    assert states[bad.name]["state"] == "failed" and states[bad.name]["reason"] != "internal-error"
+    assert bad.name in states[bad.name]["message"]
+    # nothing that looks like an output image for the bad file (no staging left either)
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["good"]
+
+
+def test_model_file_that_is_not_a_model(tmp_path, data_dir):
+    model = tmp_path / "model.onnx"
+    model.write_text("not a model")
+    result = cli("run", data_dir / SVS, "--out", tmp_path / "o.zarr", "--model", model)
+    assert result.exit_code == 2
+    assert "model.onnx" in result.output and "Traceback" not in result.output
+
+
+def test_rgb_image_given_to_one_channel_model(tmp_path, data_dir, valid_model):
+    out = tmp_path / "o.zarr"
+    result = cli("run", data_dir / SVS, "--out", out, "--model", valid_model, "--scheduler", "sync")
+    assert result.exit_code == 1
+    assert "got 3 channels, model expects 1" in result.output
+    assert "CMU-1-Small-Region.svs" in result.output
+    assert not [p for p in out.iterdir() if p.is_dir()]
+
+
+def test_tile_the_model_cannot_take(tmp_path, data_dir, rgb_model):
+    result = cli("run", data_dir / SVS, "--out", tmp_path / "o.zarr", "--model", rgb_model,
+                 "--tile", "100")
+    assert result.exit_code in (1, 2)
+    assert "tile 100" in result.output and "96" in result.output and "104" in result.output
+
+
+def test_unknown_config_key_and_python_tag_refused(tmp_path, data_dir):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("tile: 256\nbogus: 1\n")
+    result = cli("run", data_dir / SVS, "--out", tmp_path / "o.zarr", "--backend", "identity",
+                 "--config", cfg)
+    assert result.exit_code == 2 and "bogus" in result.output
+    marker = tmp_path / "pwned"
+    cfg.write_text(f"tile: !!python/object/apply:os.system ['touch {marker}']\n")
+    result = cli("run", data_dir / SVS, "--out", tmp_path / "o.zarr", "--backend", "identity",
+                 "--config", cfg)
+    assert result.exit_code == 2 and not marker.exists()
+
+
+def test_local_cluster_listens_on_loopback_only():
+    import psutil
+
+    from pipeline.run import dask_client
+
+    with dask_client(RunConfig(workers=1)) as client:
+        assert client is not None
+        procs = [psutil.Process(), *psutil.Process().children(recursive=True)]
+        addrs = [c.laddr.ip for p in procs for c in p.net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN]
+    assert addrs and all(ip in ("127.0.0.1", "::1") for ip in addrs), addrs
