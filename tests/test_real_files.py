@@ -1,0 +1,65 @@
+"""Every file in ../shared/data through `pipeline run`, validated with the ome-zarr reader."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import zarr
+
+from pipeline.config import RunConfig
+from pipeline.run import run
+from test_run import ngff_images
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from pipeline.model.export import export_model
+
+    folder = tmp_path_factory.mktemp("models")
+    paths = {}
+    for name, kw in {
+        "rgb": dict(in_channels=3, classes=2, ndim=2),
+        "gray": dict(in_channels=1, classes=1, ndim=2),
+        "gray3d": dict(in_channels=1, classes=1, ndim=3),
+    }.items():
+        paths[name] = str(folder / f"{name}.onnx")
+        export_model(paths[name], base=4, depth=2, padding="same", **kw)
+    return paths
+
+
+CASES = [
+    # file, model, tile, expected level-0 shape (c, ...), expected scale of level 0
+    ("wsi/CMU-1-Small-Region.svs", "rgb", None, (2, 2967, 2220), [1, 0.499, 0.499]),
+    ("wsi/tcga-cr-7395-01a-01-ts1.svs", "rgb", None, (2, 3567, 4443), None),
+    ("wsi/CMU-1-Small-Region.pyramid.ome.tif", "rgb", None, (2, 2967, 2220), [1, 0.499, 0.499]),
+    ("omezarr/CMU-1-Small-Region.ome.zarr", "rgb", None, (2, 2967, 2220), None),
+    ("isbi2012/train-volume.tif", "gray", None, (1, 30, 512, 512), None),
+    ("isbi2012/train-volume.tif", "gray3d", (16, 128, 128), (1, 30, 512, 512), None),
+    ("volume3d/ovule_raw.tif", "gray3d", (16, 64, 64), (1, 32, 128, 128), [1, 0.235, 0.15, 0.15]),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("relpath,model,tile,shape,scale", CASES,
+                         ids=[f"{c[0].split('/')[-1]}-{c[1]}" for c in CASES])
+def test_real_file_end_to_end(data_dir, tmp_path, models, relpath, model, tile, shape, scale):
+    out = tmp_path / "out.zarr"
+    cfg = RunConfig(tile=tile, workers=1, batch_size=4)
+    report = run([str(data_dir / relpath)], out, models[model], cfg)
+    result = report.inputs[0]
+    assert result.state == "done", result.message
+    node = next(iter(ngff_images(out).values()))
+    level0 = node.data[0]
+    assert tuple(level0.shape) == shape
+    got_scale = node.metadata["coordinateTransformations"][0][0]["scale"]
+    if scale is not None:
+        assert got_scale == pytest.approx(scale)
+    assert len(node.data) >= 2 or max(shape[-2:]) <= 256
+    # the model ran: the prediction is not constant, and within [0, 255]
+    sample = np.asarray(level0[(slice(None),) * (len(shape) - 2) + (slice(0, 256), slice(0, 256))])
+    assert sample.dtype == np.uint8 and sample.std() > 0
+    prov = zarr.open_group(str(out / result.name), mode="r").attrs["pipeline"]
+    assert prov["model"]["sha256"] and prov["input"]["path"].endswith(relpath.split("/")[-1])
+    assert json.loads((out / "report.json").read_text())["ok"]
