@@ -1,0 +1,435 @@
+"""End-to-end throughput against the bare backend and a MONAI user's script.
+
+    python benchmarks/bench_throughput.py [--size 2048] [--base 16] [--tile 256]
+        [--overlap 64] [--repeat 1] [--device cpu|cuda] [--out benchmarks/results/history.jsonl]
+
+Figures (Mpix/s of *image* pixels, best of ``--repeat``):
+
+a. ``pipeline.run.run`` on a tiled TIFF with the ONNX backend:
+   ``a_total``   wall time of ``run`` (LocalCluster start, model load, blocks, pyramid,
+                 metadata); the ratios use this one.
+   ``a_blocks``  the report's per-input seconds (steady state: no cluster start-up).
+   ``a_warm``    ``run`` on an already started cluster whose worker has the model loaded.
+   ``a_sync``    ``run`` in-process (``scheduler="sync"``), with the per-block
+                 read / predict / write seconds and the model's own share of predict.
+b. the bare backend (``load_backend(..., backend="onnx", threads=2)``) on exactly the
+   lattice tiles of (a), pre-loaded and normalised, in batches of the same size.
+c. a MONAI user: tifffile whole image → torch eager U-Net (same weights) in
+   ``sliding_window_inference`` (gaussian, same stride) → Zarr (uint8, chunks 1024).
+
+Ratios: a/b (target ≥ 0.9) and a/c (target ≥ 1.5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import DEFAULT_HISTORY, append_history, fmt, use_source_tree, write_tiled_tiff  # noqa: E402
+
+use_source_tree()
+log = logging.getLogger("bench_throughput")
+
+DEPTH, IN_CHANNELS, CLASSES = 4, 3, 1
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", type=int, default=2048, help="image side in pixels")
+    p.add_argument("--base", type=int, default=16, help="U-Net base width")
+    p.add_argument("--tile", type=int, default=256, help="network input tile")
+    p.add_argument("--overlap", type=int, default=64, help="overlap between tiles (px)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--repeat", type=int, default=1, help="timed runs per figure (best kept)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--threads", type=int, default=2, help="model threads (b, c and the worker)")
+    p.add_argument("--compression", choices=("jpeg", "zlib", "none"), default="jpeg")
+    p.add_argument("--out", default=str(DEFAULT_HISTORY), help="history file (JSON lines)")
+    p.add_argument("--workdir", help="keep the model, TIFF and outputs here (default: temp)")
+    p.add_argument("--skip", default="", help="comma list of figures to skip: warm,sync,peer")
+    p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up runs")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke mode: a 256² image (one tile), no warm-ups, no warm-cluster run")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.size, args.repeat, args.no_warmup = min(args.size, args.tile), 1, True
+        args.skip = ",".join(filter(None, [args.skip, "warm"]))
+    args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    return args
+
+
+# ---------------------------------------------------------------------------- setup
+
+def build_models(work: Path, base: int) -> tuple[Path, Path, Path]:
+    """One set of U-Net weights, exported to ONNX and TorchScript; returns (onnx, ts, weights)."""
+    import torch
+
+    from pipeline.model.export import export_model
+    from pipeline.model.unet import UNet
+
+    torch.manual_seed(0)
+    net = UNet(in_channels=IN_CHANNELS, classes=CLASSES, base=base, depth=DEPTH, padding="same")
+    # non-trivial BatchNorm statistics so folding them at export is exercised
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    weights = work / "weights.pt"
+    torch.save(net.state_dict(), weights)
+    paths = []
+    for name in ("model.onnx", "model.pt"):
+        export_model(str(work / name), weights=str(weights), in_channels=IN_CHANNELS,
+                     classes=CLASSES, base=base, depth=DEPTH, padding="same")
+        paths.append(work / name)
+    return paths[0], paths[1], weights
+
+
+def run_config(args: argparse.Namespace, **extra: Any):
+    from pipeline.config import RunConfig
+
+    return RunConfig(tile=(args.tile,), overlap=args.overlap, blend="gaussian", backend="onnx",
+                     device=args.device, batch_size=args.batch_size,
+                     threads_per_worker=args.threads, **extra)
+
+
+def best(times: list[float]) -> float:
+    return min(times) if times else float("nan")
+
+
+def mpix(pixels: int, seconds: float | None) -> float | None:
+    return pixels / 1e6 / seconds if seconds and seconds > 0 else None
+
+
+def fresh(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    return path
+
+
+# ---------------------------------------------------------------------------- (a) end to end
+
+def check_report(report) -> None:
+    if not report.ok:
+        bad = [f"{r.name}: {r.reason}: {r.message}" for r in report.inputs if r.state != "done"]
+        raise RuntimeError("pipeline run failed: " + "; ".join(bad))
+
+
+def bench_end_to_end(args, tiff: Path, onnx: Path, work: Path) -> dict[str, Any]:
+    """``run`` with its own LocalCluster: total wall time and the per-input seconds."""
+    from pipeline.run import run
+
+    cfg = run_config(args)
+    totals, blocks, report = [], [], None
+    for i in range(args.repeat + (0 if args.no_warmup else 1)):
+        out = fresh(work / "out_a.zarr")
+        t0 = time.perf_counter()
+        report = run([str(tiff)], out, str(onnx), cfg)
+        wall = time.perf_counter() - t0
+        check_report(report)
+        if i == 0 and not args.no_warmup:
+            continue
+        totals.append(wall)
+        blocks.append(report.inputs[0].seconds)
+    r0 = report.inputs[0]
+    return {"total_s": best(totals), "blocks_s": best(blocks), "run_report_s": report.seconds,
+            "tiles": r0.tiles, "blocks": r0.blocks, "pixels": r0.pixels}
+
+
+def bench_warm_cluster(args, tiff: Path, onnx: Path, work: Path) -> dict[str, Any]:
+    """``run`` on a cluster that is already up and whose worker has loaded the model."""
+    from distributed import Client, LocalCluster
+
+    from pipeline.run import run
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None, silence_logs=logging.ERROR, memory_limit=0,
+                      env={"OMP_NUM_THREADS": str(args.threads)}) as cluster, Client(cluster):
+        cfg = run_config(args, scheduler=cluster.scheduler_address, workers=1)
+        times = []
+        for i in range(args.repeat + 1):  # the first run loads the model on the worker
+            out = fresh(work / "out_warm.zarr")
+            t0 = time.perf_counter()
+            report = run([str(tiff)], out, str(onnx), cfg)
+            wall = time.perf_counter() - t0
+            check_report(report)
+            if i:
+                times.append(wall)
+    return {"total_s": best(times), "blocks_s": report.inputs[0].seconds}
+
+
+class _TimedBackend:
+    """Wraps a backend to add up the seconds spent inside ``predict``."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.seconds, self.calls = inner, 0.0, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        t0 = time.perf_counter()
+        out = self.inner.predict(batch)
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+        return out
+
+
+@contextlib.contextmanager
+def _profiled(blocks: list, timed: dict):
+    """Record every in-process block's ``BlockResult.seconds`` and the model's share."""
+    import pipeline.run as prun
+    import pipeline.stages as stages
+
+    orig_process, orig_get = prun.process_block, stages.get_backend
+
+    def process_block(job):
+        res = orig_process(job)
+        blocks.append(dict(res.seconds, tiles=res.tiles))
+        return res
+
+    def get_backend(ref):
+        if ref not in timed:
+            timed[ref] = _TimedBackend(orig_get(ref))
+        return timed[ref]
+
+    prun.process_block, stages.get_backend = process_block, get_backend
+    try:
+        yield
+    finally:
+        prun.process_block, stages.get_backend = orig_process, orig_get
+
+
+def bench_sync(args, tiff: Path, onnx: Path, work: Path) -> dict[str, Any]:
+    """``run`` in-process with the stage breakdown of every block."""
+    from pipeline.run import run
+
+    cfg = run_config(args, scheduler="sync")
+    best_rec: dict[str, Any] | None = None
+    for i in range(args.repeat + (0 if args.no_warmup else 1)):
+        blocks: list[dict] = []
+        timed: dict = {}
+        out = fresh(work / "out_sync.zarr")
+        with _profiled(blocks, timed):
+            t0 = time.perf_counter()
+            report = run([str(tiff)], out, str(onnx), cfg)
+            wall = time.perf_counter() - t0
+        check_report(report)
+        if i == 0 and not args.no_warmup:
+            continue
+        stage = {k: sum(b.get(k, 0.0) for b in blocks) for k in ("read", "predict", "write")}
+        model = sum(t.seconds for t in timed.values())
+        rec = {"total_s": wall, "blocks_s": report.inputs[0].seconds,
+               "stage_s": {k: round(v, 3) for k, v in stage.items()},
+               "model_s": round(model, 3),
+               "tile_merge_s": round(stage["predict"] - model, 3),  # stack, checks, blend, dtype
+               "other_s": round(report.inputs[0].seconds - sum(stage.values()), 3),  # open, plan, pyramid
+               "per_block": blocks}
+        if best_rec is None or wall < best_rec["total_s"]:
+            best_rec = rec
+    return best_rec
+
+
+# ---------------------------------------------------------------------------- (b) bare backend
+
+def lattice_tiles(args, spec, shape: tuple[int, int]):
+    """The lattice (a) uses and its tiles: unique ones, and those its blocks run."""
+    from pipeline.plan import make_plan
+
+    plan = make_plan(spec, shape, IN_CHANNELS, CLASSES, run_config(args))
+    lat = plan.lattice
+    unique = list(itertools.product(*(range(c) for c in lat.counts)))
+    per_block = sum(len(lat.tiles_touching(b)) for b in plan.blocks())
+    return lat, unique, per_block
+
+
+def load_normalised(tiff: Path) -> np.ndarray:
+    import tifffile
+
+    img = tifffile.imread(tiff)
+    return np.ascontiguousarray(np.moveaxis(img, -1, 0), dtype=np.float32) / np.float32(255)
+
+
+def bench_bare(args, onnx: Path, image: np.ndarray) -> dict[str, Any]:
+    from pipeline.backends import load_backend
+
+    backend = load_backend(str(onnx), backend="onnx", threads=args.threads, device=args.device)
+    lat, tiles, per_block = lattice_tiles(args, backend.spec, image.shape[1:])
+    pad = [(0, 0)] + [(m + lat.tile[a], m + lat.tile[a]) for a, m in enumerate(lat.margin)]
+    padded = np.pad(image, pad, mode="reflect")  # same mirroring as the pipeline
+    shift = [p[0] for p in pad[1:]]
+
+    def tile_at(t):
+        r = lat.in_region(t)
+        return padded[(slice(None), *(slice(o + s, o + s + n) for o, s, n in zip(r.offset, shift, r.shape)))]
+
+    batches = [np.ascontiguousarray(np.stack([tile_at(t) for t in tiles[i:i + args.batch_size]]))
+               for i in range(0, len(tiles), args.batch_size)]
+    backend.predict(batches[0])  # warm-up: session initialisation, allocator
+    times = []
+    for _ in range(args.repeat):
+        t0 = time.perf_counter()
+        for b in batches:
+            backend.predict(b)
+        times.append(time.perf_counter() - t0)
+    with contextlib.suppress(Exception):
+        backend.close()
+    return {"total_s": best(times), "tiles": len(tiles), "tiles_in_blocks": per_block,
+            "stride": list(lat.stride), "overlap": list(lat.overlap),
+            "computed_pixels": len(tiles) * int(np.prod(lat.tile))}
+
+
+# ---------------------------------------------------------------------------- (c) MONAI peer
+
+def bench_monai(args, tiff: Path, weights: Path, work: Path) -> dict[str, Any]:
+    import tifffile
+    import torch
+    import zarr
+    from monai.inferers import sliding_window_inference
+
+    from pipeline.model.unet import UNet
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    net = UNet(in_channels=IN_CHANNELS, classes=CLASSES, base=args.base, depth=DEPTH, padding="same")
+    net.load_state_dict(torch.load(weights, weights_only=True))
+    net = net.eval().to(device)
+    with torch.inference_mode():  # warm-up: one batch of tiles (one tile when quick)
+        warm = 1 if args.quick else args.batch_size
+        net(torch.zeros(warm, IN_CHANNELS, args.tile, args.tile, device=device))
+
+    def once() -> float:
+        out = fresh(work / "out_monai.zarr")
+        t0 = time.perf_counter()
+        img = tifffile.imread(tiff)
+        x = torch.from_numpy(np.moveaxis(img, -1, 0)[None].astype(np.float32) / 255.0).to(device)
+        with torch.inference_mode():
+            y = sliding_window_inference(x, roi_size=(args.tile, args.tile), sw_batch_size=args.batch_size,
+                                         predictor=net, overlap=args.overlap / args.tile, mode="gaussian")
+        prob = y[0].float().cpu().numpy()
+        u8 = np.rint(np.clip(prob, 0, 1) * 255).astype(np.uint8)
+        arr = zarr.create_array(str(out), shape=u8.shape, chunks=(1, 1024, 1024), dtype="uint8")
+        arr[...] = u8
+        return time.perf_counter() - t0
+
+    return {"total_s": best([once() for _ in range(args.repeat)])}
+
+
+# ---------------------------------------------------------------------------- main
+
+def _step(name: str, fn: Callable[[], dict], figures: dict, errors: dict) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
+    t0 = time.perf_counter()
+    try:
+        figures[name] = fn()
+    except Exception as exc:  # one failing figure must not hide the others
+        import traceback
+
+        errors[name] = f"{type(exc).__name__}: {exc}"
+        traceback.print_exc()
+    print(f"    done in {time.perf_counter() - t0:.1f} s", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    # distributed sets its own loggers to INFO; they would propagate to the root handler
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+    load_start = [round(v, 2) for v in os.getloadavg()]
+    tmp = None
+    if args.workdir:
+        work = Path(args.workdir)
+        work.mkdir(parents=True, exist_ok=True)
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="bench_throughput_")
+        work = Path(tmp.name)
+    pixels = args.size * args.size
+    figures: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    try:
+        t0 = time.perf_counter()
+        tiff = write_tiled_tiff(work / "slide.tif", args.size, channels=IN_CHANNELS, tile=256,
+                                compression=args.compression)
+        print(f"TIFF {args.size}² written in {time.perf_counter() - t0:.1f} s", flush=True)
+        onnx, ts, weights = build_models(work, args.base)
+        image = load_normalised(tiff)
+        _step("a", lambda: bench_end_to_end(args, tiff, onnx, work), figures, errors)
+        if "warm" not in args.skip:
+            _step("a_warm", lambda: bench_warm_cluster(args, tiff, onnx, work), figures, errors)
+        if "sync" not in args.skip:
+            _step("a_sync", lambda: bench_sync(args, tiff, onnx, work), figures, errors)
+        _step("b", lambda: bench_bare(args, onnx, image), figures, errors)
+        if "peer" not in args.skip:
+            _step("c", lambda: bench_monai(args, tiff, weights, work), figures, errors)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+    rates = summarise(figures, pixels)
+    params = {k: v for k, v in vars(args).items() if k not in ("out", "workdir")}
+    params["skip"] = sorted(args.skip)
+    params.update(depth=DEPTH, in_channels=IN_CHANNELS, classes=CLASSES, padding="same",
+                  blend="gaussian", backend="onnx")
+    record = append_history(args.out, {"benchmark": "throughput", "params": params,
+                                       "loadavg_start": load_start,
+                                       "pixels": pixels, "mpix_per_s": rates,
+                                       "figures": figures, "errors": errors})
+    report(record)
+    return 1 if errors else 0
+
+
+def summarise(figures: dict, pixels: int) -> dict[str, float | None]:
+    def rate(name: str, key: str = "total_s") -> float | None:
+        return mpix(pixels, figures.get(name, {}).get(key))
+
+    rates = {"a_total": rate("a"), "a_blocks": rate("a", "blocks_s"), "a_warm": rate("a_warm"),
+             "a_sync": rate("a_sync"), "b_bare": rate("b"), "c_monai": rate("c")}
+
+    def ratio(x: str, y: str) -> float | None:
+        return rates[x] / rates[y] if rates[x] and rates[y] else None
+
+    rates.update({"ratio_a_b": ratio("a_total", "b_bare"), "ratio_a_c": ratio("a_total", "c_monai"),
+                  "ratio_a_blocks_b": ratio("a_blocks", "b_bare"),
+                  "ratio_a_warm_b": ratio("a_warm", "b_bare"),
+                  "ratio_a_blocks_c": ratio("a_blocks", "c_monai")})
+    return {k: (round(v, 4) if v is not None else None) for k, v in rates.items()}
+
+
+def report(record: dict) -> None:
+    r, f = record["mpix_per_s"], record["figures"]
+    print()
+    print(f"image {record['params']['size']}², base {record['params']['base']}, tile "
+          f"{record['params']['tile']}, overlap {record['params']['overlap']}, "
+          f"device {record['params']['device']} ({record['machine']['cpu']}, "
+          f"{record['machine']['cores']} cores)")
+    print(f"  a  pipeline run, total      {fmt(r['a_total'])} Mpix/s   (ratios use this one)")
+    print(f"     pipeline run, blocks     {fmt(r['a_blocks'])} Mpix/s   (per-input seconds: steady state)")
+    print(f"     pipeline run, warm       {fmt(r['a_warm'])} Mpix/s   (cluster up, model loaded)")
+    print(f"     pipeline run, in-process {fmt(r['a_sync'])} Mpix/s   (scheduler=sync)")
+    print(f"  b  bare ONNX backend        {fmt(r['b_bare'])} Mpix/s   ({f.get('b', {}).get('tiles')} tiles)")
+    print(f"  c  MONAI sliding window     {fmt(r['c_monai'])} Mpix/s")
+    print(f"  a/b = {fmt(r['ratio_a_b'])} (target >= 0.9)   blocks/b = {fmt(r['ratio_a_blocks_b'])}"
+          f"   warm/b = {fmt(r['ratio_a_warm_b'])}")
+    print(f"  a/c = {fmt(r['ratio_a_c'])} (target >= 1.5)   blocks/c = {fmt(r['ratio_a_blocks_c'])}")
+    s = f.get("a_sync")
+    if s:
+        print(f"  in-process breakdown (s): stages {json.dumps(s['stage_s'])}, model {s['model_s']}, "
+              f"tile/blend {s['tile_merge_s']}, outside blocks {s['other_s']}")
+    if record["errors"]:
+        print("  errors: " + json.dumps(record["errors"], indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""TorchScript backend: ``torch.jit.load`` on the requested device, inference mode.
+
+TorchScript archives contain code: they are loaded only from paths the user names, and
+their SHA-256 is recorded in the spec.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from pipeline.backends.base import ModelSpec
+from pipeline.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+
+def load_module(path: str | Path, device: str = "cpu") -> Any:
+    """Load a TorchScript module for inference, or raise ModelError naming the file."""
+    from pipeline._compat import jit_load
+
+    try:
+        module = jit_load(path, map_location=device)
+    except Exception as exc:  # torch raises RuntimeError/ValueError with long C++ traces
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"cannot load as TorchScript ({first[:300]})", where=path,
+            hint="export the model with `pipeline export`, or torch.jit.save a scripted module",
+        ) from exc
+    module.eval()
+    return module
+
+
+def _first_tensor(y: Any) -> Any:
+    # Deep-supervision networks return several maps; the first is the full-resolution one.
+    if isinstance(y, (tuple, list)) and y:
+        return y[0]
+    return y
+
+
+def probe_runner(path: str | Path) -> Callable[[np.ndarray], np.ndarray]:
+    """A CPU ``run(x) -> y`` over numpy arrays, for :mod:`pipeline.backends.probe`."""
+    import torch
+
+    from pipeline._compat import jit_inference
+
+    module = load_module(path, "cpu")
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with jit_inference():
+            return _first_tensor(module(torch.from_numpy(x))).float().numpy()
+
+    return run
+
+
+class TorchScriptBackend:
+    """One TorchScript model on one device.
+
+    Parameters
+    ----------
+    spec
+        The model's spec (``spec.path`` is loaded).
+    device
+        A resolved device: ``cpu``, ``cuda`` or ``cuda:N``.
+    precision
+        ``fp32``; ``fp16``/``bf16`` run under autocast and need a CUDA device (checked
+        by :func:`pipeline.backends.load_backend`).
+    threads
+        CPU threads for torch's intra-op pool (process-wide, ``torch.set_num_threads``).
+    """
+
+    def __init__(
+        self, spec: ModelSpec, device: str, precision: str = "fp32", threads: int | None = None
+    ) -> None:
+        import torch
+
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.spec = spec
+        self.device = device
+        self.precision = precision
+        self._module = load_module(spec.path or "", device)
+        self._cuda = device.startswith("cuda")
+        if self._cuda:
+            # Tiles have one fixed shape, so cuDNN's per-shape algorithm search pays off.
+            torch.backends.cudnn.benchmark = True
+        self._autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        import torch
+
+        if self._autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cuda", dtype=self._autocast_dtype)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """``(B, C, *spatial)`` float32 → ``(B, K, *(spatial - 2*margin))`` float32."""
+        import torch
+
+        from pipeline._compat import jit_inference
+        from pipeline.backends import check_batch, check_output
+
+        check_batch(self.spec, batch)
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+        if self._cuda:
+            x = x.to(self.device, non_blocking=True)
+        with jit_inference(), self._autocast():
+            y = _first_tensor(self._module(x))
+        out = y.float().cpu().numpy()
+        check_output(self.spec, batch.shape, out.shape)
+        return out
+
+    def close(self) -> None:
+        """Drop the module and return cached GPU memory."""
+        self._module = None
+        if self._cuda:
+            import torch
+
+            torch.cuda.empty_cache()
+
+    def __enter__(self) -> "TorchScriptBackend":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
