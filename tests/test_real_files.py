@@ -15,8 +15,11 @@ from test_run import ngff_images
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
+    import torch
+
     from pipeline.model.export import export_model
 
+    torch.manual_seed(0)  # a random tiny net can be constant (dead ReLUs); fix the draw
     folder = tmp_path_factory.mktemp("models")
     paths = {}
     for name, kw in {
