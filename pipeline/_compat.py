@@ -28,6 +28,7 @@ def quiet_torch() -> Iterator[None]:
         warnings.filterwarnings("ignore", message=r".*Constant folding.*")
         warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated.*")
         warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx.*")
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*treespec.*")
         yield
 
 

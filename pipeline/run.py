@@ -107,6 +107,10 @@ def dask_client(cfg: RunConfig) -> Iterator[object | None]:
         return
     from distributed import Client, LocalCluster
 
+    # distributed logs every cluster event at INFO in this process; keep the terminal
+    # for the progress bar unless the user asked for debug output
+    if not log.isEnabledFor(logging.DEBUG):
+        logging.getLogger("distributed").setLevel(logging.ERROR)
     if cfg.scheduler:
         with Client(cfg.scheduler) as client:
             yield client
@@ -173,6 +177,10 @@ def backend_ref(spec: ModelSpec, cfg: RunConfig) -> BackendRef:
     overrides = _overrides(cfg)
     if spec.format == "identity":
         overrides["ndim"] = spec.ndim
+    elif spec.extra.get("metadata") is False:
+        # a model without metadata was probed once here; workers reuse the geometry
+        overrides.update({k: getattr(spec, k) for k in
+                          ("ndim", "in_channels", "classes", "margin", "step", "min_tile")})
     return BackendRef(spec.path, spec.format if cfg.backend == "auto" else cfg.backend,
                       _device(cfg), cfg.precision, tuple(sorted(overrides.items())),
                       worker_layout(cfg)[1])

@@ -156,7 +156,17 @@ def predict_tiles(job: BlockJob, x: np.ndarray, read: Region, merger: BlockMerge
         arr = np.stack([x[(slice(None), *lat.in_region(t).relative_to(read).to_slices())] for t in batch])
         if squeeze:
             arr = arr.reshape(arr.shape[:2] + arr.shape[2 + squeeze:])
-        pred = np.asarray(backend.predict(np.ascontiguousarray(arr)), dtype=np.float32)
+        try:
+            pred = np.asarray(backend.predict(np.ascontiguousarray(arr)), dtype=np.float32)
+        except (PipelineError, MemoryError):
+            raise
+        except Exception as exc:  # the runtime's own message says what the model rejected
+            raise PipelineError(
+                f"model failed on a batch of shape {arr.shape}: {type(exc).__name__}: {exc}",
+                where=job.backend.model, reason="model-error",
+                hint="check that the model takes this many channels and this tile size "
+                     "(pipeline inspect MODEL)",
+            ) from None
         expected = (len(batch), job.classes, *lat.out_tile[squeeze:])
         if pred.shape != expected:
             raise PipelineError(

@@ -226,6 +226,8 @@ def _not_models(tmp_path: Path) -> dict[str, Path]:
     with zipfile.ZipFile(out["zip"], "w") as zf:
         zf.writestr("readme.txt", "hello")
     out["missing"] = tmp_path / "missing.pt"
+    out["folder"] = tmp_path / "folder.onnx"
+    out["folder"].mkdir()
     return out
 
 
@@ -302,3 +304,37 @@ def test_bad_export_options(tmp_path: Path, kwargs: dict) -> None:
 def test_unknown_suffix(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="suffix"):
         export_model(tmp_path / "m.bin", base=4, depth=2)
+
+
+def test_options_may_not_contradict_embedded_metadata(tmp_path: Path) -> None:
+    export_model(tmp_path / "m.onnx", model=make_net(), check=False)
+    spec = read_model_spec(tmp_path / "m.onnx")
+    with pytest.raises(ConfigError, match=f"in_channels=7 \\(the file says {spec.in_channels}\\)"):
+        read_model_spec(tmp_path / "m.onnx", overrides={"in_channels": 7})
+
+
+def test_foreign_model_runs_end_to_end_on_a_dask_cluster(tmp_path: Path) -> None:
+    """The driver probes once; workers get the geometry and produce the eager result."""
+    import numpy as np
+    import tifffile
+    import zarr
+
+    from pipeline.config import RunConfig
+    from pipeline.run import run
+
+    net, _, onnx_path = _foreign_files(tmp_path)
+    image = np.random.default_rng(1).integers(0, 256, (3, 90, 70), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "img.tif", image, photometric="rgb", planarconfig="separate")
+    report = run([str(tmp_path / "img.tif")], tmp_path / "o.zarr", str(onnx_path),
+                 RunConfig(dtype="float32", workers=1, tile=(92 + 16,)))
+    assert report.ok, report.inputs[0].message
+    got = zarr.open_array(str(tmp_path / "o.zarr" / "img" / "0"), mode="r")[:]
+    spec = read_model_spec(onnx_path)
+    m = spec.margin
+    size = [spec.nearest_tiles(n + 2 * m)[1] for n in image.shape[1:]]  # accepted sizes
+    pad = [(0, 0)] + [(m, s - n - m) for n, s in zip(image.shape[1:], size)]
+    padded = np.pad(image / np.float32(255), pad, mode="reflect")
+    with torch.inference_mode():
+        want = net(torch.from_numpy(padded[None].astype(np.float32)))[0].numpy()[:, :90, :70]
+    assert got.shape == (2, 90, 70)
+    np.testing.assert_allclose(got, want, atol=1e-4)

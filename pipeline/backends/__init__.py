@@ -200,11 +200,24 @@ def read_model_spec(
         meta = read_torchscript_metadata(p)
     else:
         meta = read_onnx_metadata(load_onnx_proto(p), p)
-    spec = spec_from_metadata(meta, fmt, p) if meta is not None else _foreign_spec(p, fmt, ov)
+    if meta is not None:
+        spec = spec_from_metadata(meta, fmt, p)
+        _refuse_contradictions(spec, ov, p)
+    else:
+        spec = _foreign_spec(p, fmt, ov)
     spec = spec.with_(**ov, path=str(p), sha256=sha)
     with _SPEC_LOCK:
         _SPEC_CACHE[key] = spec
     return spec
+
+
+def _refuse_contradictions(spec: ModelSpec, ov: Mapping[str, Any], p: Path) -> None:
+    """Options may fill in what a model file lacks, never contradict what it declares."""
+    clash = [f"{k}={ov[k]} (the file says {getattr(spec, k)})"
+             for k in GEOMETRY if k in ov and ov[k] != getattr(spec, k)]
+    if clash:
+        raise ConfigError(f"options contradict the model's embedded metadata: {', '.join(clash)}",
+                          where=p, hint="drop these options; they are only for models without metadata")
 
 
 def _foreign_spec(p: Path, fmt: str, ov: dict[str, Any]) -> ModelSpec:

@@ -74,6 +74,8 @@ def sniff_format(path: str | os.PathLike, backend: str = "auto") -> str:
         contradicts an explicit ``backend``.
     """
     p = Path(path)
+    if p.is_dir():
+        raise ModelError("is a folder, not a model file", where=p, hint=EXPORT_HINT)
     if not p.is_file():
         raise ModelError("model file not found", where=p, hint=EXPORT_HINT)
     with open(p, "rb") as fh:

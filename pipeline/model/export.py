@@ -113,10 +113,7 @@ def _describe(net: torch.nn.Module, in_channels: int, ndim: int, activation: str
 
 
 def _write_torchscript(net: torch.nn.Module, example: torch.Tensor, path: Path, meta: dict) -> None:
-    try:
-        compiled, how = _compat.jit_script_or_trace(net, example)
-    except Exception as exc:  # scripting and tracing both failed
-        raise ModelError(f"TorchScript export failed ({str(exc).strip()[:500]})", where=path) from exc
+    compiled, how = _compat.jit_script_or_trace(net, example)
     meta["exporter"] = f"torch.jit.{how}+freeze"
     _compat.jit_save(compiled, path, {EXTRA_FILE: json.dumps(meta)})
 
@@ -127,13 +124,10 @@ def _write_onnx(net: torch.nn.Module, example: torch.Tensor, path: Path, meta: d
     axes = [0, *range(2, example.dim())]
     raw = path.with_name(path.name + ".raw")
     try:
-        try:
-            how = _compat.onnx_export(
-                net, example, raw, input_name=INPUT_NAME, output_name=OUTPUT_NAME,
-                dynamic_axes=axes, opset=ONNX_OPSET,
-            )
-        except RuntimeError as exc:
-            raise ModelError(f"ONNX export failed ({str(exc)[:500]})", where=path) from exc
+        how = _compat.onnx_export(
+            net, example, raw, input_name=INPUT_NAME, output_name=OUTPUT_NAME,
+            dynamic_axes=axes, opset=ONNX_OPSET,
+        )
         proto = onnx.load(str(raw))
     finally:
         raw.unlink(missing_ok=True)
@@ -145,13 +139,21 @@ def _write_onnx(net: torch.nn.Module, example: torch.Tensor, path: Path, meta: d
     onnx.save(proto, str(path))
 
 
-def _write_atomically(net: torch.nn.Module, example: torch.Tensor, out: Path, fmt: str, meta: dict) -> None:
+def _write_atomically(
+    net: torch.nn.Module, example: torch.Tensor, out: Path, fmt: str, meta: dict
+) -> None:
     """Write beside ``out`` and rename, so a crash never leaves a half-written model."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         (_write_torchscript if fmt == "torchscript" else _write_onnx)(net, example, tmp, meta)
         os.replace(tmp, out)
+    except Exception as exc:  # torch/onnx raise many types; report them as one ModelError
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelError(
+            f"{fmt} export failed ({first[:500]})", where=out,
+            hint="a network that torch.jit.script or torch.onnx.export cannot handle; try the other format",
+        ) from exc
     finally:
         tmp.unlink(missing_ok=True)
 

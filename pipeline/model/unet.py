@@ -16,6 +16,8 @@ tiles without building a network.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -134,6 +136,23 @@ def _pad_to(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return F.pad(x, pads)
 
 
+def _init_weights(module: nn.Module) -> None:
+    """The paper's initialisation: Gaussian with std sqrt(2 / fan_in), zero bias.
+
+    torch's default (uniform, gain 1/sqrt(3)) shrinks the signal at every layer, so an
+    untrained network of 18+ convolutions outputs a near-constant map; He init keeps the
+    variance through the ReLUs, which also makes random networks useful in tests.
+    """
+    if isinstance(module, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        fan_in = module.in_channels
+        if isinstance(module, (nn.Conv2d, nn.Conv3d)):
+            # An up-convolution with kernel = stride feeds each output from one position.
+            fan_in *= math.prod(module.kernel_size)
+        nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / fan_in))
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
 class _Level(nn.Module):
     """One resolution level: encode, recurse into the coarser level, upsample, merge, decode.
 
@@ -229,6 +248,7 @@ class UNet(nn.Module):
             "softmax": nn.Softmax(dim=1),
             "none": nn.Identity(),
         }[activation]
+        self.apply(_init_weights)
 
     @property
     def step(self) -> int:
