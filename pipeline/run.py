@@ -7,7 +7,6 @@ hands them to a Dask cluster (or runs them in-process with ``scheduler="sync"``)
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -132,14 +131,6 @@ def worker_layout(cfg: RunConfig) -> tuple[int, int]:
     workers = cfg.workers or 1
     threads = cfg.threads_per_worker or max(1, cores // workers)
     return workers, threads
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def run(inputs: Sequence[str], out: str | os.PathLike, model: str | None, cfg: RunConfig,
