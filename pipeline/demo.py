@@ -21,9 +21,16 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
+
+from .errors import ConfigError, PipelineError
+
+if TYPE_CHECKING:
+    from .backends.base import ModelSpec
+    from .config import RunConfig
+    from .run import RunReport
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +226,29 @@ def _recalibrate_batchnorm(net: Any, rng: np.random.Generator, batches: int = 8)
     net.eval()
 
 
-def train_unet(seconds: float, *, seed: int = 0, lr: float = 3e-3,
+def _fastest_threads(net: Any, x: Any, limit: int) -> int:
+    """Time a forward pass of ``x`` on ``limit`` threads and on one; the faster count wins.
+
+    OpenMP threads spin-wait for each other: on a machine whose cores are busy with other
+    work (a shared CI runner) two threads can be ten times slower than one.
+    """
+    import torch
+
+    timings = {}
+    with torch.no_grad():
+        torch.set_num_threads(1)
+        net(x)  # pays for the allocations
+        for threads in sorted({1, limit}):
+            torch.set_num_threads(threads)
+            t0 = time.perf_counter()
+            net(x)
+            timings[threads] = time.perf_counter() - t0
+    fastest = min(timings, key=timings.__getitem__)
+    log.debug("forward time by torch threads: %s; using %d", timings, fastest)
+    return fastest
+
+
+def train_unet(seconds: float, *, seed: int = 0, lr: float = 1e-2, threads: int = 2,
                max_steps: int | None = None) -> tuple[Any, float, int]:
     """Train the demo U-Net on synthetic nuclei for about ``seconds`` of wall time.
 
@@ -232,6 +261,9 @@ def train_unet(seconds: float, *, seed: int = 0, lr: float = 3e-3,
         Seeds the data and the weights.
     lr
         Adam learning rate.
+    threads
+        Most torch CPU threads to use (one is used instead when it measures faster);
+        the process-wide setting is restored afterwards.
     max_steps
         Stop after this many steps even if time is left (None: no limit).
 
@@ -248,25 +280,30 @@ def train_unet(seconds: float, *, seed: int = 0, lr: float = 3e-3,
 
     from .model.unet import UNet
 
-    torch.set_num_threads(2)
+    previous = torch.get_num_threads()
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 1000])
     net = UNet(**ARCH, activation="none")  # logits: BCE-with-logits is stable
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     loss_fn = torch.nn.BCEWithLogitsLoss()
+
     deadline = time.monotonic() + seconds
     losses: list[float] = []
     net.train()
-    while not losses or (time.monotonic() < deadline and len(losses) != max_steps):
-        x, y = _batch(rng, BATCH, CROP)
-        loss = loss_fn(net(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if len(losses) % 50 == 0:
-            log.info("step %d: loss %.4f", len(losses), np.mean(losses[-10:]))
-    _recalibrate_batchnorm(net, rng)
+    try:
+        torch.set_num_threads(_fastest_threads(net, _batch(rng, 2, CROP)[0], threads))
+        while not losses or (time.monotonic() < deadline and len(losses) != max_steps):
+            x, y = _batch(rng, BATCH, CROP)
+            loss = loss_fn(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            if len(losses) % 50 == 0:
+                log.info("step %d: loss %.4f", len(losses), np.mean(losses[-10:]))
+        _recalibrate_batchnorm(net, rng)
+    finally:
+        torch.set_num_threads(previous)
     model = UNet(**ARCH)  # same weights, sigmoid output for the pipeline
     model.load_state_dict(net.state_dict())
     model.eval()
@@ -290,7 +327,7 @@ def evaluate(model: Any, *, size: int = 512, seed: int = 0) -> float:
     return dice(prob > 0.5, mask)
 
 
-def export_demo_model(model: Any, path: Path) -> Any:
+def export_demo_model(model: Any, path: Path) -> ModelSpec:
     """Export the trained network to ONNX (geometry and normalisation embedded)."""
     from .model.export import export_model
 
@@ -298,17 +335,31 @@ def export_demo_model(model: Any, path: Path) -> Any:
                         fmt="onnx")
 
 
+def _train_and_export(
+    path: Path, seconds: float, seed: int, echo: Echo
+) -> tuple[Path, float, float]:
+    """Train for ``seconds``, score on a held-out image, export; (path, loss, Dice)."""
+    echo(f"Training a small U-Net for {seconds:g} s on synthetic nuclei...")
+    model, loss, steps = train_unet(seconds, seed=seed)
+    score = evaluate(model, seed=seed)
+    echo(f"  {steps} steps, final loss {loss:.3f}, Dice on a held-out image {score:.3f}")
+    export_demo_model(model, path)
+    echo(f"Exported the model to {path}")
+    return path, loss, score
+
+
 def _progress(echo: Echo) -> Callable[[str, int, int], None]:
     """A progress callback that prints one line per slide, when it is finished."""
 
     def progress(name: str, done: int, total: int) -> None:
         if done == total:
-            echo(f"  segmented {name}: {total} blocks")
+            echo(f"  segmented {name} ({total} block{'s' if total != 1 else ''})")
 
     return progress
 
 
-def _summarise(echo: Echo, report: Any, out: Path, folder: Path) -> None:
+def _summarise(echo: Echo, report: RunReport, out: Path, folder: Path) -> None:
+    """One line per slide, then where the results are and how to look at them."""
     echo("")
     for r in report.inputs:
         detail = r.output if r.state == "done" else f"{r.reason}: {r.message}"
@@ -317,10 +368,10 @@ def _summarise(echo: Echo, report: Any, out: Path, folder: Path) -> None:
     echo(f"\nMasks (NGFF 0.5 OME-Zarr, probability x 255, level 0 at {PIXEL_SIZE_UM} µm/px): "
          f"{out}")
     echo(f"Ground truth masks: {folder / 'truth'}; run report: {out / 'report.json'}")
+    first = out / report.inputs[0].name
     echo("Look at them with:")
-    echo(f"  pipeline inspect {out / report.inputs[0].name}" if report.inputs else "")
-    echo(f"  napari --plugin napari-ome-zarr {out / report.inputs[0].name}"
-         if report.inputs else "")
+    echo(f"  pipeline inspect {first}")
+    echo(f"  napari --plugin napari-ome-zarr {first}   # pip install napari napari-ome-zarr")
     echo(f"  pipeline run {folder / 'slides'} --out OTHER.zarr --model {folder / 'unet.onnx'}"
          "   # again, with your own options")
 
@@ -333,7 +384,7 @@ def run_demo(
     size: int = 1024,
     n_slides: int = 3,
     seed: int = 0,
-    config: Any = None,
+    config: RunConfig | None = None,
 ) -> dict[str, Any]:
     """Make synthetic slides, train and export a small U-Net, and segment the slides.
 
@@ -362,26 +413,33 @@ def run_demo(
         ``slides`` (paths), ``model`` (path), ``out`` (path), ``dice`` (held-out Dice
         after training), ``loss`` (final training loss), ``report``
         (:class:`~pipeline.run.RunReport`).
+
+    Raises
+    ------
+    PipelineError
+        When a slide failed in the pipeline (after the summary is shown).
     """
     from .config import RunConfig
     from .run import run
 
+    if n_slides < 1 or size < 64:
+        raise ConfigError(f"need n_slides >= 1 and size >= 64, got {n_slides} and {size}",
+                          where="run_demo")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     slides = make_slides(folder, n_slides, size, seed)
     echo(f"Wrote {n_slides} synthetic slides ({size}x{size} RGB, {PIXEL_SIZE_UM} µm/px, "
          f"tiled pyramidal OME-TIFF) to {folder / 'slides'}")
-    echo(f"Training a small U-Net for {train_seconds:g} s on synthetic nuclei...")
-    model, loss, steps = train_unet(train_seconds, seed=seed)
-    score = evaluate(model, seed=seed)
-    echo(f"  {steps} steps, final loss {loss:.3f}, Dice on a held-out image {score:.3f}")
-    model_path = folder / "unet.onnx"
-    export_demo_model(model, model_path)
-    echo(f"Exported the model to {model_path}")
+    model_path, loss, score = _train_and_export(folder / "unet.onnx", train_seconds, seed, echo)
     out = folder / "masks.zarr"
     echo(f"Running the pipeline into {out}...")
     cfg = config if config is not None else RunConfig(workers=1)
     report = run([str(p) for p in slides], out, str(model_path), cfg, progress=_progress(echo))
     _summarise(echo, report, out, folder)
+    if not report.ok:
+        failed = sum(r.state != "done" for r in report.inputs)
+        raise PipelineError(f"{failed} of {len(report.inputs)} demo slides failed",
+                            where=out / "report.json", hint="see the summary above",
+                            reason="internal-error")
     return {"slides": slides, "model": model_path, "out": out, "dice": score, "loss": loss,
             "report": report}

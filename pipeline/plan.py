@@ -13,8 +13,7 @@ from .backends.base import ModelSpec
 from .blend import BlendMode
 from .config import RunConfig
 from .errors import ConfigError
-from .geometry import Region
-from .tiling import Lattice, block_regions, choose_stride
+from .tiling import BlockGrid, Lattice, choose_stride
 
 DEFAULT_TILE = {2: 256, 3: 64}
 DEFAULT_CHUNK = {2: 1024, 3: 128}
@@ -28,8 +27,8 @@ class Plan:
     block: tuple[int, ...]        # spatial block (a multiple of chunks)
     model_ndim: int
 
-    def blocks(self) -> list[Region]:
-        return list(block_regions(self.lattice.shape, self.block))
+    def grid(self) -> BlockGrid:
+        return BlockGrid(self.lattice, self.block, owned=self.blend is BlendMode.CROP)
 
 
 def default_tile(spec: ModelSpec) -> int:

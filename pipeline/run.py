@@ -23,7 +23,7 @@ from .config import RunConfig
 from .errors import PipelineError
 from .io import sink
 from .plan import Plan, make_plan
-from .stages import BackendRef, BlockJob, SourceRef, forget_sink, process_block
+from .stages import BackendRef, BlockJob, SourceRef, forget_sink, predict_shared, process_block
 
 log = logging.getLogger(__name__)
 
@@ -203,9 +203,9 @@ def run_one(path: str, out: Path, spec: ModelSpec, ref: BackendRef, cfg: RunConf
                                (classes, *plan.chunks), cfg.dtype)
     try:
         sref = SourceRef(str(path), source.series, source.level, spec.ndim, spec.in_channels)
-        jobs = make_jobs(plan, sref, ref, spec, classes, cfg, writer.level_path(0))
-        result.shape, result.blocks = [classes, *shape], len(jobs)
-        result.tiles = run_blocks(jobs, client, lambda d, n: progress and progress(result.name, d, n))
+        tasks = make_tasks(plan, sref, ref, spec, classes, cfg, writer.level_path(0))
+        result.shape, result.blocks = [classes, *shape], len(tasks)
+        result.tiles = run_blocks(tasks, client, lambda d, n: progress and progress(result.name, d, n))
         levels = sink.write_pyramid(writer, cfg.pyramid_min)
         sink.write_metadata(writer, levels, pixel_size, provenance(spec, plan, cfg, source))
         result.output = str(sink.publish(writer))
@@ -217,32 +217,69 @@ def run_one(path: str, out: Path, spec: ModelSpec, ref: BackendRef, cfg: RunConf
         forget_sink(writer.level_path(0))
 
 
-def make_jobs(plan: Plan, source, ref: BackendRef, spec: ModelSpec, classes: int,
-              cfg: RunConfig, sink_path: str | None) -> list[BlockJob]:
+@dataclass(frozen=True)
+class Task:
+    """A block's job and the blocks whose shared tiles it needs (block order numbers)."""
+
+    job: BlockJob
+    needs: tuple[int, ...]
+
+
+def make_tasks(plan: Plan, source, ref: BackendRef, spec: ModelSpec, classes: int,
+               cfg: RunConfig, sink_path: str | None) -> list[Task]:
+    """One task per block, in raster order; a block only needs blocks before it."""
     normalize = spec.normalize if cfg.normalize == "auto" else cfg.normalize
-    return [
-        BlockJob(i, region, plan.lattice, plan.blend, classes, plan.model_ndim, source, ref,
-                 sink_path, cfg.batch_size, normalize, cfg.dtype)
-        for i, region in enumerate(plan.blocks())
-    ]
+    grid = plan.grid()
+    layout = grid.plan()
+    number = {index: i for i, index in enumerate(layout)}
+    tasks = []
+    for index, (touching, own, owners) in layout.items():
+        job = BlockJob(number[index], grid.region(index), plan.lattice, plan.blend, classes,
+                       plan.model_ndim, source, ref, sink_path, cfg.batch_size, normalize,
+                       cfg.dtype, tuple(touching), tuple(own))
+        tasks.append(Task(job, tuple(sorted(number[o] for o in owners))))
+    return tasks
 
 
-def run_blocks(jobs: list[BlockJob], client, progress: Callable[[int, int], None]) -> int:
-    """Run every block (in-process when ``client`` is None); returns the tiles run."""
+def run_local(tasks: list[Task]) -> Iterator:
+    """The in-process path: blocks in order, each shared result dropped after its last user."""
+    last_user = {j: t.job.index for t in tasks for j in t.needs}
+    shared: dict[int, dict] = {}
+    for task in tasks:
+        job = task.job
+        shared[job.index] = predict_shared(job) if job.own else {}
+        yield process_block(job, *(shared[i] for i in task.needs))
+        for i in [i for i in shared if last_user.get(i, -1) <= job.index]:
+            del shared[i]
+
+
+def run_blocks(tasks: list[Task], client, progress: Callable[[int, int], None]) -> int:
+    """Run every block: shared tiles first (one task per owner block), then each block
+    with the shared predictions it needs. In-process when ``client`` is None."""
     tiles = 0
-    progress(0, len(jobs))
+    progress(0, len(tasks))
     if client is None:
-        for done, job in enumerate(jobs, 1):
-            tiles += process_block(job).tiles
-            progress(done, len(jobs))
+        for done, res in enumerate(run_local(tasks), 1):
+            tiles += res.tiles
+            progress(done, len(tasks))
         return tiles
     from distributed import as_completed
 
-    futures = client.map(process_block, jobs, pure=False, retries=1)
+    n = len(tasks)
+    firsts, futures = {}, []
+    for task in tasks:  # earlier blocks first, so shared results are short-lived
+        i = task.job.index
+        if task.job.own:
+            firsts[i] = client.submit(predict_shared, task.job, pure=False, retries=1,
+                                      priority=n - i)
+        deps = [firsts[j] for j in task.needs if j in firsts]
+        futures.append(client.submit(process_block, task.job, *deps, pure=False, retries=1,
+                                     priority=n - i))
+    firsts.clear()  # the scheduler keeps each shared result until its last user is done
     try:
-        for done, (future, res) in enumerate(as_completed(futures, with_results=True), 1):
+        for done, (_, res) in enumerate(as_completed(futures, with_results=True), 1):
             tiles += res.tiles
-            progress(done, len(jobs))
+            progress(done, n)
     except BaseException:
         client.cancel(futures)
         raise
@@ -279,6 +316,6 @@ def predict_array(array, model: str | None = None, cfg: RunConfig | None = None,
     plan = make_plan(spec, tuple(int(s) for s in array.shape[1:]), channels, classes, cfg)
     ref = backend_ref(spec, cfg)
     out = np.zeros((classes, *array.shape[1:]), dtype=cfg.dtype)
-    for job in make_jobs(plan, array, ref, spec, classes, cfg, None):
-        out[(slice(None), *job.write.to_slices())] = process_block(job).data
+    for res in run_local(make_tasks(plan, array, ref, spec, classes, cfg, None)):
+        out[(slice(None), *res.region.to_slices())] = res.data
     return out

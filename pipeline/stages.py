@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -67,11 +67,14 @@ class BlockJob:
     batch_size: int = 8
     normalize: str = "dtype"
     out_dtype: str = "uint8"
+    tiles: tuple[tuple[int, ...], ...] = ()  # every tile touching ``write``, in lattice order
+    own: tuple[tuple[int, ...], ...] = ()    # shared tiles this block's first phase computes
 
 
 @dataclass
 class BlockResult:
     index: int
+    region: Region
     tiles: int
     pixels: int
     seconds: dict[str, float] = field(default_factory=dict)
@@ -143,71 +146,109 @@ def to_output_dtype(prob: np.ndarray, dtype: str) -> np.ndarray:
     return prob.astype(dtype)
 
 
-def predict_tiles(job: BlockJob, x: np.ndarray, read: Region, merger: BlockMerger,
-                  tiles: list[tuple[int, ...]]) -> None:
-    """Run ``tiles`` through the model in batches and add them to ``merger``."""
+def _check_prediction(job: BlockJob, arr: np.ndarray, pred: np.ndarray, expected: tuple) -> None:
+    if pred.shape != expected:
+        raise PipelineError(
+            f"model returned shape {pred.shape} for input {arr.shape}, expected {expected}",
+            where=job.backend.model, reason="bad-model",
+            hint="check the model's margin/classes (pipeline inspect MODEL) or pass them as options",
+        )
+    if not np.isfinite(pred).all():
+        raise PipelineError(
+            f"model output contains NaN or Inf in block {job.write}",
+            where=job.backend.model, reason="model-output-nonfinite",
+            hint="check the input for NaN/Inf and the model's normalisation",
+        )
+
+
+def _predict(job: BlockJob, arr: np.ndarray) -> np.ndarray:
+    """One batch ``(B, C, *tile)`` through the model; a 2D model on a volume sees ``z`` dropped."""
     lat = job.lattice
-    backend = get_backend(job.backend)
-    crop = job.blend is BlendMode.CROP
-    weights = None if crop else tile_weights(job.blend, lat.out_tile, lat.overlap)
-    squeeze = lat.ndim - job.model_ndim  # 2D model on a volume: drop the z axis of the tile
+    squeeze = lat.ndim - job.model_ndim
+    if squeeze:
+        arr = arr.reshape(arr.shape[:2] + arr.shape[2 + squeeze:])
+    try:
+        pred = np.asarray(get_backend(job.backend).predict(np.ascontiguousarray(arr)),
+                          dtype=np.float32)
+    except (PipelineError, MemoryError):
+        raise
+    except Exception as exc:  # the runtime's own message says what the model rejected
+        raise PipelineError(
+            f"model failed on a batch of shape {arr.shape}: {type(exc).__name__}: {exc}",
+            where=job.backend.model, reason="model-error",
+            hint="check that the model takes this many channels and this tile size "
+                 "(pipeline inspect MODEL)",
+        ) from None
+    _check_prediction(job, arr, pred, (arr.shape[0], job.classes, *lat.out_tile[squeeze:]))
+    return pred.reshape(pred.shape[:2] + lat.out_tile)
+
+
+def _bounds(regions: list[Region]) -> Region:
+    ndim = regions[0].ndim
+    return Region.from_bounds([min(r.offset[a] for r in regions) for a in range(ndim)],
+                              [max(r.end[a] for r in regions) for a in range(ndim)])
+
+
+def predict_stream(job: BlockJob, tiles: list[tuple[int, ...]], *, per_batch: bool = False
+                   ) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
+    """Yield ``(tile, prediction)`` for ``tiles`` in order, run in batches.
+
+    The input is read once for all tiles, or per batch with ``per_batch`` (the first
+    phase's shared tiles lie along block edges, where one bounding box would be wasteful).
+    """
+    if not tiles:
+        return
+    lat = job.lattice
+    source = job.source.open() if isinstance(job.source, SourceRef) else job.source
+    read = x = None
+    if not per_batch:
+        read = _bounds([lat.in_region(t) for t in tiles])
+        x = normalize(read_region(source, read), job.normalize)
     for start in range(0, len(tiles), job.batch_size):
         batch = tiles[start:start + job.batch_size]
-        arr = np.stack([x[(slice(None), *lat.in_region(t).relative_to(read).to_slices())] for t in batch])
-        if squeeze:
-            arr = arr.reshape(arr.shape[:2] + arr.shape[2 + squeeze:])
-        try:
-            pred = np.asarray(backend.predict(np.ascontiguousarray(arr)), dtype=np.float32)
-        except (PipelineError, MemoryError):
-            raise
-        except Exception as exc:  # the runtime's own message says what the model rejected
-            raise PipelineError(
-                f"model failed on a batch of shape {arr.shape}: {type(exc).__name__}: {exc}",
-                where=job.backend.model, reason="model-error",
-                hint="check that the model takes this many channels and this tile size "
-                     "(pipeline inspect MODEL)",
-            ) from None
-        expected = (len(batch), job.classes, *lat.out_tile[squeeze:])
-        if pred.shape != expected:
-            raise PipelineError(
-                f"model returned shape {pred.shape} for input {arr.shape}, expected {expected}",
-                where=job.backend.model, reason="bad-model",
-                hint="check the model's margin/classes (pipeline inspect MODEL) or pass them as options",
-            )
-        if not np.isfinite(pred).all():
-            raise PipelineError(
-                f"model output contains NaN or Inf in block {job.write}",
-                where=job.backend.model, reason="model-output-nonfinite",
-                hint="check the input for NaN/Inf and the model's normalisation",
-            )
-        if squeeze:
-            pred = pred.reshape(pred.shape[:2] + (1,) * squeeze + pred.shape[2:])
-        for t, p in zip(batch, pred):
-            merger.add(p, lat.out_region(t), weights, lat.owned_region(t) if crop else None)
+        if per_batch:
+            read = _bounds([lat.in_region(t) for t in batch])
+            x = normalize(read_region(source, read), job.normalize)
+        arr = np.stack([x[(slice(None), *lat.in_region(t).relative_to(read).to_slices())]
+                        for t in batch])
+        yield from zip(batch, _predict(job, arr))
 
 
-def process_block(job: BlockJob) -> BlockResult:
-    """Read, predict, blend and write one block; idempotent (a rerun writes the same bytes)."""
+def predict_shared(job: BlockJob) -> dict[tuple[int, ...], np.ndarray]:
+    """First phase: the shared tiles this block owns, for the blocks that need them."""
+    return dict(predict_stream(job, list(job.own), per_batch=True))
+
+
+def process_block(job: BlockJob, *shared: dict) -> BlockResult:
+    """Second phase: predict the block's own tiles, blend them with the shared ones
+    (``shared``: results of :func:`predict_shared`), write the block's chunks.
+
+    Tiles are added in lattice order whatever their origin, so a pixel's value does not
+    depend on the block layout. Idempotent: a rerun writes the same bytes.
+    """
     t0 = time.perf_counter()
     lat = job.lattice
     crop = job.blend is BlendMode.CROP
-    tiles = lat.tiles_touching(job.write, owned=crop)
-    regions = [lat.in_region(t) for t in tiles]
-    read = Region.from_bounds(
-        [min(r.offset[a] for r in regions) for a in range(lat.ndim)],
-        [max(r.end[a] for r in regions) for a in range(lat.ndim)],
-    )
-    source = job.source.open() if isinstance(job.source, SourceRef) else job.source
-    x = normalize(read_region(source, read), job.normalize)
-    t1 = time.perf_counter()
+    tiles = list(job.tiles) or lat.tiles_touching(job.write, owned=crop)
+    ready: dict[tuple[int, ...], np.ndarray] = {}
+    for part in shared:
+        ready.update(part)
+    local = [t for t in tiles if t not in ready]
+    stream = predict_stream(job, local)
     merger = BlockMerger(job.write, job.classes, job.blend)
-    predict_tiles(job, x, read, merger, tiles)
+    weights = None if crop else tile_weights(job.blend, lat.out_tile, lat.overlap)
+    for t in tiles:
+        pred = ready.get(t)
+        if pred is None:
+            got, pred = next(stream)
+            assert got == t  # the stream follows the same order
+        merger.add(pred, lat.out_region(t), weights, lat.owned_region(t) if crop else None)
     out = to_output_dtype(merger.result(), job.out_dtype)
-    t2 = time.perf_counter()
-    result = BlockResult(job.index, len(tiles), job.write.size)
+    t1 = time.perf_counter()
+    result = BlockResult(job.index, job.write, len(local) + len(job.own), job.write.size)
     if job.sink is None:
         result.data = out
     else:
         _open_sink(job.sink)[(slice(None), *job.write.to_slices())] = out
-    result.seconds = {"read": t1 - t0, "predict": t2 - t1, "write": time.perf_counter() - t2}
+    result.seconds = {"compute": t1 - t0, "write": time.perf_counter() - t1}
     return result

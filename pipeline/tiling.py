@@ -149,3 +149,64 @@ def block_regions(shape: Sequence[int], block: Sequence[int]) -> Iterator[Region
     counts = [math.ceil(n / b) for n, b in zip(shape, block)]
     for index in itertools.product(*(range(c) for c in counts)):
         yield Region([i * b for i, b in zip(index, block)], block).intersect(image)
+
+
+@dataclass(frozen=True)
+class BlockGrid:
+    """Blocks of ``block`` pixels over ``lattice.shape``, and which tiles they share.
+
+    A tile that contributes to more than one block is *shared*: it is computed once, by
+    the task of its *owner* block (the first block it touches on every axis), and its
+    prediction travels to the other blocks. Every other tile is computed by the one
+    block it touches. So every lattice tile runs through the network exactly once,
+    whatever the block size.
+    """
+
+    lattice: Lattice
+    block: tuple[int, ...]
+    owned: bool = False  # crop blending: a tile contributes only where it owns pixels
+
+    @property
+    def counts(self) -> tuple[int, ...]:
+        return tuple(math.ceil(n / b) for n, b in zip(self.lattice.shape, self.block))
+
+    def indices(self) -> list[tuple[int, ...]]:
+        return list(itertools.product(*(range(c) for c in self.counts)))
+
+    def region(self, index: Sequence[int]) -> Region:
+        return Region([i * b for i, b in zip(index, self.block)], self.block).intersect(
+            Region.of_shape(self.lattice.shape))
+
+    def _spans(self, axis: int) -> list[tuple[int, int]]:
+        """Per tile along ``axis``: first and last block index it contributes to."""
+        lat, b = self.lattice, self.block[axis]
+        n = lat.shape[axis]
+        spans = []
+        for k in range(lat.counts[axis]):
+            index = [0] * lat.ndim
+            index[axis] = k
+            r = lat.owned_region(index) if self.owned else lat.out_region(index)
+            lo, hi = max(r.offset[axis], 0), min(r.end[axis], n) - 1
+            spans.append((lo // b, hi // b) if hi >= lo else (-1, -2))
+        return spans
+
+    def plan(self) -> dict[tuple[int, ...], tuple[list, list, set]]:
+        """For every block: (tiles touching it, shared tiles it owns, owners it needs)."""
+        spans = [self._spans(a) for a in range(self.lattice.ndim)]
+        out = {}
+        for index in self.indices():
+            per_axis = [[k for k, (lo, hi) in enumerate(sp) if lo <= i <= hi]
+                        for sp, i in zip(spans, index)]
+            touching, own, owners = [], [], set()
+            for tile in itertools.product(*per_axis):
+                span = [spans[a][k] for a, k in enumerate(tile)]
+                if all(lo == hi for lo, hi in span):
+                    touching.append(tile)
+                    continue
+                owner = tuple(lo for lo, _ in span)
+                touching.append(tile)
+                owners.add(owner)
+                if owner == index:
+                    own.append(tile)
+            out[index] = (touching, own, owners)
+        return out

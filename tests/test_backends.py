@@ -130,8 +130,20 @@ def test_backend_checks_its_input(models: dict[str, Path]) -> None:
             backend.predict(np.zeros((1, 2, 92, 95), np.float32))
 
 
-def test_wrong_geometry_override_is_caught_at_predict(models: dict[str, Path]) -> None:
-    with load_backend(models["torchscript"], device="cpu", overrides={"margin": 40}) as backend:
+def test_override_contradicting_metadata_is_refused_at_load(models: dict[str, Path]) -> None:
+    with pytest.raises(ConfigError, match="margin=40 \\(the file says 44\\)"):
+        load_backend(models["torchscript"], device="cpu", overrides={"margin": 40})
+
+
+def test_wrong_geometry_for_a_foreign_model_is_caught_at_predict(tmp_path: Path) -> None:
+    """A model without metadata takes the user's geometry; a wrong one fails clearly."""
+    torch.manual_seed(3)
+    net = UNet(in_channels=2, classes=3, base=4, depth=3, padding="valid").eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.trace(net, torch.rand(1, 2, 92, 92)).save(str(tmp_path / "plain.pt"))
+    wrong = {"ndim": 2, "in_channels": 2, "classes": 3, "margin": 40, "step": 8, "min_tile": 92}
+    with load_backend(tmp_path / "plain.pt", device="cpu", overrides=wrong) as backend:
         with pytest.raises(ModelError, match="expected"):
             backend.predict(np.zeros((1, 2, 92, 92), np.float32))
 

@@ -77,3 +77,23 @@ def test_demo_masks_match_the_ground_truth(demo: tuple[dict, Path, list[str]]) -
         prob = zarr.open_array(str(folder / "masks.zarr" / name / "0"), mode="r")[0]
         # 5 s of training learns "dark purple = nucleus"; the bar is far above chance
         assert dice(prob > 127, truth) > 0.5, name
+
+
+def test_cli_demo_passes_folder_seconds_and_echo(monkeypatch: pytest.MonkeyPatch,
+                                                 tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from pipeline import demo as demo_module
+    from pipeline.cli import main
+
+    calls: list[tuple] = []
+
+    def fake(folder, *, train_seconds, echo):
+        calls.append((folder, train_seconds))
+        echo("hello from the demo")
+
+    monkeypatch.setattr(demo_module, "run_demo", fake)
+    result = CliRunner().invoke(main, ["demo", "--folder", str(tmp_path), "--seconds", "2.5"])
+    assert result.exit_code == 0, result.output
+    assert calls == [(str(tmp_path), 2.5)]
+    assert "hello from the demo" in result.output

@@ -118,3 +118,26 @@ def test_torchscript_matches_onnx_end_to_end(valid_net, rng):
     ts = predict_array(image, path, cfg)
     ox = predict_array(image, path.replace(".pt", ".onnx"), cfg)
     assert np.abs(ts - ox).max() <= 1e-4
+
+
+@pytest.mark.parametrize("block", [16, 48, 96, 400])
+@pytest.mark.parametrize("blend", ["gaussian", "crop"])
+def test_every_tile_runs_exactly_once(block, blend):
+    """Shared tiles are computed by one owner block and reused by the others."""
+    from pipeline.backends.base import ModelSpec
+    from pipeline.plan import make_plan
+    from pipeline.run import make_tasks, run_local
+    from pipeline.stages import BackendRef
+
+    spec = ModelSpec(format="identity", ndim=2, in_channels=0, classes=0)
+    cfg = RunConfig(backend="identity", tile=(32,), overlap=8, blend=blend, block=block, chunk=16)
+    image = np.random.default_rng(3).integers(0, 256, (1, 150, 77), dtype=np.uint8)
+    plan = make_plan(spec, image.shape[1:], 1, 1, cfg)
+    tasks = make_tasks(plan, image, BackendRef(None, "identity", overrides=(("ndim", 2),)),
+                       spec, 1, cfg, None)
+    results = list(run_local(tasks))
+    assert sum(r.tiles for r in results) == plan.lattice.n_tiles
+    out = np.zeros_like(image)
+    for r in results:
+        out[(slice(None), *r.region.to_slices())] = r.data
+    np.testing.assert_array_equal(out, image)
