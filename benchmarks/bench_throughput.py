@@ -32,6 +32,7 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -53,7 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tile", type=int, default=256, help="network input tile")
     p.add_argument("--overlap", type=int, default=64, help="overlap between tiles (px)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--repeat", type=int, default=1, help="timed runs per figure (best kept)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="timed rounds (figures interleaved; each figure's best kept)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=int, default=2, help="model threads (b, c and the worker)")
     p.add_argument("--compression", choices=("jpeg", "zlib", "none"), default="jpeg")
@@ -106,10 +108,6 @@ def run_config(args: argparse.Namespace, **extra: Any):
                      threads_per_worker=args.threads, **extra)
 
 
-def best(times: list[float]) -> float:
-    return min(times) if times else float("nan")
-
-
 def mpix(pixels: int, seconds: float | None) -> float | None:
     return pixels / 1e6 / seconds if seconds and seconds > 0 else None
 
@@ -119,7 +117,12 @@ def fresh(path: Path) -> Path:
     return path
 
 
-# ---------------------------------------------------------------------------- (a) end to end
+# ---------------------------------------------------------------------------- figures
+#
+# Each figure is a context manager (its setup and teardown) yielding ``once()``, which
+# times one run and returns a record with ``total_s``. ``main`` runs the figures in
+# interleaved rounds (a, a_warm, a_sync, b, c, a, ...) so that a change in the load of a
+# shared machine hits every figure alike, and keeps each figure's fastest round.
 
 def check_report(report) -> None:
     if not report.ok:
@@ -127,47 +130,47 @@ def check_report(report) -> None:
         raise RuntimeError("pipeline run failed: " + "; ".join(bad))
 
 
-def bench_end_to_end(args, tiff: Path, onnx: Path, work: Path) -> dict[str, Any]:
-    """``run`` with its own LocalCluster: total wall time and the per-input seconds."""
+def _timed_run(tiff: Path, onnx: Path, out: Path, cfg) -> tuple[float, Any]:
     from pipeline.run import run
 
+    fresh(out)
+    t0 = time.perf_counter()
+    report = run([str(tiff)], out, str(onnx), cfg)
+    wall = time.perf_counter() - t0
+    check_report(report)
+    return wall, report
+
+
+@contextlib.contextmanager
+def end_to_end(args, tiff: Path, onnx: Path, work: Path):
+    """(a) ``run`` with its own LocalCluster: total wall time and the per-input seconds."""
     cfg = run_config(args)
-    totals, blocks, report = [], [], None
-    for i in range(args.repeat + (0 if args.no_warmup else 1)):
-        out = fresh(work / "out_a.zarr")
-        t0 = time.perf_counter()
-        report = run([str(tiff)], out, str(onnx), cfg)
-        wall = time.perf_counter() - t0
-        check_report(report)
-        if i == 0 and not args.no_warmup:
-            continue
-        totals.append(wall)
-        blocks.append(report.inputs[0].seconds)
-    r0 = report.inputs[0]
-    return {"total_s": best(totals), "blocks_s": best(blocks), "run_report_s": report.seconds,
-            "tiles": r0.tiles, "blocks": r0.blocks, "pixels": r0.pixels}
+
+    def once() -> dict[str, Any]:
+        wall, report = _timed_run(tiff, onnx, work / "out_a.zarr", cfg)
+        r0 = report.inputs[0]
+        return {"total_s": wall, "blocks_s": r0.seconds, "tiles": r0.tiles, "blocks": r0.blocks,
+                "pixels": r0.pixels}
+
+    yield once
 
 
-def bench_warm_cluster(args, tiff: Path, onnx: Path, work: Path) -> dict[str, Any]:
-    """``run`` on a cluster that is already up and whose worker has loaded the model."""
+@contextlib.contextmanager
+def warm_cluster(args, tiff: Path, onnx: Path, work: Path):
+    """(a_warm) ``run`` on a cluster that is already up and whose worker has the model."""
     from distributed import Client, LocalCluster
-
-    from pipeline.run import run
 
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
                       dashboard_address=None, silence_logs=logging.ERROR, memory_limit=0,
                       env={"OMP_NUM_THREADS": str(args.threads)}) as cluster, Client(cluster):
         cfg = run_config(args, scheduler=cluster.scheduler_address, workers=1)
-        times = []
-        for i in range(args.repeat + 1):  # the first run loads the model on the worker
-            out = fresh(work / "out_warm.zarr")
-            t0 = time.perf_counter()
-            report = run([str(tiff)], out, str(onnx), cfg)
-            wall = time.perf_counter() - t0
-            check_report(report)
-            if i:
-                times.append(wall)
-    return {"total_s": best(times), "blocks_s": report.inputs[0].seconds}
+        _timed_run(tiff, onnx, work / "out_warm.zarr", cfg)  # loads the model on the worker
+
+        def once() -> dict[str, Any]:
+            wall, report = _timed_run(tiff, onnx, work / "out_warm.zarr", cfg)
+            return {"total_s": wall, "blocks_s": report.inputs[0].seconds}
+
+        yield once
 
 
 class _TimedBackend:
@@ -189,16 +192,31 @@ class _TimedBackend:
 
 @contextlib.contextmanager
 def _profiled(blocks: list, timed: dict):
-    """Record every in-process block's ``BlockResult.seconds`` and the model's share."""
+    """Record every in-process block's ``BlockResult.seconds`` and the model's share.
+
+    The in-process path looks ``process_block`` (and ``predict_shared``, the first phase
+    of blocks that own tiles shared with their neighbours) up in ``pipeline.run`` and
+    ``get_backend`` in ``pipeline.stages``, so wrapping them there sees every block.
+    """
     import pipeline.run as prun
     import pipeline.stages as stages
 
-    orig_process, orig_get = prun.process_block, stages.get_backend
+    saved = {(prun, n): getattr(prun, n) for n in ("process_block", "predict_shared") if hasattr(prun, n)}
+    saved[(stages, "get_backend")] = stages.get_backend
+    orig_process = saved[(prun, "process_block")]
+    orig_shared = saved.get((prun, "predict_shared"))
+    orig_get = stages.get_backend
 
-    def process_block(job):
-        res = orig_process(job)
+    def process_block(job, *args):
+        res = orig_process(job, *args)
         blocks.append(dict(res.seconds, tiles=res.tiles))
         return res
+
+    def predict_shared(job, *args):
+        t0 = time.perf_counter()
+        out = orig_shared(job, *args)
+        blocks.append({"shared": time.perf_counter() - t0, "tiles": 0})
+        return out
 
     def get_backend(ref):
         if ref not in timed:
@@ -206,43 +224,42 @@ def _profiled(blocks: list, timed: dict):
         return timed[ref]
 
     prun.process_block, stages.get_backend = process_block, get_backend
+    if orig_shared is not None:
+        prun.predict_shared = predict_shared
     try:
         yield
     finally:
-        prun.process_block, stages.get_backend = orig_process, orig_get
+        for (mod, name), fn in saved.items():
+            setattr(mod, name, fn)
 
 
-def bench_sync(args, tiff: Path, onnx: Path, work: Path) -> dict[str, Any]:
-    """``run`` in-process with the stage breakdown of every block."""
-    from pipeline.run import run
-
+@contextlib.contextmanager
+def in_process(args, tiff: Path, onnx: Path, work: Path):
+    """(a_sync) ``run`` in-process, with the stage breakdown of every block."""
     cfg = run_config(args, scheduler="sync")
-    best_rec: dict[str, Any] | None = None
-    for i in range(args.repeat + (0 if args.no_warmup else 1)):
+
+    def once() -> dict[str, Any]:
         blocks: list[dict] = []
         timed: dict = {}
-        out = fresh(work / "out_sync.zarr")
         with _profiled(blocks, timed):
-            t0 = time.perf_counter()
-            report = run([str(tiff)], out, str(onnx), cfg)
-            wall = time.perf_counter() - t0
-        check_report(report)
-        if i == 0 and not args.no_warmup:
-            continue
-        stage = {k: sum(b.get(k, 0.0) for b in blocks) for k in ("read", "predict", "write")}
+            wall, report = _timed_run(tiff, onnx, work / "out_sync.zarr", cfg)
+        keys = sorted({k for b in blocks for k in b if k != "tiles"})
+        stage = {k: sum(b.get(k, 0.0) for b in blocks) for k in keys}
         model = sum(t.seconds for t in timed.values())
-        rec = {"total_s": wall, "blocks_s": report.inputs[0].seconds,
-               "stage_s": {k: round(v, 3) for k, v in stage.items()},
-               "model_s": round(model, 3),
-               "tile_merge_s": round(stage["predict"] - model, 3),  # stack, checks, blend, dtype
-               "other_s": round(report.inputs[0].seconds - sum(stage.values()), 3),  # open, plan, pyramid
-               "per_block": blocks}
-        if best_rec is None or wall < best_rec["total_s"]:
-            best_rec = rec
-    return best_rec
+        per_input = report.inputs[0].seconds
+        writing = stage.get("write", 0.0)
+        return {"total_s": wall, "blocks_s": per_input,
+                "stage_s": {k: round(v, 3) for k, v in stage.items()},
+                "model_s": round(model, 3),
+                # block time minus the model and the write: reading, decoding, normalising,
+                # tile stacking, output checks, blending, dtype conversion
+                "tile_merge_s": round(sum(stage.values()) - writing - model, 3),
+                # per-input seconds outside the blocks: open, plan, pyramid, metadata
+                "other_s": round(per_input - sum(stage.values()), 3),
+                "per_block": blocks[:200]}
 
+    yield once
 
-# ---------------------------------------------------------------------------- (b) bare backend
 
 def lattice_tiles(args, spec, shape: tuple[int, int]):
     """The lattice (a) uses and its tiles: unique ones, and those its blocks run."""
@@ -251,7 +268,12 @@ def lattice_tiles(args, spec, shape: tuple[int, int]):
     plan = make_plan(spec, shape, IN_CHANNELS, CLASSES, run_config(args))
     lat = plan.lattice
     unique = list(itertools.product(*(range(c) for c in lat.counts)))
-    per_block = sum(len(lat.tiles_touching(b)) for b in plan.blocks())
+    if hasattr(plan, "grid"):  # two-phase blocks: a shared tile runs once, in its owner
+        layout = plan.grid().plan().values()
+        shared = {t for _, own, _ in layout for t in own}
+        per_block = len(shared) + sum(t not in shared for touching, _, _ in layout for t in touching)
+    else:
+        per_block = sum(len(lat.tiles_touching(b)) for b in plan.blocks())
     return lat, unique, per_block
 
 
@@ -262,9 +284,12 @@ def load_normalised(tiff: Path) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(img, -1, 0), dtype=np.float32) / np.float32(255)
 
 
-def bench_bare(args, onnx: Path, image: np.ndarray) -> dict[str, Any]:
+@contextlib.contextmanager
+def bare(args, tiff: Path, onnx: Path):
+    """(b) the backend alone on the lattice tiles, pre-read, normalised and batched."""
     from pipeline.backends import load_backend
 
+    image = load_normalised(tiff)
     backend = load_backend(str(onnx), backend="onnx", threads=args.threads, device=args.device)
     lat, tiles, per_block = lattice_tiles(args, backend.spec, image.shape[1:])
     pad = [(0, 0)] + [(m + lat.tile[a], m + lat.tile[a]) for a, m in enumerate(lat.margin)]
@@ -277,23 +302,27 @@ def bench_bare(args, onnx: Path, image: np.ndarray) -> dict[str, Any]:
 
     batches = [np.ascontiguousarray(np.stack([tile_at(t) for t in tiles[i:i + args.batch_size]]))
                for i in range(0, len(tiles), args.batch_size)]
-    backend.predict(batches[0])  # warm-up: session initialisation, allocator
-    times = []
-    for _ in range(args.repeat):
+    del image, padded
+    backend.predict(batches[0])  # session initialisation, allocator
+
+    def once() -> dict[str, Any]:
         t0 = time.perf_counter()
         for b in batches:
             backend.predict(b)
-        times.append(time.perf_counter() - t0)
-    with contextlib.suppress(Exception):
-        backend.close()
-    return {"total_s": best(times), "tiles": len(tiles), "tiles_in_blocks": per_block,
-            "stride": list(lat.stride), "overlap": list(lat.overlap),
-            "computed_pixels": len(tiles) * int(np.prod(lat.tile))}
+        return {"total_s": time.perf_counter() - t0, "tiles": len(tiles),
+                "tiles_in_blocks": per_block, "stride": list(lat.stride),
+                "overlap": list(lat.overlap), "computed_pixels": len(tiles) * int(np.prod(lat.tile))}
+
+    try:
+        yield once
+    finally:
+        with contextlib.suppress(Exception):
+            backend.close()
 
 
-# ---------------------------------------------------------------------------- (c) MONAI peer
-
-def bench_monai(args, tiff: Path, weights: Path, work: Path) -> dict[str, Any]:
+@contextlib.contextmanager
+def monai_peer(args, tiff: Path, weights: Path, work: Path):
+    """(c) what a MONAI user writes: whole image, sliding window, Zarr."""
     import tifffile
     import torch
     import zarr
@@ -310,7 +339,7 @@ def bench_monai(args, tiff: Path, weights: Path, work: Path) -> dict[str, Any]:
         warm = 1 if args.quick else args.batch_size
         net(torch.zeros(warm, IN_CHANNELS, args.tile, args.tile, device=device))
 
-    def once() -> float:
+    def once() -> dict[str, Any]:
         out = fresh(work / "out_monai.zarr")
         t0 = time.perf_counter()
         img = tifffile.imread(tiff)
@@ -322,24 +351,44 @@ def bench_monai(args, tiff: Path, weights: Path, work: Path) -> dict[str, Any]:
         u8 = np.rint(np.clip(prob, 0, 1) * 255).astype(np.uint8)
         arr = zarr.create_array(str(out), shape=u8.shape, chunks=(1, 1024, 1024), dtype="uint8")
         arr[...] = u8
-        return time.perf_counter() - t0
+        return {"total_s": time.perf_counter() - t0}
 
-    return {"total_s": best([once() for _ in range(args.repeat)])}
+    yield once
 
 
 # ---------------------------------------------------------------------------- main
 
-def _step(name: str, fn: Callable[[], dict], figures: dict, errors: dict) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
-    t0 = time.perf_counter()
-    try:
-        figures[name] = fn()
-    except Exception as exc:  # one failing figure must not hide the others
-        import traceback
-
-        errors[name] = f"{type(exc).__name__}: {exc}"
-        traceback.print_exc()
-    print(f"    done in {time.perf_counter() - t0:.1f} s", flush=True)
+def measure(figures_setup: dict[str, Callable[[], Any]], rounds: int, warmup: bool,
+            figures: dict, errors: dict) -> None:
+    """Set every figure up, then run them in interleaved rounds; keep each one's best."""
+    with contextlib.ExitStack() as stack:
+        runners: dict[str, Callable[[], dict]] = {}
+        for name, setup in figures_setup.items():
+            try:
+                runners[name] = stack.enter_context(setup())
+            except Exception as exc:  # one failing figure must not hide the others
+                errors[name] = f"setup: {type(exc).__name__}: {exc}"
+                traceback.print_exc()
+        for rnd in range(rounds + (1 if warmup else 0)):
+            counted = rnd > 0 or not warmup
+            for name, once in list(runners.items()):
+                t0 = time.perf_counter()
+                try:
+                    rec = once()
+                except Exception as exc:
+                    errors[name] = f"{type(exc).__name__}: {exc}"
+                    traceback.print_exc()
+                    del runners[name]
+                    continue
+                print(f"[{time.strftime('%H:%M:%S')}] round {rnd}{'' if counted else ' (warm-up)'} "
+                      f"{name}: {time.perf_counter() - t0:.1f} s", flush=True)
+                if not counted:
+                    continue
+                rec["rounds_s"] = figures.get(name, {}).get("rounds_s", []) + [round(rec["total_s"], 3)]
+                if name not in figures or rec["total_s"] < figures[name]["total_s"]:
+                    figures[name] = rec
+                else:
+                    figures[name]["rounds_s"] = rec["rounds_s"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -364,15 +413,15 @@ def main(argv: list[str] | None = None) -> int:
                                 compression=args.compression)
         print(f"TIFF {args.size}² written in {time.perf_counter() - t0:.1f} s", flush=True)
         onnx, ts, weights = build_models(work, args.base)
-        image = load_normalised(tiff)
-        _step("a", lambda: bench_end_to_end(args, tiff, onnx, work), figures, errors)
+        setups: dict[str, Callable[[], Any]] = {"a": lambda: end_to_end(args, tiff, onnx, work)}
         if "warm" not in args.skip:
-            _step("a_warm", lambda: bench_warm_cluster(args, tiff, onnx, work), figures, errors)
+            setups["a_warm"] = lambda: warm_cluster(args, tiff, onnx, work)
         if "sync" not in args.skip:
-            _step("a_sync", lambda: bench_sync(args, tiff, onnx, work), figures, errors)
-        _step("b", lambda: bench_bare(args, onnx, image), figures, errors)
+            setups["a_sync"] = lambda: in_process(args, tiff, onnx, work)
+        setups["b"] = lambda: bare(args, tiff, onnx)
         if "peer" not in args.skip:
-            _step("c", lambda: bench_monai(args, tiff, weights, work), figures, errors)
+            setups["c"] = lambda: monai_peer(args, tiff, weights, work)
+        measure(setups, args.repeat, not args.no_warmup, figures, errors)
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -426,7 +475,7 @@ def report(record: dict) -> None:
     s = f.get("a_sync")
     if s:
         print(f"  in-process breakdown (s): stages {json.dumps(s['stage_s'])}, model {s['model_s']}, "
-              f"tile/blend {s['tile_merge_s']}, outside blocks {s['other_s']}")
+              f"read/tile/blend {s['tile_merge_s']}, outside blocks {s['other_s']}")
     if record["errors"]:
         print("  errors: " + json.dumps(record["errors"], indent=2))
 

@@ -71,7 +71,14 @@ def main(verbose: int) -> None:
 @click.option("--in-channels", type=int, help="Input channels of a model without metadata.")
 @click.option("--classes", type=int, help="Classes of a model without metadata.")
 @click.option("--series", type=int, help="Image series to read (default: the main image).")
-@click.option("--level", type=int, help="Input pyramid level.")
+@click.option("--level", type=int, help="Input pyramid level to run on.")
+@click.option("--mpp", type=float, help="Run at this resolution (micrometres per pixel).")
+@click.option("--mpp-input", type=float, help="Pixel size of the inputs, when files lack it or are wrong.")
+@click.option("--channels", help="Input channels to use, e.g. 0,1,2.")
+@click.option("--skip-background/--no-skip-background", default=None,
+              help="Detect tissue and skip tiles with none (default: on).")
+@click.option("--mask", type=click.Path(exists=True), help="A tissue mask image to use instead.")
+@click.option("--extensions", help="File suffixes searched for in folders, e.g. .svs,.ndpi.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="YAML file of defaults (see configs/default.yaml).")
 def run(inputs, out, model, config_file, **options) -> None:

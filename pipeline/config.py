@@ -47,7 +47,14 @@ class RunConfig:
     in_channels: int | None = None
     classes: int | None = None
     series: int | None = None
-    level: int = 0
+    level: int | None = None
+    mpp: float | None = None
+    mpp_input: float | None = None
+    channels: tuple[int, ...] | None = None
+    skip_background: bool = True
+    mask: str | None = None
+    extensions: tuple[str, ...] = (".svs", ".ndpi", ".tif", ".tiff", ".btf", ".qptiff", ".scn",
+                                   ".zarr")
     memory_budget_mb: int = 512
 
     def __post_init__(self) -> None:
@@ -67,11 +74,30 @@ class RunConfig:
                               where="option overlap")
         if self.tile is not None:
             object.__setattr__(self, "tile", parse_tile(self.tile))
+        if self.level is not None and (not isinstance(self.level, int) or self.level < 0):
+            raise ConfigError(f"level must be a non-negative integer, got {self.level!r}",
+                              where="option level")
+        for name in ("mpp", "mpp_input"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and 1e-3 <= value <= 1e3):
+                raise ConfigError(f"{name} must be micrometres per pixel in 0.001..1000, got {value!r}",
+                                  where=f"option {name}")
+        if self.mpp is not None and self.level is not None:
+            raise ConfigError("give --mpp or --level, not both", where="option mpp")
+        if self.channels is not None:
+            object.__setattr__(self, "channels", parse_ints(self.channels, "channels"))
+        if isinstance(self.extensions, str):
+            object.__setattr__(self, "extensions", tuple(
+                e.strip().lower() if e.strip().startswith(".") else "." + e.strip().lower()
+                for e in self.extensions.split(",") if e.strip()))
+        else:
+            object.__setattr__(self, "extensions", tuple(self.extensions))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        if d["tile"] is not None:
-            d["tile"] = list(d["tile"])
+        for key in ("tile", "channels", "extensions"):
+            if d[key] is not None:
+                d[key] = list(d[key])
         return d
 
 
@@ -97,6 +123,19 @@ def parse_tile(value: Any) -> tuple[int, ...]:
         raise ConfigError(f"tile must be N or Z,Y,X with positive sizes, got {value!r}",
                           where="option tile")
     return tile
+
+
+def parse_ints(value: Any, name: str) -> tuple[int, ...]:
+    """``"0,2"``, ``2`` or a list → tuple of non-negative ints."""
+    parts = value.split(",") if isinstance(value, str) else [value] if isinstance(value, int) else value
+    try:
+        out = tuple(int(p) for p in parts)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a comma-separated list of integers, got {value!r}",
+                          where=f"option {name}") from None
+    if not out or any(v < 0 for v in out):
+        raise ConfigError(f"{name} must list non-negative integers, got {value!r}", where=f"option {name}")
+    return out
 
 
 FIELDS = {f.name for f in dataclasses.fields(RunConfig)}

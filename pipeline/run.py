@@ -152,7 +152,7 @@ def run_one(path: str, out: Path, spec: ModelSpec, ref: BackendRef, cfg: RunConf
     """Plan, run the blocks, build the pyramid and publish one input."""
     from .io.sources import open_image, to_model_layout
 
-    source = open_image(path, series=cfg.series, level=cfg.level)
+    source = open_image(path, series=cfg.series, level=cfg.level or 0)
     array, spatial_axes, pixel_size = to_model_layout(source, spec.ndim, spec.in_channels)
     channels = int(array.shape[0])
     classes = spec.classes or channels
