@@ -84,6 +84,32 @@ def dask_client(cfg: RunConfig) -> Iterator[object | None]:
         yield client
 
 
+class Executor:
+    """Where blocks run. The local cluster starts on first need: a run that is a single
+    block on the default layout runs in-process, where the cluster's start and the
+    worker's model load would cost more than they save."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.client = None
+        self._stack = contextlib.ExitStack()
+
+    def client_for(self, blocks: int, more_inputs: bool):
+        cfg = self.cfg
+        if self.client is None and cfg.scheduler != "sync":
+            small = blocks <= 1 and not more_inputs and not cfg.workers and not cfg.scheduler
+            if small:
+                return None
+            self.client = self._stack.enter_context(dask_client(cfg))
+        return self.client
+
+    def __enter__(self) -> "Executor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+
 def worker_layout(cfg: RunConfig) -> tuple[int, int]:
     """(worker processes, model threads per worker) for the local cluster."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -102,13 +128,14 @@ def run(inputs: Sequence[str], out: str | os.PathLike, model: str | None, cfg: R
     report = RunReport(model=spec.to_dict(), config=cfg.to_dict())
     names = sink.unique_names(inputs)
     ref = backend_ref(spec, cfg)
-    with dask_client(cfg) as client:
-        for path, name in zip(inputs, names):
+    with Executor(cfg) as executor:
+        for i, (path, name) in enumerate(zip(inputs, names)):
             result = InputResult(str(path), name)
             report.inputs.append(result)
             t1 = time.perf_counter()
             try:
-                run_one(path, Path(out), spec, ref, cfg, result, client, progress)
+                run_one(path, Path(out), spec, ref, cfg, result,
+                        lambda blocks: executor.client_for(blocks, i < len(inputs) - 1), progress)
                 result.state = "done"
             except PipelineError as exc:
                 _fail(result, exc.reason, exc.message)
@@ -148,7 +175,8 @@ def _fail(result: InputResult, reason: str, message: str) -> None:
 
 
 def run_one(path: str, out: Path, spec: ModelSpec, ref: BackendRef, cfg: RunConfig,
-            result: InputResult, client, progress: Progress | None) -> None:
+            result: InputResult, client_for: Callable[[int], object | None],
+            progress: Progress | None) -> None:
     """Plan, run the blocks, build the pyramid and publish one input."""
     from .io.sources import open_image, to_model_layout
 
@@ -164,7 +192,8 @@ def run_one(path: str, out: Path, spec: ModelSpec, ref: BackendRef, cfg: RunConf
         sref = SourceRef(str(path), source.series, source.level, spec.ndim, spec.in_channels)
         tasks = make_tasks(plan, sref, ref, spec, classes, cfg, writer.level_path(0))
         result.shape, result.blocks = [classes, *shape], len(tasks)
-        result.tiles = run_blocks(tasks, client, lambda d, n: progress and progress(result.name, d, n))
+        result.tiles = run_blocks(tasks, client_for(len(tasks)),
+                                  lambda d, n: progress and progress(result.name, d, n))
         levels = sink.write_pyramid(writer, cfg.pyramid_min)
         sink.write_metadata(writer, levels, pixel_size, provenance(spec, plan, cfg, source))
         result.output = str(sink.publish(writer))
