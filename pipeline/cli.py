@@ -1,15 +1,28 @@
 """Command line: each command is a thin wrapper over one library function.
 
-Exit codes of ``pipeline run``: 0 every input done; 1 some input failed (see the summary
-and ``OUT/report.json``); 2 a usage or configuration error (nothing was run).
+Exit codes of ``pipeline run``:
+
+0
+    Every input is ``done`` or ``skipped``. Skipped is left out by design, not a failure:
+    a file in a searched folder whose suffix is not searched (``not-an-image``), the same
+    file reached twice (``duplicate``).
+1
+    At least one input ``failed``; the others were still run. The summary and
+    ``OUT/report.json`` give each failure's reason and message.
+2
+    A usage or configuration error: a bad option or config file, an unreadable list
+    file, no images found, a model that cannot be loaded, an output that cannot be
+    written. Nothing was run.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
+import unicodedata
 
 import click
 
@@ -100,14 +113,102 @@ def run(inputs, out, model, config_file, **options) -> None:
     sys.exit(EXIT_OK if report.ok else EXIT_FAILED_INPUTS)
 
 
+WIDTH = 100        # the summary table fits this many columns
+_LISTED_SKIPS = 8  # more skipped inputs than this are counted per reason, not listed
+
+
 def _summary(report, out) -> None:
+    """A table of the inputs in :data:`WIDTH` columns (long names and reasons cut with
+    ``…``), then each failure's full message and the totals. Control characters in names
+    and messages are shown as ``?``."""
     click.echo("", err=True)
-    for r in report.inputs:
-        detail = r.output if r.state == "done" else f"{r.reason}: {r.message}"
-        click.echo(f"  {r.state:7s} {r.name:30s} {r.seconds:8.1f} s  {detail}")
-    done = sum(r.state == "done" for r in report.inputs)
-    click.echo(f"{done}/{len(report.inputs)} inputs done, {report.pixels / 1e6:.1f} Mpix in "
-               f"{report.seconds:.1f} s ({report.mpix_per_s:.2f} Mpix/s); report: {out}/report.json")
+    rows = [r for r in report.inputs if r.state != "skipped"]
+    skipped = [r for r in report.inputs if r.state == "skipped"]
+    click.echo(_row("state", "input", "s", "Mpix", "tissue", "output / reason"))
+    for r in rows:
+        click.echo(_row(r.state, _display(r.path), f"{r.seconds:.1f}",
+                        f"{r.pixels / 1e6:.1f}" if r.state == "done" else "-",
+                        "-" if r.tissue_fraction is None else f"{100 * r.tissue_fraction:.0f}%",
+                        _detail(r)))
+    if len(skipped) <= _LISTED_SKIPS:
+        for r in skipped:
+            click.echo(_row("skipped", _display(r.path), "-", "-", "-", _detail(r)))
+    else:
+        by_reason: dict[str, list[str]] = {}
+        for r in skipped:
+            by_reason.setdefault(r.reason or "", []).append(_display(r.path))
+        for reason, names in by_reason.items():
+            click.echo(_row("skipped", f"{len(names)} inputs", "-", "-", "-",
+                            f"{reason}: {', '.join(names)}"))
+    failed = [r for r in report.inputs if r.state == "failed"]
+    if failed:
+        click.echo("failed:")
+        for r in failed:
+            click.echo(f"  {_printable(r.message or r.reason or '')}")
+    counts = ", ".join(f"{n} {state}" for state, n in report.counts.items() if n)
+    click.echo(f"{counts or 'no inputs'}; {report.pixels / 1e6:.1f} Mpix in "
+               f"{report.seconds:.1f} s ({report.mpix_per_s:.2f} Mpix/s); "
+               f"report: {_printable(str(out))}/report.json")
+
+
+def _row(state: str, name: str, seconds: str, mpix: str, tissue: str, detail: str) -> str:
+    head = f"  {state:7s} {_cell(name, 28)} {seconds:>6s} {mpix:>6s} {tissue:>6s}  "
+    return head + _fit(detail, WIDTH - _cells(head), cut="start" if state == "done" else "end")
+
+
+def _detail(r) -> str:
+    """The output path of a done input, else ``reason: problem`` (the path left out)."""
+    if r.state == "done":
+        return _printable(r.output or "")
+    message = r.message or ""
+    if message.startswith(f"{r.path}: "):
+        message = message[len(r.path) + 2:]  # the input column names it already
+    return _printable(f"{r.reason}: {message}" if message else str(r.reason))
+
+
+def _display(path: str) -> str:
+    return _printable(os.path.basename(os.path.normpath(path)) or path)
+
+
+def _printable(text: str) -> str:
+    """Control characters (a newline or escape sequence in a file name) shown as ``?``."""
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
+def _cells(text: str) -> int:
+    """Terminal columns ``text`` takes (East Asian wide characters take two)."""
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else
+               0 if unicodedata.combining(c) else 1 for c in text)
+
+
+def _cell(text: str, width: int) -> str:
+    """``text`` fitted and padded to exactly ``width`` terminal columns."""
+    text = _fit(text, width)
+    return text + " " * (width - _cells(text))
+
+
+def _fit(text: str, width: int, cut: str = "middle") -> str:
+    """``text`` in ``width`` columns: too long, its ``middle``, ``end`` or ``start`` is
+    replaced by one ``…`` (the middle keeps a name's suffix, the start a path's end)."""
+    if _cells(text) <= width:
+        return text
+    room = max(width - 1, 0)
+    if cut == "end":
+        return _take(text, room) + "…"
+    if cut == "start":
+        return "…" + _take(text[::-1], room)[::-1]
+    head = _take(text, room - room // 2)
+    return head + "…" + _take(text[::-1], room // 2)[::-1]
+
+
+def _take(text: str, width: int) -> str:
+    out, used = [], 0
+    for c in text:
+        used += _cells(c)
+        if used > width:
+            break
+        out.append(c)
+    return "".join(out)
 
 
 @main.command()

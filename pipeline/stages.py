@@ -189,7 +189,8 @@ def _bounds(regions: list[Region]) -> Region:
                               [max(r.end[a] for r in regions) for a in range(ndim)])
 
 
-def predict_stream(job: BlockJob, tiles: list[tuple[int, ...]], *, per_batch: bool = False
+def predict_stream(job: BlockJob, tiles: list[tuple[int, ...]], *, per_batch: bool = False,
+                   timer: dict[str, float] | None = None
                    ) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
     """Yield ``(tile, prediction)`` for ``tiles`` in order, run in batches.
 
@@ -198,20 +199,23 @@ def predict_stream(job: BlockJob, tiles: list[tuple[int, ...]], *, per_batch: bo
     """
     if not tiles:
         return
+    timer = {} if timer is None else timer
     lat = job.lattice
     source = job.source.open() if isinstance(job.source, SourceRef) else job.source
     read = x = None
-    if not per_batch:
-        read = _bounds([lat.in_region(t) for t in tiles])
-        x = normalize(read_region(source, read), job.normalize)
     for start in range(0, len(tiles), job.batch_size):
         batch = tiles[start:start + job.batch_size]
-        if per_batch:
-            read = _bounds([lat.in_region(t) for t in batch])
+        t0 = time.perf_counter()
+        if per_batch or x is None:
+            read = _bounds([lat.in_region(t) for t in (batch if per_batch else tiles)])
             x = normalize(read_region(source, read), job.normalize)
         arr = np.stack([x[(slice(None), *lat.in_region(t).relative_to(read).to_slices())]
                         for t in batch])
-        yield from zip(batch, _predict(job, arr))
+        t1 = time.perf_counter()
+        pred = _predict(job, arr)
+        timer["read"] = timer.get("read", 0.0) + t1 - t0
+        timer["predict"] = timer.get("predict", 0.0) + time.perf_counter() - t1
+        yield from zip(batch, pred)
 
 
 def predict_shared(job: BlockJob) -> dict[tuple[int, ...], np.ndarray]:
@@ -234,7 +238,8 @@ def process_block(job: BlockJob, *shared: dict) -> BlockResult:
     for part in shared:
         ready.update(part)
     local = [t for t in tiles if t not in ready]
-    stream = predict_stream(job, local)
+    timer: dict[str, float] = {}
+    stream = predict_stream(job, local, timer=timer)
     merger = BlockMerger(job.write, job.classes, job.blend)
     weights = None if crop else tile_weights(job.blend, lat.out_tile, lat.overlap)
     for t in tiles:
@@ -250,5 +255,6 @@ def process_block(job: BlockJob, *shared: dict) -> BlockResult:
         result.data = out
     else:
         _open_sink(job.sink)[(slice(None), *job.write.to_slices())] = out
-    result.seconds = {"compute": t1 - t0, "write": time.perf_counter() - t1}
+    blend = t1 - t0 - timer.get("read", 0.0) - timer.get("predict", 0.0)
+    result.seconds = {**timer, "blend": blend, "write": time.perf_counter() - t1}
     return result

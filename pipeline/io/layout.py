@@ -1,13 +1,15 @@
 """Axis names: from what files call them to what the model needs.
 
 Readers keep a file's own axis order but name the axes with the canonical letters
-``t``, ``c``, ``z``, ``y``, ``x`` (:func:`plan_axes`); :func:`to_model_layout` then
-brings an image into the model's ``c`` + spatial order, lazily.
+``t``, ``c``, ``z``, ``y``, ``x`` (:func:`plan_axes`); :func:`model_axes` plans the
+model's ``c`` + spatial order and :func:`choose_channels` the channels it gets;
+:func:`to_model_layout` applies both to a lazy array.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
 from pipeline.errors import InputError
@@ -105,15 +107,60 @@ def _canonical(label: str, taken: str, labels: Sequence[str]) -> str | None:
     return None
 
 
-def _take(array: "dask.array.Array", axes: str, axis: str, index: Any) -> "dask.array.Array":
-    selection = tuple(index if a == axis else slice(None) for a in axes)
-    return array[selection]
+@dataclass(frozen=True)
+class ModelAxes:
+    """How a source's axes become the model's ``c`` + spatial order.
+
+    ``take`` maps the axes that are dropped (a single time point, a single z plane for
+    a 2D model) to the index kept; ``order`` lists the remaining source axes in model
+    order (``c`` first when the source has one; otherwise the caller adds it).
+    """
+
+    take: dict[str, int]
+    order: str
+    spatial: str
+
+
+def model_axes(axes: str, shape: Sequence[int], ndim: int, where: str) -> ModelAxes:
+    """Plan the model layout of a source with ``axes`` and ``shape``.
+
+    Raises
+    ------
+    InputError
+        A time series, or a 3D model on a 2D image.
+    """
+    if ndim not in (2, 3):
+        raise ValueError(f"ndim must be 2 or 3, got {ndim}")
+    sizes = dict(zip(axes, shape))
+    take: dict[str, int] = {}
+    if "t" in axes:
+        if sizes["t"] != 1:
+            raise InputError(
+                f"is a time series of {sizes['t']} time points",
+                where=where,
+                hint="export the time points as separate images",
+            )
+        take["t"] = 0
+    if "z" in axes and sizes["z"] == 1 and ndim == 2:
+        take["z"] = 0
+    if ndim == 3 and sizes.get("z", 1) == 1:
+        raise InputError(
+            "is a 2D image but the model is 3D",
+            where=where,
+            hint="use a 2D model, or pass a volume (a z stack)",
+        )
+    spatial = "zyx" if "z" in axes and "z" not in take else "yx"
+    order = ("c" if "c" in axes else "") + spatial
+    return ModelAxes(take, order, spatial)
 
 
 def to_model_layout(
     source: "ImageSource", ndim: int, in_channels: int
 ) -> tuple["dask.array.Array", str, dict[str, float]]:
     """Bring an image into the axes a model takes: ``c`` then the spatial axes.
+
+    Only rearranges axes and drops an alpha channel; colour conversions, channel
+    selection and resampling are :func:`pipeline.resolution.open_for_model`'s.
 
     Parameters
     ----------
@@ -137,60 +184,98 @@ def to_model_layout(
         A time series, a 3D model on a 2D image, or a channel count the model cannot
         take (reason ``channel-mismatch``).
     """
-    if ndim not in (2, 3):
-        raise ValueError(f"ndim must be 2 or 3, got {ndim}")
-    array, axes = source.array, source.axes
-    sizes = dict(zip(axes, array.shape))
-    if "t" in axes:
-        if sizes["t"] != 1:
+    plan = model_axes(source.axes, source.array.shape, ndim, source.path)
+    array = source.array[tuple(plan.take.get(a, slice(None)) for a in source.axes)]
+    kept = [a for a in source.axes if a not in plan.take]
+    array = array.transpose([kept.index(a) for a in plan.order])
+    if "c" not in plan.order:
+        array = array[None]
+    keep = choose_channels(source, int(array.shape[0]), in_channels, None)
+    if keep is not None:
+        array = array[list(keep)]
+    pixel_size = {a: source.pixel_size[a] for a in plan.spatial if a in source.pixel_size}
+    return array, plan.spatial, pixel_size
+
+
+def choose_channels(
+    source: "ImageSource",
+    channels: int,
+    in_channels: int,
+    selection: Sequence[int] | None,
+    *,
+    spatial: str = "yx",
+) -> tuple[int, ...] | None:
+    """Which of the image's ``channels`` feed the model; None for all of them.
+
+    ``selection`` (``--channels``) picks channels by index, in that order, repeats
+    allowed (``0,0,0`` feeds a gray image to an RGB model); without it an alpha channel
+    is dropped when the rest is what the model takes. The result must have
+    ``in_channels`` channels (0: any).
+
+    Raises
+    ------
+    InputError
+        An index out of range, or a channel count the model cannot take (reason
+        ``channel-mismatch``; the message says ``got N channels, model expects M``).
+    """
+    keep: tuple[int, ...] | None = None
+    if selection is not None:
+        bad = [i for i in selection if not 0 <= i < channels]
+        if bad:
             raise InputError(
-                f"is a time series of {sizes['t']} time points",
+                f"has {channels} channel{'s' if channels != 1 else ''} (0..{channels - 1}); "
+                f"--channels asks for {', '.join(map(str, bad))}",
                 where=source.path,
-                hint="export the time points as separate images",
+                hint=f"choose channel indices from 0 to {channels - 1}",
+                reason="channel-mismatch",
             )
-        array, axes = _take(array, axes, "t", 0), axes.replace("t", "")
-    if "z" in axes and sizes["z"] == 1 and ndim == 2:
-        array, axes = _take(array, axes, "z", 0), axes.replace("z", "")
-    if ndim == 3 and sizes.get("z", 1) == 1:
+        keep = tuple(int(i) for i in selection)
+    elif in_channels > 0 and channels != in_channels:
+        alpha = alpha_channels(source, channels)
+        if alpha and channels - len(alpha) == in_channels:
+            logger.info("%s: dropping the alpha channel for the model", source.path)
+            keep = tuple(i for i in range(channels) if i not in alpha)
+    got = len(keep) if keep is not None else channels
+    if in_channels > 0 and got != in_channels:
         raise InputError(
-            "is a 2D image but the model is 3D",
+            f"channel-mismatch: got {got} channel{'s' if got != 1 else ''}, "
+            f"model expects {in_channels}",
             where=source.path,
-            hint="use a 2D model, or pass a volume (a z stack)",
+            hint=_mismatch_hint(source, got, in_channels, spatial),
+            reason="channel-mismatch",
         )
-    if "c" not in axes:
-        array, axes = array[None], "c" + axes
-    spatial = "zyx" if "z" in axes else "yx"
-    order = "c" + spatial
-    array = array.transpose([axes.index(a) for a in order])
-    array = _match_channels(source, array, in_channels)
-    pixel_size = {a: source.pixel_size[a] for a in spatial if a in source.pixel_size}
-    return array, spatial, pixel_size
+    return keep
 
 
-def _match_channels(
-    source: "ImageSource", array: "dask.array.Array", in_channels: int
-) -> "dask.array.Array":
-    channels = int(array.shape[0])
-    if in_channels <= 0 or channels == in_channels:
-        return array
-    if channels == 4 and in_channels == 3 and _is_rgba(source):
-        logger.info("%s: dropping the alpha channel for an RGB model", source.path)
-        return array[:3]
-    raise InputError(
-        f"channel-mismatch: got {channels} channels, model expects {in_channels}",
-        where=source.path,
-        hint=f"use a model trained on {channels}-channel images, or convert the image "
-        f"to {in_channels} channels",
-        reason="channel-mismatch",
-    )
+def _mismatch_hint(source: "ImageSource", got: int, want: int, spatial: str) -> str:
+    photometric = str(source.info.get("photometric", "")).upper()
+    if photometric == "SEPARATED":
+        return ("the image is CMYK, which needs a colour-managed conversion to RGB; convert "
+                "it (e.g. with ImageMagick or vips) and rerun")  # fmt: skip
+    if got == 1 and want == 3:
+        hint = "--channels 0,0,0 feeds the gray channel to all three model inputs"
+        if "z" in spatial:
+            hint += ("; a multi-page TIFF without metadata is read as a z stack, so if its "
+                     "pages are channels save it as OME-TIFF (axes CYX) or QPTIFF")  # fmt: skip
+        return hint
+    if got > want:
+        return (f"choose {want} of the {got} channels with --channels (e.g. --channels "
+                f"{','.join(map(str, range(want)))}), or use a model trained on {got}")  # fmt: skip
+    return (f"use a model trained on {got}-channel images, or convert the image to "
+            f"{want} channels")  # fmt: skip
 
 
-def _is_rgba(source: "ImageSource") -> bool:
-    """Whether four channels are red, green, blue and alpha (so alpha may go)."""
+def alpha_channels(source: "ImageSource", channels: int) -> tuple[int, ...]:
+    """Indices of alpha (opacity) channels, which carry no image content."""
+    extras = [str(e).upper() for e in source.info.get("extrasamples") or ()]
+    if extras:  # TIFF names its extra samples; they follow the colour samples
+        first = channels - len(extras)
+        return tuple(first + i for i, e in enumerate(extras) if e.endswith("ALPHA"))
     if source.info.get("photometric") is not None:  # TIFF says what its samples are
-        return str(source.info["photometric"]).upper() == "RGB"
+        rgb = str(source.info["photometric"]).upper() == "RGB"
+        return (3,) if rgb and channels == 4 else ()
     labels = [str(n).strip().lower() for n in source.info.get("channel_names") or ()]
     if labels:
-        return len(labels) == 4 and labels[3] in ("a", "alpha")
+        return tuple(i for i, n in enumerate(labels) if n in ("a", "alpha"))
     # No metadata: four interleaved samples per pixel are conventionally RGBA.
-    return source.axes.endswith("c")
+    return (3,) if channels == 4 and source.axes.endswith("c") else ()

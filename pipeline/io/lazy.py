@@ -108,7 +108,9 @@ class LazyLevel:
         stored = self._stored_selection(selection)
         array = _open_level(self.kind, self.path, self.locator, self.stamp)
         try:
-            return np.asarray(array[stored])
+            data = array[stored]
+            # a memory-mapped level returns a view of the map: copy what was asked for
+            return np.array(data) if isinstance(data, np.memmap) else np.asarray(data)
         except InputError:
             raise
         except (ValueError, RuntimeError) as exc:

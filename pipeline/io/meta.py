@@ -49,8 +49,9 @@ _MICROMETRES_PER_UNIT = {
     "in": 25400.0,
 }
 
-#: A pixel size outside this range (micrometres) is taken as a metadata error (B11).
-PLAUSIBLE_UM = (1e-5, 1e4)
+#: A pixel size outside this range (micrometres) is taken as a metadata error: 0, a
+#: millimetre or more per pixel, or an unconverted unit (B11).
+PLAUSIBLE_UM = (1e-5, 1e3)
 
 #: Relative disagreement between a level's declared and actual scale that is reported.
 SCALE_TOLERANCE = 0.05
@@ -64,6 +65,7 @@ class LevelInfo:
     dtype: str
     chunks: tuple[int, ...]
     declared_scale: dict[str, float] | None = None  # µm per pixel the file claims, if any
+    problem: str | None = None  # why this level cannot be read (missing tiles...), if so
 
 
 @dataclass(frozen=True)
@@ -119,14 +121,32 @@ def to_micrometres(value: Any, unit: str | None) -> float | None:
     return size
 
 
-def clean_pixel_size(sizes: Mapping[str, float | None], where: str) -> dict[str, float]:
-    """Keep the plausible, finite, positive sizes; warn about the others."""
+def is_plausible_um(size: float | None) -> bool:
+    """Whether ``size`` (µm) can be a real pixel size: finite and within :data:`PLAUSIBLE_UM`."""
+    try:
+        return size is not None and math.isfinite(size) and PLAUSIBLE_UM[0] <= size <= PLAUSIBLE_UM[1]
+    except TypeError:
+        return False
+
+
+def clean_pixel_size(
+    sizes: Mapping[str, float | None],
+    where: str,
+    rejected: dict[str, float] | None = None,
+) -> dict[str, float]:
+    """Keep the plausible, finite, positive sizes; warn about the others.
+
+    The implausible ones are also put into ``rejected`` (when given), so that a later
+    request for a physical resolution can say what the file declared.
+    """
     out: dict[str, float] = {}
     for axis, size in sorted(sizes.items(), key=lambda item: "tczyx".find(item[0])):
         if size is None:
             continue
-        if not math.isfinite(size) or not PLAUSIBLE_UM[0] <= size <= PLAUSIBLE_UM[1]:
+        if not is_plausible_um(size):
             logger.warning("%s: ignoring implausible %s pixel size %r µm", where, axis, size)
+            if rejected is not None:
+                rejected[axis] = float(size)
             continue
         out[axis] = float(size)
     return out

@@ -8,6 +8,7 @@ further pyramid level is computed from the previous one with chunk-aligned Dask 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -28,13 +29,21 @@ _SUFFIXES = (".ome.tiff", ".ome.tif", ".ome.zarr", ".tiff", ".tif", ".svs", ".nd
              ".qptiff", ".btf", ".scn")
 _ARRAY_CONFIG = {"write_empty_chunks": False}
 UNITS = {"micrometer"}
+_WINDOWS_DEVICES = {"CON", "PRN", "AUX", "NUL", *(f"{d}{i}" for d in ("COM", "LPT") for i in range(10))}
+#: Suffixes of files the output root holds itself (Zarr metadata, the run report, locks).
+_ROOT_SUFFIXES = {"json", "jsonl", "lock", "tmp", "log"}
 
 
 def sanitize_name(path: str | os.PathLike) -> str:
     """A safe group name from an input path: its file name without image suffixes.
 
-    Keeps letters, digits, ``.``, ``_`` and ``-``; anything else (spaces, brackets,
-    separators, ``..``) becomes ``_``; never starts with ``.`` or ``-``.
+    The name is portable (a Zarr v3 node name, a file name on Linux, macOS and Windows)
+    and stays one entry inside the output root: letters become ASCII (``ü`` → ``u``);
+    anything but letters, digits, ``.``, ``_`` and ``-`` (spaces, brackets, separators,
+    ``..``) becomes ``_``; it never starts with ``.``, ``_`` or ``-`` nor ends with ``.``
+    or ``_``; Windows device names (``CON``, ``LPT1``...) and names the output root uses
+    itself (``zarr.json``, ``report.json``) get a ``_``. A name with no ASCII left becomes
+    ``image-<hash>`` (the hash of the original name, so different names stay apart).
     """
     name = Path(os.fspath(path).rstrip("/\\")).name
     lower = name.lower()
@@ -42,25 +51,64 @@ def sanitize_name(path: str | os.PathLike) -> str:
         if lower.endswith(suffix) and len(name) > len(suffix):
             name = name[: -len(suffix)]
             break
-    name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
-    name = re.sub(r"\.{2,}", "_", name).lstrip("._-")
-    return name[:120] or "image"
+    clean = _clean(name)[:120].rstrip("._")
+    if not clean:
+        digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+        return f"image-{digest}" if name.strip("._- ") else "image"
+    stem, dot, rest = clean.partition(".")
+    if stem.upper() in _WINDOWS_DEVICES:
+        clean = f"{stem}_{dot}{rest}"
+    head, dot, suffix = clean.rpartition(".")
+    if dot and suffix.lower() in _ROOT_SUFFIXES:
+        clean = f"{head}_{suffix}"
+    return clean
 
 
-def unique_names(paths: Sequence[str]) -> list[str]:
-    """Distinct sanitised names for ``paths`` (``name``, ``name-2``, ...), in order."""
+def _clean(text: str) -> str:
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    text = re.sub(r"[^A-Za-z0-9._-]+", "_", text)
+    return re.sub(r"\.{2,}", "_", text).lstrip("._-")
+
+
+def unique_names(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """Distinct sanitised names for ``paths``, in order; distinct ignoring case.
+
+    Inputs whose names clash are told apart by their folders (``case1/HE.svs`` and
+    ``case2/HE.svs`` → ``case1_HE``, ``case2_HE``); what still clashes gets ``-2``,
+    ``-3``... in input order.
+    """
+    names = [sanitize_name(p) for p in paths]
+    groups: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        groups.setdefault(name.lower(), []).append(i)
+    for members in groups.values():
+        if len(members) > 1:
+            renamed = _with_folders([paths[i] for i in members], [names[i] for i in members])
+            for i, name in zip(members, renamed):
+                names[i] = name
     taken: set[str] = set()
-    names = []
-    for p in paths:
-        base = sanitize_name(p)
+    out = []
+    for base in names:
         name, n = base, 1
         while name.lower() in taken:
             n += 1
             name = f"{base}-{n}"
         taken.add(name.lower())
-        names.append(name)
-    return names
+        out.append(name)
+    return out
+
+
+def _with_folders(paths: Sequence[str | os.PathLike], bases: list[str]) -> list[str]:
+    """``bases`` prefixed with the fewest parent folder names that tell ``paths`` apart."""
+    parents = [[_clean(p) for p in reversed(Path(os.path.abspath(path)).parent.parts)]
+               for path in paths]
+    for depth in range(1, max(len(p) for p in parents) + 1):
+        prefixes = ["_".join(reversed([p for p in parts[:depth] if p]))[-60:].lstrip("._-")
+                    for parts in parents]
+        names = [f"{prefix}_{base}" if prefix else base for prefix, base in zip(prefixes, bases)]
+        if len({n.lower() for n in names}) == len(names):
+            return names
+    return bases
 
 
 def open_root(out: str | os.PathLike):

@@ -40,16 +40,21 @@ __all__ = [
     "describe",
     "open_image",
     "open_image_cached",
+    "series_info",
     "to_model_layout",
     "TIFF_SUFFIXES",
 ]
 
 logger = logging.getLogger(__name__)
 
-TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".btf", ".tf8", ".tf2", ".scn", ".bif")
+TIFF_SUFFIXES = (
+    ".tif", ".tiff", ".svs", ".ndpi", ".qptiff", ".btf", ".tf8", ".tf2", ".scn", ".bif",
+)  # fmt: skip
 
-#: A stored tile or strip this large must be decoded whole to read any pixel of it.
-MAX_STORED_CHUNK_BYTES = 2**30
+#: A stored tile or strip must be decoded whole to read any pixel of it: one larger than
+#: this (a huge compressed strip, a tile that declares a giant size) is refused, since
+#: every worker reading it would need that much memory for each read.
+MAX_STORED_CHUNK_BYTES = 256 * 2**20
 
 _CONVERTIBLE = (".h5", ".hdf5", ".czi", ".nd2", ".lif", ".mrxs", ".vsi", ".png", ".jpg")
 
@@ -133,9 +138,10 @@ def open_image(
     chosen = _choose_series(file, series)
     if not 0 <= level < len(chosen.levels):
         raise InputError(
-            f"series {chosen.index} has no level {level} (levels 0..{len(chosen.levels) - 1})",
+            f"series {chosen.index} has no level {level}; its levels are "
+            f"{describe_levels(where, chosen)}",
             where=where,
-            hint="choose an existing pyramid level",
+            hint="choose one of these levels (0 is full resolution)",
         )
     stored = chosen.levels[level]
     _check_level(where, chosen, level)
@@ -205,6 +211,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
                 "chunks": list(lv.chunks),
                 "axes": s.axes,
                 "pixel_size": _level_pixel_size(where, s, i),
+                **({"problem": lv.problem} if lv.problem else {}),
             }
             for i, lv in enumerate(s.levels)
         ]
@@ -231,9 +238,30 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     )
 
 
+def series_info(path: str | os.PathLike, series: int | None = None) -> tuple[FileInfo, SeriesInfo]:
+    """What the file says about one series (default: the main image), decoding nothing."""
+    where = os.fspath(path)
+    file = _inspect(where)
+    return file, _choose_series(file, series)
+
+
+def describe_levels(where: str, s: SeriesInfo) -> str:
+    """``0 = 2967 x 2220 (0.499 µm/px), 1 = ...``: the levels of a series, for messages."""
+    parts = []
+    for i, lv in enumerate(s.levels):
+        sizes = dict(zip(s.axes, lv.shape))
+        text = f"{i} = {' x '.join(str(sizes[a]) for a in s.axes if a in 'zyx')}"
+        pixel = _level_pixel_size(where, s, i)
+        if "x" in pixel:
+            text += f" ({pixel['x']:.4g} µm/px)"
+        parts.append(text)
+    return ", ".join(parts)
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        # keys starting with "_" hold bulky internals (a palette's colour map)
+        return {str(k): _jsonable(v) for k, v in value.items() if not str(k).startswith("_")}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     if isinstance(value, np.generic):
@@ -271,6 +299,14 @@ def _choose_series(file: FileInfo, series: int | None) -> SeriesInfo:
 
 def _check_level(where: str, s: SeriesInfo, level: int) -> None:
     stored = s.levels[level]
+    if stored.problem:
+        raise InputError(
+            f"is damaged: series {s.index} {stored.problem}",
+            where=where,
+            hint="the export or copy did not finish, or the scanner skipped tiles; "
+            "re-export or re-transfer it (reading on would paint the holes black)",
+            reason="corrupt-input",
+        )
     if s.info.get("unreadable"):
         raise InputError(
             f"series {s.index} {s.info['unreadable']}",
@@ -286,14 +322,27 @@ def _check_level(where: str, s: SeriesInfo, level: int) -> None:
             where=where,
             hint="the image is empty; check how it was exported",
         )
-    chunk_bytes = int(np.prod(stored.chunks)) * np.dtype(stored.dtype).itemsize
+    itemsize = np.dtype(stored.dtype).itemsize
+    chunk_bytes = int(np.prod(stored.chunks)) * itemsize
     if chunk_bytes > MAX_STORED_CHUNK_BYTES:
+        total = int(np.prod(stored.shape)) * itemsize
         raise InputError(
-            f"stores series {s.index} level {level} in pieces of {chunk_bytes / 2**30:.1f} GiB "
-            f"(chunks {stored.chunks}); reading any region would decode a whole piece",
+            f"stores series {s.index} level {level} ({' x '.join(map(str, stored.shape))} "
+            f"{stored.dtype}, {_size(total)} decoded) in compressed pieces of {_size(chunk_bytes)} "
+            f"(chunks {stored.chunks}); reading any region would decode a whole piece, "
+            f"more than the {_size(MAX_STORED_CHUNK_BYTES)} allowed",
             where=where,
-            hint="re-save it tiled, e.g. as a tiled TIFF or OME-Zarr with 512-1024 px chunks",
+            hint="re-save it tiled, e.g. as a tiled TIFF or OME-Zarr with 512-1024 px "
+            "chunks (uncompressed striped TIFFs are read in place and need no conversion)",
+            reason="unsupported-format",
         )
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} bytes"
 
 
 def _inspect(where: str) -> FileInfo:

@@ -1,18 +1,30 @@
-"""TIFF family: plain and multi-page TIFF, ImageJ hyperstacks, Aperio SVS, NDPI, OME-TIFF.
+"""TIFF family: plain and multi-page TIFF, ImageJ hyperstacks, Aperio SVS, Hamamatsu NDPI,
+OME-TIFF (pyramids in SubIFDs), PerkinElmer/Akoya QPTIFF, generic pyramidal TIFF.
 
 Pixels are read through tifffile's Zarr 3 store (``series.aszarr(level=...)``), one
-stored tile or strip at a time; this module only reads metadata and opens levels.
+stored tile or strip at a time, or, for uncompressed contiguous data (a large striped
+TIFF), through a read-only memory map that reads only the rows and columns asked for.
+This module only reads metadata and opens levels.
+
+Guards against damaged files: a file cut short or whose tiles point past its end, a
+level with tiles that were never written (offset or byte count 0: tifffile would return
+zeros), and JPEG / JPEG 2000 tiles whose own header declares more pixels than the tile
+holds (a decompression bomb: the decoder would allocate the declared size).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import math
 import re
+import struct
 import threading
 import xml.etree.ElementTree as ET
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
+import numpy as np
 import tifffile
 import zarr
 
@@ -23,6 +35,7 @@ from pipeline.io.meta import (
     LevelInfo,
     SeriesInfo,
     clean_pixel_size,
+    is_plausible_um,
     to_micrometres,
 )
 
@@ -38,12 +51,27 @@ _MAX_PRINT_DPI = 1200.0
 _RESUNIT_UM = {2: 25400.0, 3: 10000.0}  # INCH, CENTIMETER
 
 
-def open_tiff_level(path: str, series: int, level: int) -> zarr.Array:
-    """Open one level of one series as a read-only Zarr array (no pixels decoded).
+#: Locator tag of levels read through a memory map instead of tifffile's Zarr store.
+MEMMAP = "memmap"
 
-    The TiffFile stays open for as long as the array is referenced.
+#: Side of the pieces a memory-mapped (untiled, uncompressed) level is planned in.
+MEMMAP_PIECE = 512
+
+#: Levels with more pages than this have only their first and last page checked for
+#: missing or out-of-file data (a 10,000-page stack would take long to scan).
+MAX_PAGES_CHECKED = 256
+
+
+def open_tiff_level(path: str, series: int, level: int, mode: str = "zarr") -> Any:
+    """Open one level of one series read-only, without decoding pixels.
+
+    ``mode`` is ``"zarr"`` (tifffile's Zarr store; the TiffFile stays open for as long
+    as the array is referenced) or :data:`MEMMAP` (contiguous uncompressed data).
     """
+    if mode == MEMMAP:
+        return tifffile.memmap(path, series=series, level=level, mode="r")
     tif = tifffile.TiffFile(path)
+    _guard_decoders(tif.series[series].levels[level])
     return zarr.open_array(tif.series[series].aszarr(level=level), mode="r")
 
 
@@ -115,7 +143,7 @@ def _check_extent(tif: tifffile.TiffFile, path: str) -> None:
     size = tif.filehandle.size
     for index, series in enumerate(tif.series):
         for level in series.levels:
-            for page in (level.keyframe, level[len(level) - 1]):
+            for page in _pages_to_check(level):
                 if page is None:
                     continue
                 ends = [o + c for o, c in zip(page.dataoffsets, page.databytecounts) if c]
@@ -128,52 +156,83 @@ def _check_extent(tif: tifffile.TiffFile, path: str) -> None:
                     )
 
 
+#: tifffile flag → (format, vendor), most specific first.
+_FLAVOURS = (
+    ("svs", "svs", "aperio"),
+    ("ndpi", "ndpi", "hamamatsu"),
+    ("qpi", "qptiff", "akoya"),
+    ("scn", "tiff", "leica"),
+    ("bif", "tiff", "ventana"),
+    ("philips", "tiff", "philips"),
+    ("ome", "ome-tiff", "ome"),
+    ("imagej", "tiff", "imagej"),
+)
+
+
+def _flavour(tif: tifffile.TiffFile) -> tuple[str, str]:
+    for flag, fmt, vendor in _FLAVOURS:
+        if getattr(tif, "is_" + flag, False):
+            return fmt, vendor
+    return "tiff", "tiff"
+
+
 def _format(tif: tifffile.TiffFile) -> str:
-    if tif.is_svs:
-        return "svs"
-    if tif.is_ndpi:
-        return "ndpi"
-    if tif.is_ome:
-        return "ome-tiff"
-    return "tiff"
+    return _flavour(tif)[0]
 
 
 def _file_info(tif: tifffile.TiffFile) -> dict[str, Any]:
-    info: dict[str, Any] = {"vendor": _format(tif), "bigtiff": bool(tif.is_bigtiff)}
+    info: dict[str, Any] = {"vendor": _flavour(tif)[1], "bigtiff": bool(tif.is_bigtiff)}
+    magnification = None
     if tif.is_svs:
-        meta = aperio_metadata(tif.pages.first.description)
-        info["vendor"] = "aperio"
-        if "AppMag" in meta:
-            info["magnification"] = meta["AppMag"]
+        magnification = aperio_metadata(tif.pages.first.description).get("AppMag")
     elif tif.is_ndpi:
-        info["vendor"] = "hamamatsu"
         magnification = (tif.pages.first.ndpi_tags or {}).get("Magnification")
-        if magnification:
-            info["magnification"] = float(magnification)
-    elif tif.is_imagej:
-        info["vendor"] = "imagej"
+    elif tif.is_ome and tif.ome_metadata:
+        magnification = _ome_magnification(tif.ome_metadata)
+    if isinstance(magnification, (int, float)) and magnification > 0:
+        info["magnification"] = float(magnification)
     return info
 
 
 def _series_info(tif: tifffile.TiffFile, index: int, where: str) -> SeriesInfo:
     series = tif.series[index]
     plan, axes = plan_axes([_AXIS_LABELS.get(a, a) for a in series.axes], series.shape, where)
-    levels, numbers = [], []
-    for number in range(len(series.levels)):
+    levels, locators = [], []
+    for number, stored_level in enumerate(series.levels):
         stored = zarr.open_array(series.aszarr(level=number), mode="r")
         if stored.ndim != len(plan):
             logger.warning("%s: series %d level %d has other axes; ignored", where, index, number)
             continue
-        shape, chunks = apply_plan(stored.shape, plan), apply_plan(stored.chunks, plan)
-        levels.append(LevelInfo(shape=shape, dtype=str(stored.dtype), chunks=chunks))
-        numbers.append(number)
+        locator: tuple[Any, ...] = (index, number)
+        chunks = stored.chunks
+        if stored_level.dataoffset is not None and stored_level.keyframe.compression == 1:
+            # uncompressed and contiguous: a memory map reads just the rows asked for,
+            # where the Zarr store would decode a whole (possibly huge) strip
+            locator = (index, number, MEMMAP)
+            chunks = _memmap_pieces(series.axes, stored.shape)
+        levels.append(
+            LevelInfo(
+                shape=apply_plan(stored.shape, plan),
+                dtype=str(stored.dtype),
+                chunks=apply_plan(chunks, plan),
+                problem=_missing_data(stored_level, number),
+            )
+        )
+        locators.append(locator)
     keyframe = series.keyframe
-    info = {
+    info: dict[str, Any] = {
         "series_name": series.name,
         "tiff_series_kind": series.kind,
         "compression": _name(keyframe.compression),
         "photometric": _photometric(keyframe),
     }
+    if keyframe.extrasamples:
+        info["extrasamples"] = [_extrasample(e) for e in keyframe.extrasamples]
+    if keyframe.photometric == tifffile.PHOTOMETRIC.PALETTE and keyframe.colormap is not None:
+        info["_colormap"] = np.asarray(keyframe.colormap)  # "_": not shown by describe
+    names = _channel_names(tif, series)
+    if names:
+        info["channel_names"] = names
     undecodable = sorted(
         {_name(lv.keyframe.compression) for lv in series.levels}
         - {_name(c) for c in _decodable(series)}
@@ -182,16 +241,92 @@ def _series_info(tif: tifffile.TiffFile, index: int, where: str) -> SeriesInfo:
         info["unreadable"] = (
             f"uses compression {', '.join(undecodable)}, which this installation cannot decode"
         )
+    rejected: dict[str, float] = {}
+    sizes, source = _pixel_size(tif, index, axes, where)
+    pixel_size = clean_pixel_size(sizes, where, rejected)
+    if pixel_size:
+        info["pixel_size_source"] = source
+    if rejected:
+        info["pixel_size_rejected"] = rejected
     return SeriesInfo(
         index=index,
         name=series.name or "",
         axes=axes,
         index_plan=plan,
         levels=tuple(levels),
-        pixel_size=clean_pixel_size(_pixel_size(tif, index, axes), where),
-        locators=tuple((index, number) for number in numbers),
+        pixel_size=pixel_size,
+        locators=tuple(locators),
         info=info,
     )
+
+
+def _memmap_pieces(axes: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Planning pieces of a memory-mapped level: 512 x 512 planes, samples together."""
+    return tuple(
+        min(MEMMAP_PIECE, n) if a in "YX" else n if a == "S" else 1 for a, n in zip(axes, shape)
+    )
+
+
+def _missing_data(level: Any, number: int) -> str | None:
+    """Why a level cannot be read faithfully: tiles or strips with no data in the file.
+
+    tifffile returns zeros for a tile whose offset or byte count is 0, which would paint
+    a hole in the slide black; such a level is refused instead.
+    """
+    for page_number, page in enumerate(_pages_to_check(level)):
+        if page is None:
+            return f"level {number} lacks page {page_number}"
+        missing = [
+            i for i, (o, c) in enumerate(zip(page.dataoffsets, page.databytecounts)) if not (o and c)
+        ]
+        if missing:
+            kind = "tiles" if page.is_tiled else "strips"
+            return (
+                f"{len(missing)} of {len(page.dataoffsets)} {kind} of level {number} "
+                f"have no data in the file (the first at y, x = {_segment_origin(page, missing[0])})"
+            )
+    return None
+
+
+def _pages_to_check(level: Any) -> list[Any]:
+    """Every page of a level, or its first and last when it has very many."""
+    count = len(level)
+    if count > MAX_PAGES_CHECKED:
+        return [level.keyframe, level[count - 1]]
+    return [level[i] for i in range(count)]
+
+
+def _segment_origin(page: Any, segment: int) -> str:
+    """Pixel position (y, x) of a tile or strip of a page, for messages."""
+    if page.is_tiled:
+        across = -(-page.imagewidth // page.tilewidth)
+        down = -(-page.imagelength // page.tilelength)
+        row, col = divmod(segment % (across * down), across)
+        return f"{row * page.tilelength}, {col * page.tilewidth}"
+    strips = max(1, -(-page.imagelength // max(1, page.rowsperstrip)))
+    return f"{(segment % strips) * page.rowsperstrip}, 0"
+
+
+def _extrasample(value: Any) -> str:
+    try:
+        return tifffile.EXTRASAMPLE(int(value)).name
+    except ValueError:
+        return f"code {int(value)}"
+
+
+def _channel_names(tif: tifffile.TiffFile, series: Any) -> list[str]:
+    """Marker names of a QPTIFF's channel pages, from each page's description XML."""
+    if not tif.is_qpi:
+        return []
+    names = []
+    for page in series.pages:
+        try:
+            root = ET.fromstring(page.description)
+        except (ET.ParseError, AttributeError):
+            return []
+        name = root.findtext("Biomarker") or root.findtext("Name")
+        names.append((name or "").strip())
+    return names if any(names) else []
 
 
 def _name(code: Any) -> str:
@@ -229,19 +364,65 @@ def aperio_metadata(description: str) -> dict[str, Any]:
     return meta
 
 
-def _pixel_size(tif: tifffile.TiffFile, index: int, axes: str) -> dict[str, float | None]:
-    """Level-0 pixel size in µm from the most specific metadata the file has."""
+#: Two sources of a pixel size that differ by more than this are reported.
+_PIXEL_SIZE_AGREEMENT = 0.05
+
+
+def _pixel_size(
+    tif: tifffile.TiffFile, index: int, axes: str, where: str
+) -> tuple[dict[str, float | None], str]:
+    """Level-0 pixel size in µm and where it came from.
+
+    Every place the file may state it is read, most specific first (the vendor's
+    metadata, then OME-XML, then ImageJ's, then the baseline resolution tags); the first
+    that gives a plausible size wins, and another that disagrees is logged, so neither
+    is trusted blindly.
+    """
     series = tif.series[index]
+    candidates: list[tuple[str, dict[str, float | None]]] = []
     if tif.is_svs:
         mpp = aperio_metadata(series.keyframe.description).get("MPP")
-        if index == 0 and isinstance(mpp, float):
-            return {"y": mpp, "x": mpp}
-        return {}
+        if index != 0:  # the MPP belongs to the baseline, not the label or macro
+            return {}, ""
+        if isinstance(mpp, (int, float)):
+            candidates.append(("aperio MPP", {"y": mpp, "x": mpp}))
     if tif.is_ome and tif.ome_metadata:
-        return _ome_pixel_size(tif.ome_metadata, index, series.name)
+        candidates.append(("OME PhysicalSize", _ome_pixel_size(tif.ome_metadata, index, series.name)))
     if tif.is_imagej:
-        return _imagej_pixel_size(tif, axes)
-    return _resolution_pixel_size(series.keyframe)
+        candidates.append(("ImageJ", _imagej_pixel_size(tif, axes)))
+    candidates.append(("TIFF resolution tags", _resolution_pixel_size(series.keyframe)))
+    plausible = [
+        (name, {a: v for a, v in sizes.items() if is_plausible_um(v)})
+        for name, sizes in candidates
+    ]
+    plausible = [(name, sizes) for name, sizes in plausible if sizes]
+    if not plausible:
+        # nothing usable: pass on the first declared value, so the caller can say what it was
+        return next((sizes for _, sizes in candidates if sizes), {}), ""
+    name, chosen = plausible[0]
+    for other_name, other in plausible[1:]:
+        for axis, size in other.items():
+            mine = chosen.get(axis)
+            if mine and abs(size - mine) / mine > _PIXEL_SIZE_AGREEMENT:
+                logger.warning(
+                    "%s: %s says %s pixel size %.6g µm but %s says %.6g µm; using %s",
+                    where, name, axis, mine, other_name, size, name,
+                )  # fmt: skip
+    return chosen, name
+
+
+def _ome_magnification(xml: str) -> float | None:
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return None
+    for element in root.iter():
+        if element.tag.endswith("Objective") and element.get("NominalMagnification"):
+            try:
+                return float(element.get("NominalMagnification", ""))
+            except ValueError:
+                return None
+    return None
 
 
 def _ome_pixel_size(xml: str, index: int, name: str) -> dict[str, float | None]:
@@ -272,8 +453,8 @@ def _imagej_pixel_size(tif: tifffile.TiffFile, axes: str) -> dict[str, float | N
     out: dict[str, float | None] = {}
     for axis, tag in (("y", "YResolution"), ("x", "XResolution")):
         per_unit = _rational(keyframe.tags.valueof(tag))
-        if per_unit:
-            out[axis] = to_micrometres(1.0 / per_unit, unit)
+        if per_unit is not None:
+            out[axis] = to_micrometres(1.0 / per_unit if per_unit else math.inf, unit)
     if "z" in axes and meta.get("spacing") is not None:
         out["z"] = to_micrometres(meta["spacing"], unit)
     return out
@@ -288,9 +469,9 @@ def _resolution_pixel_size(keyframe: Any) -> dict[str, float | None]:
         return out
     for axis, tag in (("y", "YResolution"), ("x", "XResolution")):
         per_unit = _rational(keyframe.tags.valueof(tag))
-        if not per_unit or (int(unit) == 2 and per_unit <= _MAX_PRINT_DPI):
+        if per_unit is None or (int(unit) == 2 and 0 < per_unit <= _MAX_PRINT_DPI):
             continue
-        out[axis] = um_per_unit / per_unit
+        out[axis] = um_per_unit / per_unit if per_unit else math.inf
     return out
 
 
@@ -299,6 +480,92 @@ def _rational(value: Any) -> float | None:
         return None
     try:
         number = value[0] / value[1] if isinstance(value, tuple) else float(value)
-    except (TypeError, ZeroDivisionError, IndexError):
+    except (TypeError, IndexError):
         return None
-    return number if number > 0 else None
+    except ZeroDivisionError:
+        return 0.0
+    return number if number >= 0 and math.isfinite(number) else None
+
+
+# --- decompression bombs -------------------------------------------------------------------
+
+#: TIFF compression codes whose tiles are JPEG or JPEG 2000 streams with their own size.
+_JPEG_CODES = frozenset({6, 7, 34892})
+_J2K_CODES = frozenset({33003, 33004, 33005, 34712})
+
+
+def _guard_decoders(level: Any) -> None:
+    """Refuse to decode a JPEG / JPEG 2000 tile whose header declares more pixels than
+    the tile holds.
+
+    The decoders allocate what the stream's header says before noticing that it does
+    not fit (a 32 x 32 tile claiming 60,000 x 60,000 pixels takes 10 GB). tifffile
+    caches each page's decode function on the page (``TiffPage.decode``); it is wrapped
+    there, for this opened file only, with a check of the stream's header.
+    """
+    seen: set[int] = set()
+    for page in (level[i] for i in range(len(level))):
+        keyframe = getattr(page, "keyframe", None)
+        if keyframe is None or id(keyframe) in seen:
+            continue
+        seen.add(id(keyframe))
+        code = int(keyframe.compression)
+        reader = _jpeg_size if code in _JPEG_CODES else _j2k_size if code in _J2K_CODES else None
+        sizes = dict(zip(keyframe.axes, keyframe.chunks))
+        if reader is None or "Y" not in sizes or "X" not in sizes:
+            continue
+        try:
+            original = keyframe.decode  # tifffile's cached per-page decode function
+        except Exception:  # noqa: BLE001 - tifffile raises its own when it cannot decode
+            continue  # reading will report it
+        keyframe.__dict__["decode"] = functools.partial(
+            _checked_decode, original, reader, (sizes["Y"], sizes["X"])
+        )
+
+
+def _checked_decode(
+    original: Callable[..., Any],
+    reader: Callable[[bytes], tuple[int, int] | None],
+    limit: tuple[int, int],
+    data: bytes | None,
+    index: int,
+    /,
+    **kwargs: Any,
+) -> Any:
+    if data is not None:
+        size = reader(bytes(data[:65536]))
+        if size is None and kwargs.get("jpegheader"):
+            size = reader(kwargs["jpegheader"])  # NDPI: the size is in the shared header
+        if size is not None and (size[0] > limit[0] or size[1] > limit[1]):
+            raise ValueError(
+                f"a compressed tile declares {size[0]} x {size[1]} pixels but tiles are "
+                f"{limit[0]} x {limit[1]} (corrupt, or a decompression bomb); not decoded"
+            )
+    return original(data, index, **kwargs)
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) from a JPEG stream's start-of-frame marker, if it has one."""
+    i = 2 if data[:2] == b"\xff\xd8" else 0
+    while i + 4 <= len(data) and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        if marker in (0xDA, 0xD9):  # start of scan / end of image: no frame header here
+            return None
+        length = struct.unpack(">H", data[i + 2 : i + 4])[0]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            height, width = struct.unpack(">HH", data[i + 5 : i + 9])
+            return height, width
+        i += 2 + length
+    return None
+
+
+def _j2k_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) from a JPEG 2000 codestream's SIZ marker (raw or in a JP2 box)."""
+    at = data.find(b"\xff\x4f\xff\x51")
+    if at < 0 or at + 24 > len(data):
+        return None
+    xsiz, ysiz, xosiz, yosiz = struct.unpack(">4I", data[at + 8 : at + 24])
+    return ysiz - yosiz, xsiz - xosiz
