@@ -113,9 +113,18 @@ class Executor:
 def worker_layout(cfg: RunConfig) -> tuple[int, int]:
     """(worker processes, model threads per worker) for the local cluster."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    workers = cfg.workers or 1
+    workers = cfg.workers or _gpu_count(cfg) or 1
     threads = cfg.threads_per_worker or max(1, cores // workers)
     return workers, threads
+
+
+def _gpu_count(cfg: RunConfig) -> int:
+    """One worker per GPU when the device is ``cuda`` (or ``auto`` finds CUDA)."""
+    if not cfg.device.startswith(("cuda", "auto")) or ":" in cfg.device:
+        return 0
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def run(inputs: Sequence[str], out: str | os.PathLike, model: str | None, cfg: RunConfig,

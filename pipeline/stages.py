@@ -92,11 +92,28 @@ def get_backend(ref: BackendRef):
         from .backends import load_backend
 
         backend = load_backend(
-            ref.model, backend=ref.backend, device=ref.device, precision=ref.precision,
+            ref.model, backend=ref.backend, device=worker_device(ref.device), precision=ref.precision,
             overrides=dict(ref.overrides), threads=ref.threads,
         )
         _BACKENDS[ref] = backend
     return backend
+
+
+def worker_device(device: str) -> str:
+    """``cuda`` without an index spreads local-cluster workers over the GPUs (worker
+    ``i`` takes GPU ``i mod count``); anything else is used as given."""
+    if device != "cuda":
+        return device
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+    except (ImportError, ValueError):  # not on a Dask worker
+        return device
+    import torch
+
+    count = torch.cuda.device_count()
+    return f"cuda:{int(name) % count}" if isinstance(name, int) and count > 1 else device
 
 
 def _open_sink(path: str):

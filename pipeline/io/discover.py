@@ -34,8 +34,9 @@ While searching a folder:
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, NamedTuple, Sequence
+from typing import NamedTuple
 
 from ..errors import InputError
 from ..report import InputResult
