@@ -95,18 +95,21 @@ def main(verbose: int) -> None:
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="YAML file of defaults (see configs/default.yaml).")
 def run(inputs, out, model, config_file, **options) -> None:
-    """Segment INPUTS (files or folders) into OUT, one NGFF image per input."""
+    """Segment INPUTS (files, folders or .txt lists of paths) into OUT, one NGFF image per input."""
     from .config import resolve_config
-    from .io.discover import discover_inputs
+    from .io.discover import find_inputs
     from .run import run as run_pipeline
 
     try:
         cfg = resolve_config(config_file, options)
-        paths = discover_inputs(list(inputs))
-        if not paths:
-            raise PipelineError("no images found", where=", ".join(inputs),
-                                hint="give image files or folders containing .tif/.svs/.zarr")
-        report = run_pipeline(paths, out, model, cfg, progress=_Bar())
+        found = find_inputs(inputs, cfg.extensions, exclude=[out])
+        if not found.paths and all(r.state == "skipped" for r in found.results):
+            others = f" ({len(found.results)} other files skipped)" if found.results else ""
+            raise PipelineError(f"no images found{others}", where=", ".join(inputs),
+                                hint=f"give image files, list files (.txt) or folders with "
+                                     f"{', '.join(cfg.extensions)} files (see --extensions)")
+        report = run_pipeline(found.paths, out, model, cfg, progress=_Bar(),
+                              decided=found.results)
     except PipelineError as exc:
         _fail(exc)
     _summary(report, out)

@@ -7,7 +7,6 @@ hands them to a Dask cluster (or runs them in-process with ``scheduler="sync"``)
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import time
@@ -128,8 +127,13 @@ def _gpu_count(cfg: RunConfig) -> int:
 
 
 def run(inputs: Sequence[str], out: str | os.PathLike, model: str | None, cfg: RunConfig,
-        *, progress: Progress | None = None) -> RunReport:
-    """Segment every input into ``out``; one input's failure never stops the others."""
+        *, progress: Progress | None = None,
+        decided: Sequence[InputResult] = ()) -> RunReport:
+    """Segment every input into ``out``; one input's failure never stops the others.
+
+    ``decided``: inputs settled before the run (skipped or failed while finding inputs,
+    see :func:`pipeline.io.discover.find_inputs`); they are added to the report as they are.
+    """
     t0 = time.perf_counter()
     root = sink.open_root(out)
     del root
@@ -153,8 +157,9 @@ def run(inputs: Sequence[str], out: str | os.PathLike, model: str | None, cfg: R
                 _fail(result, "internal-error", f"{path}: {type(exc).__name__}: {exc} "
                       f"({traceback.extract_tb(exc.__traceback__)[-1].name})")
             result.seconds = round(time.perf_counter() - t1, 3)
+    report.inputs.extend(decided)
     report.seconds = time.perf_counter() - t0
-    (Path(out) / "report.json").write_text(json.dumps(report.to_dict(), indent=2))
+    report.write(Path(out) / "report.json")
     return report
 
 

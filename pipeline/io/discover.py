@@ -7,7 +7,8 @@ What counts as an input:
 * a **list file** (``*.txt``, ``*.list``) names inputs one per line; blank lines and
   lines starting with ``#`` are ignored, relative paths are resolved against the list
   file's folder, and each entry is treated like a command-line argument (a list inside a
-  list is not expanded); a list that cannot be read is a usage error;
+  list is not expanded); an entry that does not exist becomes a ``failed`` result
+  (``not-found``, naming the list and line); a list that cannot be read is a usage error;
 * a **Zarr folder** (``zarr.json``/``.zarray``/``.zgroup`` at its root) is one input;
 * any **other folder** is searched recursively, in sorted order, for files (and Zarr
   folders) whose suffix is one of ``extensions``.
@@ -56,8 +57,9 @@ class Found(NamedTuple):
     paths
         Inputs to run, in order, each once.
     results
-        Inputs decided without running: ``skipped`` (``not-an-image``, ``duplicate``)
-        or ``failed`` (``unreadable-folder``), each with a message naming the path.
+        Inputs decided without running, in the order met: ``skipped`` (``not-an-image``,
+        ``duplicate``) or ``failed`` (``unreadable-folder``; ``not-found`` for a list
+        entry), each with a message naming the path, the problem and a hint.
     """
 
     paths: list[str]
@@ -97,11 +99,16 @@ def find_inputs(args: Sequence[str | os.PathLike], extensions: Iterable[str] = I
     search = _Search(tuple(e.lower() for e in extensions), exclude)
     for arg in args:
         if is_list_file(arg):
-            for entry in read_list(arg):
-                if is_list_file(entry):
-                    search.skip(entry, "not-an-image", "is a list file inside a list file",
-                                "list files are not expanded recursively; name its "
-                                "entries in the first list")
+            for line, entry in read_list(arg):
+                listed = f"listed in {os.fspath(arg)} line {line}"
+                if not os.path.lexists(entry):
+                    search.results.append(_result(
+                        entry, "failed", "not-found", f"{entry}: does not exist ({listed}). "
+                        "Hint: check the path; relative paths start at the list's folder"))
+                elif is_list_file(entry):
+                    search.skip(entry, "not-an-image", f"is a list file ({listed})",
+                                "lists are not expanded inside lists; name its entries in "
+                                "the first one")
                 else:
                     search.add(entry)
         else:
@@ -112,14 +119,9 @@ def find_inputs(args: Sequence[str | os.PathLike], extensions: Iterable[str] = I
     return Found(search.paths, results)
 
 
-def discover_inputs(args: Sequence[str | os.PathLike],
-                    extensions: Iterable[str] = IMAGE_SUFFIXES) -> list[str]:
-    """The paths of :func:`find_inputs`, without what was skipped or failed."""
-    return find_inputs(args, extensions).paths
-
-
-def read_list(list_file: str | os.PathLike) -> list[str]:
-    """Entries of a list file: one path a line, ``#`` comments, relative to its folder."""
+def read_list(list_file: str | os.PathLike) -> list[tuple[int, str]]:
+    """``(line number, path)`` of each entry of a list file: one path a line (surrounding
+    spaces ignored), ``#`` comments, relative paths resolved against the list's folder."""
     where = os.fspath(list_file)
     try:
         text = Path(where).read_text(encoding="utf-8-sig")
@@ -134,10 +136,10 @@ def read_list(list_file: str | os.PathLike) -> list[str]:
                          hint="check its permissions") from None
     base = os.path.dirname(where)
     entries = []
-    for line in text.splitlines():
+    for number, line in enumerate(text.splitlines(), 1):
         entry = line.strip()
         if entry and not entry.startswith("#"):
-            entries.append(os.path.join(base, os.path.expanduser(entry)))
+            entries.append((number, os.path.join(base, os.path.expanduser(entry))))
     return entries
 
 
