@@ -6,7 +6,6 @@ identity model reproduces its input, so every good slide's output is checked pix
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import shutil
@@ -20,16 +19,10 @@ import zarr
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.run import run
 
 AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 NUCLEI = "nuclei2d/bbbc007/images"
 
-# The lead wires find_inputs into `pipeline run` (skipped entries reach the report, OUT is
-# never an input, --extensions is used); until then these tests must fail, and say so.
-WIRED = "decided" in inspect.signature(run).parameters
-needs_wiring = pytest.mark.xfail(not WIRED, strict=True,
-                                 reason="pipeline.run.run(decided=...) not wired yet")
 
 
 def cli(*args):
@@ -175,7 +168,6 @@ def test_unreadable_slide_fails_and_the_rest_go_on(tmp_path):
     assert locked["state"] == "failed" and "permission" in locked["message"]
 
 
-@needs_wiring
 def test_other_files_are_skipped_and_the_run_still_succeeds(tmp_path):
     folder = tmp_path / "in"
     good = write_slide(folder / "a.tif", 0)
@@ -194,7 +186,6 @@ def test_other_files_are_skipped_and_the_run_still_succeeds(tmp_path):
     assert json.loads((out / "report.json").read_text())["ok"] is True
 
 
-@needs_wiring
 def test_list_file_and_extensions(tmp_path):
     folder = tmp_path / "in"
     a = write_slide(folder / "a.svs", 0)
@@ -212,7 +203,6 @@ def test_list_file_and_extensions(tmp_path):
     assert report["b.tif"]["state"] == "skipped"
 
 
-@needs_wiring
 def test_a_folder_without_images_is_a_usage_error(tmp_path):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "notes.txt").write_text("nothing here")
