@@ -93,6 +93,17 @@ class BlockMerger:
         self.acc[dst] += pred[(slice(None), *src_sl)] * w
         self.wsum[dst[1:]] += w
 
+    def skip(self, tile_out: Region, weights: np.ndarray | None, owned: Region | None = None) -> None:
+        """Count a tile that was not run (no tissue) as predicting zeros."""
+        target = (owned if self.mode is BlendMode.CROP else tile_out).intersect(self.region)
+        if target.empty:
+            return
+        if self.mode is BlendMode.CROP:
+            self._filled += target.size
+            return
+        self.wsum[target.relative_to(self.region).to_slices()] += weights[
+            target.relative_to(tile_out).to_slices()]
+
     def result(self) -> np.ndarray:
         """Blended probabilities ``(K, *region.shape)`` float32."""
         if self.mode is BlendMode.CROP:

@@ -200,16 +200,25 @@ def run_one(path: str, out: Path, spec: ModelSpec, ref: BackendRef, cfg: RunConf
     classes = spec.classes or channels
     shape = tuple(int(s) for s in array.shape[1:])
     plan = make_plan(spec, shape, channels, classes, cfg)
+    tissue = find_tissue(source, shape, spatial_axes, pixel_size, cfg)
     writer = sink.create_image(out, result.name, (classes, *shape), "c" + spatial_axes,
                                (classes, *plan.chunks), cfg.dtype)
     try:
         sref = SourceRef(str(path), source.series, source.level, spec.ndim, spec.in_channels)
-        tasks = make_tasks(plan, sref, ref, spec, classes, cfg, writer.level_path(0))
+        tasks = make_tasks(plan, sref, ref, spec, classes, cfg, writer.level_path(0), tissue)
         result.shape, result.blocks = [classes, *shape], len(tasks)
         result.tiles = run_blocks(tasks, client_for(len(tasks)),
                                   lambda d, n: progress and progress(result.name, d, n))
+        if tissue is not None:
+            result.tissue_fraction = round(tissue.fraction, 4)
+            result.skipped_tiles = plan.lattice.n_tiles - result.tiles
         levels = sink.write_pyramid(writer, cfg.pyramid_min)
-        sink.write_metadata(writer, levels, pixel_size, provenance(spec, plan, cfg, source))
+        sink.write_metadata(writer, levels, pixel_size,
+                            provenance(spec, plan, cfg, source, tissue))
+        if tissue is not None:
+            from .io.labels import write_tissue_labels
+
+            write_tissue_labels(writer.staging, tissue, shape, "c" + spatial_axes, pixel_size)
         result.output = str(sink.publish(writer))
         result.pixels = int(array[0].size)
     except BaseException:
@@ -217,6 +226,22 @@ def run_one(path: str, out: Path, spec: ModelSpec, ref: BackendRef, cfg: RunConf
         raise
     finally:
         forget_sink(writer.level_path(0))
+
+
+def find_tissue(source, shape: tuple[int, ...], spatial_axes: str, pixel_size: dict,
+                cfg: RunConfig):
+    """The tissue mask for one input: the user's (``--mask``, applied to every input),
+    detected on a low-resolution level (2D images), or None (volumes; ``--no-skip-background``)."""
+    from .tissue import detect_tissue, load_user_mask
+
+    if cfg.mask:
+        return load_user_mask(cfg.mask, shape)
+    if not cfg.skip_background:
+        return None
+    if spatial_axes != "yx":
+        log.info("%s: tissue detection is for 2D images; running the whole volume", source.path)
+        return None
+    return detect_tissue(source, shape, pixel_size=pixel_size or None)
 
 
 @dataclass(frozen=True)
@@ -228,19 +253,28 @@ class Task:
 
 
 def make_tasks(plan: Plan, source, ref: BackendRef, spec: ModelSpec, classes: int,
-               cfg: RunConfig, sink_path: str | None) -> list[Task]:
-    """One task per block, in raster order; a block only needs blocks before it."""
+               cfg: RunConfig, sink_path: str | None, tissue=None) -> list[Task]:
+    """One task per block, in raster order; a block only needs blocks before it.
+
+    With a tissue mask, each job carries the mask around its block, and blocks where no
+    tile has tissue are left out: their chunks stay unwritten (background, not stored).
+    """
     normalize = spec.normalize if cfg.normalize == "auto" else cfg.normalize
     grid = plan.grid()
     layout = grid.plan()
     number = {index: i for i, index in enumerate(layout)}
     tasks = []
     for index, (touching, own, owners) in layout.items():
-        job = BlockJob(number[index], grid.region(index), plan.lattice, plan.blend, classes,
+        region = grid.region(index)
+        crop = None if tissue is None else tissue.crop(region.grow(plan.lattice.out_tile))
+        job = BlockJob(number[index], region, plan.lattice, plan.blend, classes,
                        plan.model_ndim, source, ref, sink_path, cfg.batch_size, normalize,
-                       cfg.dtype, tuple(touching), tuple(own))
+                       cfg.dtype, tuple(touching), tuple(own), crop)
+        if crop is not None and not any(job.runs(t) for t in touching):
+            continue
         tasks.append(Task(job, tuple(sorted(number[o] for o in owners))))
-    return tasks
+    kept = {t.job.index for t in tasks}
+    return [Task(t.job, tuple(i for i in t.needs if i in kept)) for t in tasks]
 
 
 def run_local(tasks: list[Task]) -> Iterator:
@@ -288,9 +322,12 @@ def run_blocks(tasks: list[Task], client, progress: Callable[[int, int], None]) 
     return tiles
 
 
-def provenance(spec: ModelSpec, plan: Plan, cfg: RunConfig, source) -> dict:
+def provenance(spec: ModelSpec, plan: Plan, cfg: RunConfig, source, tissue=None) -> dict:
     lat = plan.lattice
     return {
+        "tissue": None if tissue is None else {
+            "method": tissue.method, "fraction": round(tissue.fraction, 4),
+            "cell": list(tissue.scale)},
         "version": __version__,
         "model": {"path": spec.path, "sha256": spec.sha256, "format": spec.format},
         "backend": cfg.backend if cfg.backend != "auto" else spec.format,

@@ -69,6 +69,12 @@ class BlockJob:
     out_dtype: str = "uint8"
     tiles: tuple[tuple[int, ...], ...] = ()  # every tile touching ``write``, in lattice order
     own: tuple[tuple[int, ...], ...] = ()    # shared tiles this block's first phase computes
+    tissue: Any = None  # TissueMask cropped to this block (and its reach), or None: run all
+
+    def runs(self, tile: tuple[int, ...]) -> bool:
+        """A tile runs unless it has no tissue anywhere in its output, so every pixel
+        inside tissue keeps all its contributing tiles (identical to a run without skipping)."""
+        return self.tissue is None or self.tissue.any_in(self.lattice.out_region(tile))
 
 
 @dataclass
@@ -237,7 +243,7 @@ def predict_stream(job: BlockJob, tiles: list[tuple[int, ...]], *, per_batch: bo
 
 def predict_shared(job: BlockJob) -> dict[tuple[int, ...], np.ndarray]:
     """First phase: the shared tiles this block owns, for the blocks that need them."""
-    return dict(predict_stream(job, list(job.own), per_batch=True))
+    return dict(predict_stream(job, [t for t in job.own if job.runs(t)], per_batch=True))
 
 
 def process_block(job: BlockJob, *shared: dict) -> BlockResult:
@@ -254,20 +260,29 @@ def process_block(job: BlockJob, *shared: dict) -> BlockResult:
     ready: dict[tuple[int, ...], np.ndarray] = {}
     for part in shared:
         ready.update(part)
-    local = [t for t in tiles if t not in ready]
+    skipped = {t for t in tiles if not job.runs(t)}
+    local = [t for t in tiles if t not in ready and t not in skipped]
     timer: dict[str, float] = {}
     stream = predict_stream(job, local, timer=timer)
     merger = BlockMerger(job.write, job.classes, job.blend)
     weights = None if crop else tile_weights(job.blend, lat.out_tile, lat.overlap)
     for t in tiles:
+        owned = lat.owned_region(t) if crop else None
+        if t in skipped:
+            merger.skip(lat.out_region(t), weights, owned)
+            continue
         pred = ready.get(t)
         if pred is None:
             got, pred = next(stream)
             assert got == t  # the stream follows the same order
-        merger.add(pred, lat.out_region(t), weights, lat.owned_region(t) if crop else None)
-    out = to_output_dtype(merger.result(), job.out_dtype)
+        merger.add(pred, lat.out_region(t), weights, owned)
+    prob = merger.result()
+    if job.tissue is not None:
+        prob *= job.tissue.upsample(job.write)  # glass is background
+    out = to_output_dtype(prob, job.out_dtype)
     t1 = time.perf_counter()
-    result = BlockResult(job.index, job.write, len(local) + len(job.own), job.write.size)
+    own_run = sum(job.runs(t) for t in job.own)
+    result = BlockResult(job.index, job.write, len(local) + own_run, job.write.size)
     if job.sink is None:
         result.data = out
     else:

@@ -41,7 +41,7 @@ def ngff_images(out: Path):
 def test_identity_run_on_svs_is_pixel_exact_and_valid_ngff(data_dir, tmp_path):
     out = tmp_path / "out.zarr"
     result = cli("run", data_dir / SVS, "--out", out, "--backend", "identity", "--workers", "2",
-                 "--chunk", "512", "--block", "1024")
+                 "--chunk", "512", "--block", "1024", "--no-skip-background")
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["ok"] and report["inputs"][0]["state"] == "done"
@@ -191,3 +191,35 @@ def test_local_cluster_listens_on_loopback_only():
         addrs = [c.laddr.ip for p in procs for c in p.net_connections(kind="inet")
                  if c.status == psutil.CONN_LISTEN]
     assert addrs and all(ip in ("127.0.0.1", "::1") for ip in addrs), addrs
+
+
+def test_tissue_skipping_changes_nothing_inside_tissue(data_dir, tmp_path):
+    """The real slide with and without skipping: identical wherever there is tissue, zero
+    elsewhere, fewer tiles run, no stored chunk wholly outside tissue, NGFF labels beside."""
+    runs = {}
+    for skip in (False, True):
+        out = tmp_path / f"skip{skip}.zarr"
+        report = run([str(data_dir / SVS)], out, None, RunConfig(
+            backend="identity", skip_background=skip, chunk=256, block=512, scheduler="sync"))
+        assert report.ok, report.inputs[0].message
+        runs[skip] = (report.inputs[0], zarr.open_array(str(out / "CMU-1-Small-Region" / "0"))[:])
+    (plain, full), (skipped, masked) = runs[False], runs[True]
+    assert 0.2 < skipped.tissue_fraction < 0.95
+    assert skipped.skipped_tiles > 0 and skipped.tiles + skipped.skipped_tiles == plain.tiles
+    from pipeline.io.sources import open_image
+    from pipeline.tissue import detect_tissue
+    from pipeline.geometry import Region
+
+    tissue = detect_tissue(open_image(data_dir / SVS), full.shape[1:])
+    inside = tissue.upsample(Region.of_shape(full.shape[1:]))
+    np.testing.assert_array_equal(masked[:, inside], full[:, inside])
+    assert not masked[:, ~inside].any()
+    chunk_dir = tmp_path / "skipTrue.zarr" / "CMU-1-Small-Region" / "0" / "c"
+    stored = {tuple(int(v) for v in p.relative_to(chunk_dir).parts[1:])
+              for p in chunk_dir.rglob("*") if p.is_file()}
+    for cy, cx in stored:
+        assert inside[cy * 256:(cy + 1) * 256, cx * 256:(cx + 1) * 256].any()
+    assert len(stored) < full.shape[1] // 256 * (full.shape[2] // 256)
+    labels = ngff_images(tmp_path / "skipTrue.zarr")
+    assert labels  # the image still validates with the labels group beside it
+    assert (tmp_path / "skipTrue.zarr" / "CMU-1-Small-Region" / "labels" / "tissue").is_dir()
