@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 
 from ..errors import InputError
+from .sink import ngff_axes
 
 if TYPE_CHECKING:
     import dask.array
@@ -107,7 +108,7 @@ def write_tissue_labels(image_group_path: str | os.PathLike, mask: "TissueMask",
     group.attrs.update({
         "ome": {
             "version": NGFF_VERSION,
-            "multiscales": [{"name": name, "axes": _axes_meta(axes, pixel_size),
+            "multiscales": [{"name": name, "axes": ngff_axes(axes, pixel_size),
                              "datasets": datasets, "type": "max"}],
             "image-label": {"colors": [dict(c) for c in TISSUE_COLORS],
                             "properties": [dict(p) for p in _PROPERTIES],
@@ -136,19 +137,6 @@ def _halve(data: np.ndarray, yx: list[int]) -> np.ndarray:
         shape = data.shape[:axis] + (data.shape[axis] // 2, 2) + data.shape[axis + 1:]
         data = data.reshape(shape).max(axis=axis + 1)
     return data
-
-
-def _axes_meta(axes: str, pixel_size: dict[str, float]) -> list[dict]:
-    out = []
-    for a in axes:
-        if a == "c":
-            out.append({"name": "c", "type": "channel"})
-        else:
-            entry = {"name": a, "type": "space"}
-            if a in pixel_size:
-                entry["unit"] = "micrometer"
-            out.append(entry)
-    return out
 
 
 def read_mask(path: str | os.PathLike, need: int, max_side: int

@@ -209,15 +209,7 @@ def write_metadata(writer: ImageWriter, levels: int, pixel_size: dict[str, float
     import zarr
 
     group = zarr.open_group(str(writer.staging), mode="r+")
-    axes_meta = []
-    for a in writer.axes:
-        if a == "c":
-            axes_meta.append({"name": "c", "type": "channel"})
-        else:
-            entry = {"name": a, "type": "space"}
-            if a in pixel_size:
-                entry["unit"] = "micrometer"
-            axes_meta.append(entry)
+    axes_meta = ngff_axes(writer.axes, pixel_size)
     datasets = []
     for level in range(levels):
         scale = []
@@ -229,6 +221,17 @@ def write_metadata(writer: ImageWriter, levels: int, pixel_size: dict[str, float
     multiscales = [{"name": writer.name, "axes": axes_meta, "datasets": datasets,
                     "type": "mean"}]
     group.attrs.update({"ome": {"version": "0.5", "multiscales": multiscales}, "pipeline": attrs})
+
+
+def ngff_axes(axes: str, pixel_size: dict[str, float]) -> list[dict]:
+    """NGFF axes metadata: ``c`` a channel axis, the others space in micrometres when known."""
+    out = []
+    for a in axes:
+        entry = {"name": a, "type": "channel" if a == "c" else "space"}
+        if a != "c" and a in pixel_size:
+            entry["unit"] = "micrometer"
+        out.append(entry)
+    return out
 
 
 def publish(writer: ImageWriter) -> Path:
