@@ -46,12 +46,7 @@ from pipeline.errors import InputError
 from pipeline.io import lazy
 from pipeline.io.layout import choose_channels, model_axes
 from pipeline.io.meta import PLAUSIBLE_UM, is_plausible_um
-from pipeline.io.sources import (
-    ImageSource,
-    describe_levels,
-    open_image_cached,
-    series_info,
-)
+from pipeline.io.sources import ImageSource, open_image_cached, series_info
 
 if TYPE_CHECKING:
     import dask.array
@@ -63,9 +58,6 @@ logger = logging.getLogger(__name__)
 #: A pyramid level whose pixel size is within this fraction of the requested one is
 #: used as it is, without resampling.
 LEVEL_TOLERANCE = 0.02
-
-#: Source pixels (as float64) one resampling step may hold; larger reads go in bands.
-RESAMPLE_BAND_BYTES = 64 * 2**20
 
 #: Dtypes the pipeline can normalise (see the module docstring).
 _SUPPORTED_KINDS = {"b", "u", "i", "f"}
@@ -120,6 +112,8 @@ class ModelInput:
     factor
         Source pixels per output pixel of the resampling (the larger of y and x); 1.0
         when the level is used as it is.
+    factors
+        The same per resampled axis (``{"y": ..., "x": ...}``; empty when none).
     """
 
     ref: InputRef
@@ -183,15 +177,8 @@ def open_for_model(
         raise ValueError("give mpp or level, not both")
     _check_positive("mpp", mpp)
     _check_positive("mpp_input", mpp_input)
-    file, chosen = series_info(where, series)
-    if level is not None:
-        if not 0 <= level < len(chosen.levels):
-            raise InputError(
-                f"has no level {level} in series {chosen.index}; its levels are "
-                f"{describe_levels(where, chosen)}",
-                where=where,
-                hint="choose one of these levels with --level (0 is full resolution)",
-            )
+    _, chosen = series_info(where, series)
+    if level is not None:  # opening checks that it exists, and lists the levels if not
         if model_mpp is not None:
             logger.info("%s: --level %d given; the model's %s µm/px is not applied",
                         where, level, model_mpp)  # fmt: skip
@@ -211,16 +198,15 @@ def open_for_model(
         target_mpp=target,
         mpp_input=None if mpp_input is None else float(mpp_input),
     )
-    del file
-    return build(ref)
+    return _build(ref)
 
 
 @functools.lru_cache(maxsize=16)
 def _open_cached(ref: InputRef, stamp: lazy.Fingerprint) -> ModelInput:
-    return build(ref)
+    return _build(ref)
 
 
-def build(ref: InputRef) -> ModelInput:
+def _build(ref: InputRef) -> ModelInput:
     """The :class:`ModelInput` that ``ref`` describes (deterministic for a given file)."""
     source = open_image_cached(ref.path, ref.series, ref.level)
     dtype = np.dtype(source.dtype)
@@ -243,7 +229,7 @@ def build(ref: InputRef) -> ModelInput:
     if ref.target_mpp is not None:
         for axis in "yx":
             resample[axis] = AreaAxis.between(sizes[axis], pixel[axis], ref.target_mpp)
-    view = ModelView(
+    view = lazy.ModelView(
         source,
         take=plan.take,
         order=plan.order,
@@ -306,7 +292,8 @@ def _pick_level(
     ]  # fmt: skip
     if matching:
         return min(matching, key=lambda i: max(abs(p - wanted) for p in sizes[i])), None
-    finer = [i for i, yx in enumerate(sizes) if all(p <= wanted * (1 + LEVEL_TOLERANCE) for p in yx)]
+    limit = wanted * (1 + LEVEL_TOLERANCE)
+    finer = [i for i, yx in enumerate(sizes) if all(p <= limit for p in yx)]
     if not finer:
         best = min(max(yx) for yx in sizes)
         raise InputError(
@@ -425,178 +412,3 @@ class AreaAxis:
             index = np.minimum(first + k, last) - src_lo
             out += np.take(data, index, axis=axis) * w[:, k].reshape(shape)
         return out
-
-
-# --- the array the model reads ---------------------------------------------------------
-
-
-class ModelView:
-    """Array-like ``(C, *spatial)`` over one opened level, for ``dask.array.from_array``.
-
-    Reading a window reads the source window under it (dask fuses the slicing into the
-    read, so only the touched tiles decode), then: drops single t/z, moves axes, inverts
-    MINISWHITE, maps a palette, selects channels, checks floats for NaN/Inf and
-    resamples.
-    """
-
-    def __init__(
-        self,
-        source: ImageSource,
-        *,
-        take: dict[str, int],
-        order: str,
-        spatial: str,
-        colormap: np.ndarray | None,
-        keep: tuple[int, ...] | None,
-        invert: bool,
-        resample: dict[str, AreaAxis],
-    ) -> None:
-        self.base, self.axes, self.path = source.array, source.axes, source.path
-        self.label = f"series {source.series} level {source.level}"
-        self.take, self.order, self.spatial = take, order, spatial
-        self.colormap, self.keep, self.invert = colormap, keep, invert
-        self.resample = resample
-        sizes = dict(zip(source.axes, source.shape))
-        channels = 3 if colormap is not None else sizes.get("c", 1)
-        self.channels = len(keep) if keep is not None else channels
-        self.source_shape = tuple(sizes[a] for a in spatial)
-        out = tuple(resample[a].size if a in resample else sizes[a] for a in spatial)
-        self.shape = (self.channels, *out)
-        self.ndim = len(self.shape)
-        stored = np.dtype(source.dtype)
-        if colormap is not None:
-            stored = np.dtype(np.uint8)
-        self.dtype = np.dtype(np.float32) if resample and stored == np.bool_ else stored
-        self._stored_chunks = dict(zip(source.axes, source.info.get("storage_chunks") or ()))
-
-    def to_dask(self) -> "dask.array.Array":
-        import dask.array as da
-        from dask.base import tokenize
-
-        previous = [self.channels]
-        for a, n in zip(self.spatial, self.shape[1:]):
-            c = self._stored_chunks.get(a, 256)
-            previous.append(max(1, min(n, round(c / self.resample[a].factor)))
-                            if a in self.resample else min(n, c))  # fmt: skip
-        chunks = lazy.dask_chunks(self.shape, str(self.dtype), tuple(previous), "c" + self.spatial)
-        name = "model-" + tokenize(self.base.name, self.take, self.order, self.keep,
-                                   self.invert, self.resample, self.colormap)  # fmt: skip
-        meta = np.empty((0,) * self.ndim, dtype=self.dtype)
-        return da.from_array(self, chunks=chunks, name=name, meta=meta)
-
-    def __getitem__(self, key: Any) -> np.ndarray:
-        index = _expand(key, self.shape)
-        if any(len(i) == 0 for i, _ in index):
-            return np.empty(tuple(len(i) for i, drop in index if not drop), dtype=self.dtype)
-        boxes = [(int(i.min()), int(i.max()) + 1) for i, _ in index]
-        data = self._box(boxes)
-        for axis in reversed(range(len(index))):  # last first: axis numbers stay valid
-            (i, drop), (lo, hi) = index[axis], boxes[axis]
-            if drop:
-                data = np.take(data, i[0] - lo, axis=axis)
-            elif len(i) != hi - lo:  # not the whole box: a step or a list
-                data = np.take(data, i - lo, axis=axis)
-        return data
-
-    def _box(self, boxes: list[tuple[int, int]]) -> np.ndarray:
-        """Output pixels in the box ``boxes`` (one (lo, hi) per axis, channels first)."""
-        (c_lo, c_hi), spatial = boxes[0], boxes[1:]
-        wanted = list(range(c_lo, c_hi)) if self.keep is None else list(self.keep[c_lo:c_hi])
-        y = self.spatial.find("y")
-        if "y" in self.resample and len(spatial) > y:
-            band = self._band_rows(spatial)
-            lo, hi = spatial[y]
-            if hi - lo > band:
-                parts = []
-                for start in range(lo, hi, band):
-                    sub = list(spatial)
-                    sub[y] = (start, min(hi, start + band))
-                    parts.append(self._read(wanted, sub))
-                return np.concatenate(parts, axis=1 + y)
-        return self._read(wanted, spatial)
-
-    def _band_rows(self, spatial: list[tuple[int, int]]) -> int:
-        """Output rows per step, so that one step holds at most RESAMPLE_BAND_BYTES."""
-        row = 8.0 * self.channels
-        for a, (lo, hi) in zip(self.spatial, spatial):
-            factor = self.resample[a].factor if a in self.resample else 1.0
-            row *= factor if a == "y" else (hi - lo) * factor
-        return max(1, int(RESAMPLE_BAND_BYTES // row))
-
-    def _read(self, wanted: list[int], spatial: list[tuple[int, int]]) -> np.ndarray:
-        raw = [0] if self.colormap is not None else wanted
-        r_lo, r_hi = min(raw), max(raw) + 1
-        src = {a: self.resample[a].source_range(lo, hi) if a in self.resample else (lo, hi)
-               for a, (lo, hi) in zip(self.spatial, spatial)}  # fmt: skip
-        selection = []
-        for a in self.axes:
-            if a in self.take:
-                selection.append(self.take[a])
-            elif a == "c":
-                selection.append(slice(r_lo, r_hi))
-            else:
-                selection.append(slice(*src[a]))
-        data = self.base[tuple(selection)]
-        data = np.asarray(data.compute(scheduler="synchronous") if hasattr(data, "compute") else data)
-        kept = [a for a in self.axes if a not in self.take]
-        data = data.transpose([kept.index(a) for a in self.order])
-        if "c" not in self.order:
-            data = data[None]
-        if self.invert and data.dtype.kind in "bu":
-            data = ~data if data.dtype == np.bool_ else np.iinfo(data.dtype).max - data
-        if self.colormap is not None:
-            data = self.colormap[:, data[0]]
-            data = data[wanted]
-        elif wanted != list(range(r_lo, r_hi)):
-            data = data[[w - r_lo for w in wanted]]
-        if data.dtype.kind == "f" and not np.isfinite(data).all():
-            self._nonfinite(data, src)
-        for k, a in enumerate(self.spatial):
-            if a in self.resample:
-                lo, hi = spatial[k]
-                data = self.resample[a].apply(data, 1 + k, lo, hi, src[a][0])
-        return self._cast(data)
-
-    def _cast(self, data: np.ndarray) -> np.ndarray:
-        if data.dtype == self.dtype:
-            return data
-        if self.dtype.kind in "ui":
-            info = np.iinfo(self.dtype)
-            return np.clip(np.rint(data), info.min, info.max).astype(self.dtype)
-        return data.astype(self.dtype)
-
-    def _nonfinite(self, data: np.ndarray, src: dict[str, tuple[int, int]]) -> None:
-        bad = np.argwhere(~np.isfinite(data))[0]
-        at = {a: src[a][0] + int(i) for a, i in zip(self.spatial, bad[1:])}
-        region = ", ".join(f"{a} {lo}:{hi}" for a, (lo, hi) in src.items())
-        raise InputError(
-            f"has NaN or Inf pixel values in {self.label} (region {region}; the first at "
-            f"{', '.join(f'{a}={v}' for a, v in at.items())})",
-            where=self.path,
-            hint="replace the non-finite values (e.g. with 0 or the background level) "
-            "and rerun; the model's output there would be meaningless",
-            reason="nonfinite-input",
-        )
-
-    def __repr__(self) -> str:
-        return f"ModelView({self.path!r}, {self.label}, shape={self.shape})"
-
-
-def _expand(key: Any, shape: tuple[int, ...]) -> list[tuple[np.ndarray, bool]]:
-    """Each axis's selected indices and whether the axis is dropped (integer index)."""
-    key = list(key if isinstance(key, tuple) else (key,))
-    if any(k is Ellipsis for k in key):
-        at = next(i for i, k in enumerate(key) if k is Ellipsis)
-        key[at : at + 1] = [slice(None)] * (len(shape) - len(key) + 1)
-    key += [slice(None)] * (len(shape) - len(key))
-    out = []
-    for k, n in zip(key, shape):
-        if isinstance(k, slice):
-            out.append((np.arange(*k.indices(n)), False))
-        elif np.ndim(k) == 0:
-            i = int(k)
-            out.append((np.array([i + n if i < 0 else i]), True))
-        else:
-            i = np.asarray(k, dtype=np.int64)
-            out.append((np.where(i < 0, i + n, i), False))
-    return out

@@ -23,7 +23,7 @@ from .errors import PipelineError
 from .io import sink
 from .plan import Plan, make_plan
 from .report import InputResult, RunReport
-from .stages import BackendRef, BlockJob, SourceRef, forget_sink, predict_shared, process_block
+from .stages import BackendRef, BlockJob, forget_sink, predict_shared, process_block
 
 log = logging.getLogger(__name__)
 
@@ -192,10 +192,12 @@ def run_one(path: str, out: Path, spec: ModelSpec, ref: BackendRef, cfg: RunConf
             result: InputResult, client_for: Callable[[int], object | None],
             progress: Progress | None) -> None:
     """Plan, run the blocks, build the pyramid and publish one input."""
-    from .io.sources import open_image, to_model_layout
+    from .resolution import open_for_model
 
-    source = open_image(path, series=cfg.series, level=cfg.level or 0)
-    array, spatial_axes, pixel_size = to_model_layout(source, spec.ndim, spec.in_channels)
+    inp = open_for_model(path, ndim=spec.ndim, in_channels=spec.in_channels, series=cfg.series,
+                         level=cfg.level, mpp=cfg.mpp, mpp_input=cfg.mpp_input,
+                         channels=cfg.channels, model_mpp=spec.extra.get("mpp"))
+    source, array, spatial_axes, pixel_size = inp.source, inp.array, inp.spatial_axes, inp.pixel_size
     channels = int(array.shape[0])
     classes = spec.classes or channels
     shape = tuple(int(s) for s in array.shape[1:])
@@ -204,8 +206,7 @@ def run_one(path: str, out: Path, spec: ModelSpec, ref: BackendRef, cfg: RunConf
     writer = sink.create_image(out, result.name, (classes, *shape), "c" + spatial_axes,
                                (classes, *plan.chunks), cfg.dtype)
     try:
-        sref = SourceRef(str(path), source.series, source.level, spec.ndim, spec.in_channels)
-        tasks = make_tasks(plan, sref, ref, spec, classes, cfg, writer.level_path(0), tissue)
+        tasks = make_tasks(plan, inp.ref, ref, spec, classes, cfg, writer.level_path(0), tissue)
         result.shape, result.blocks = [classes, *shape], len(tasks)
         result.tiles = run_blocks(tasks, client_for(len(tasks)),
                                   lambda d, n: progress and progress(result.name, d, n))
@@ -214,7 +215,7 @@ def run_one(path: str, out: Path, spec: ModelSpec, ref: BackendRef, cfg: RunConf
             result.skipped_tiles = plan.lattice.n_tiles - result.tiles
         levels = sink.write_pyramid(writer, cfg.pyramid_min)
         sink.write_metadata(writer, levels, pixel_size,
-                            provenance(spec, plan, cfg, source, tissue))
+                            provenance(spec, plan, cfg, inp, tissue))
         if tissue is not None:
             from .io.labels import write_tissue_labels
 
@@ -322,9 +323,12 @@ def run_blocks(tasks: list[Task], client, progress: Callable[[int, int], None]) 
     return tiles
 
 
-def provenance(spec: ModelSpec, plan: Plan, cfg: RunConfig, source, tissue=None) -> dict:
+def provenance(spec: ModelSpec, plan: Plan, cfg: RunConfig, inp, tissue=None) -> dict:
     lat = plan.lattice
+    source = inp.source
     return {
+        "resolution": {"level": inp.level, "pixel_size": inp.pixel_size,
+                       "resampled_from_level": inp.factor if inp.factor != 1.0 else None},
         "tissue": None if tissue is None else {
             "method": tissue.method, "fraction": round(tissue.fraction, 4),
             "cell": list(tissue.scale)},

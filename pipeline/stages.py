@@ -35,23 +35,6 @@ class BackendRef:
 
 
 @dataclass(frozen=True)
-class SourceRef:
-    """How to open the input on a worker, already in model layout ``(C, *spatial)``."""
-
-    path: str
-    series: int | None
-    level: int
-    ndim: int
-    in_channels: int
-
-    def open(self):
-        from .io.sources import open_image_cached, to_model_layout
-
-        source = open_image_cached(self.path, self.series, self.level)
-        return to_model_layout(source, self.ndim, self.in_channels)[0]
-
-
-@dataclass(frozen=True)
 class BlockJob:
     """One unit of work: the chunk-aligned region a block alone writes, and references."""
 
@@ -61,7 +44,7 @@ class BlockJob:
     blend: BlendMode
     classes: int
     model_ndim: int
-    source: Any  # SourceRef, or an array (C, *spatial) for in-process runs
+    source: Any  # an InputRef (``.open()`` on the worker), or an array (C, *spatial)
     backend: BackendRef
     sink: Any = None  # path of the output zarr array, or None to return the pixels
     batch_size: int = 8
@@ -224,7 +207,7 @@ def predict_stream(job: BlockJob, tiles: list[tuple[int, ...]], *, per_batch: bo
         return
     timer = {} if timer is None else timer
     lat = job.lattice
-    source = job.source.open() if isinstance(job.source, SourceRef) else job.source
+    source = job.source.open() if hasattr(job.source, "open") else job.source
     read = x = None
     for start in range(0, len(tiles), job.batch_size):
         batch = tiles[start:start + job.batch_size]

@@ -194,7 +194,8 @@ def test_qptiff_multiplex(tmp_path: Path, tile) -> None:
     path = tmp_path / "multiplex.qptiff"
     write_qptiff(path, planes, names, tile=tile, pyramid=tile is not None)
     src = open_image(path)
-    assert (src.format, src.axes, src.shape, src.dtype) == ("qptiff", "cyx", (5, 200, 160), "uint16")
+    assert (src.format, src.axes, src.dtype) == ("qptiff", "cyx", "uint16")
+    assert src.shape == (5, 200, 160)
     assert src.info["vendor"] == "akoya" and src.info["channel_names"] == names
     assert src.pixel_size == pytest.approx({"y": 0.5, "x": 0.5})
     assert len(src.levels) == (2 if tile else 1)
@@ -203,7 +204,8 @@ def test_qptiff_multiplex(tmp_path: Path, tile) -> None:
     model = open_for_model(path, ndim=2, in_channels=5)
     np.testing.assert_array_equal(model.array.compute(), planes)
     picked = open_for_model(path, ndim=2, in_channels=2, channels=(3, 0))
-    np.testing.assert_array_equal(picked.array[:, 10:90, 20:60].compute(), planes[[3, 0], 10:90, 20:60])
+    got = picked.array[:, 10:90, 20:60].compute()
+    np.testing.assert_array_equal(got, planes[[3, 0], 10:90, 20:60])
     with pytest.raises(InputError, match="got 5 channels, model expects 3") as err:
         open_for_model(path, ndim=2, in_channels=3)
     assert err.value.reason == "channel-mismatch" and "--channels" in str(err.value)

@@ -140,3 +140,29 @@ def test_cmyk_and_4_channel_stacks_are_not_taken_for_rgba(tmp_path: Path) -> Non
         with pytest.raises(InputError, match="got 4 channels, model expects 3") as err:
             to_model_layout(open_image(path), ndim=2, in_channels=3)
         assert err.value.reason == "channel-mismatch"
+
+
+def test_model_layout_reads_only_the_tiles_under_a_window(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Moving axes with dask (transpose) defeated slice fusion: a 256 x 256 window
+    decoded its whole 16 MiB dask chunk (100 tiles). The layout view reads 4."""
+    import tifffile.zarr
+
+    from pipeline.geometry import Region
+    from pipeline.stages import read_region
+
+    reads: list[int] = []
+    original = tifffile.zarr.FileCache.read
+
+    def counting(self, *args, **kwargs):
+        reads.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(tifffile.zarr.FileCache, "read", counting)
+    src = open_image(data_dir / "wsi/CMU-1-Small-Region.svs")
+    array, _, _ = to_model_layout(src, ndim=2, in_channels=3)
+    block = read_region(array, Region((300, 300), (256, 256)))
+    assert len(reads) == 4  # 240-px tiles: rows 1-2, columns 1-2
+    expected = tifffile.imread(data_dir / "wsi/CMU-1-Small-Region.svs")[300:556, 300:556]
+    np.testing.assert_array_equal(block, expected.transpose(2, 0, 1))

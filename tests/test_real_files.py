@@ -61,7 +61,7 @@ def test_real_file_end_to_end(data_dir, tmp_path, models, relpath, model, tile, 
         assert got_scale == pytest.approx(scale)
     assert len(node.data) >= 2 or max(shape[-2:]) <= 256
     # the model ran: the prediction is not constant, and within [0, 255]
-    sample = np.asarray(level0[(slice(None),) * (len(shape) - 2) + (slice(0, 256), slice(0, 256))])
+    sample = np.asarray(level0)  # glass may be background (tissue skipping is on): look at it all
     assert sample.dtype == np.uint8 and sample.std() > 0
     prov = zarr.open_group(str(out / result.name), mode="r").attrs["pipeline"]
     assert prov["model"]["sha256"] and prov["input"]["path"].endswith(relpath.split("/")[-1])

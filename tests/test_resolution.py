@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import math
-import multiprocessing
 import pickle
 from pathlib import Path
 
+import dask
 import numpy as np
 import pytest
 import tifffile
@@ -26,20 +25,18 @@ OVULE = "volume3d/ovule_raw.tif"
 
 def area_matrix(n: int, factor: float, size: int) -> np.ndarray:
     """Oracle: (size, n) weights, output pixel i = mean over source [i f, (i+1) f) ∩ [0, n)."""
-    out = np.zeros((size, n))
-    for i in range(size):
-        start, end = i * factor, min((i + 1) * factor, n)
-        for j in range(n):
-            out[i, j] = max(0.0, min(end, j + 1) - max(start, j))
-        out[i] /= end - start
-    return out
+    start = np.arange(size)[:, None] * factor
+    end = np.minimum(start + factor, n)
+    j = np.arange(n)[None, :]
+    overlap = np.clip(np.minimum(end, j + 1) - np.maximum(start, j), 0, None)
+    return overlap / (end - start)
 
 
 def area_oracle(image: np.ndarray, fy: float, fx: float, shape: tuple[int, int]) -> np.ndarray:
     """(C, y, x) image reduced by the oracle weights, in float64."""
     wy = area_matrix(image.shape[1], fy, shape[0])
     wx = area_matrix(image.shape[2], fx, shape[1])
-    return np.einsum("ij,cjk,lk->cil", wy, image.astype(np.float64), wx)
+    return wy @ image.astype(np.float64) @ wx.T
 
 
 def plain_zarr(path: Path, data: np.ndarray, chunks: tuple[int, ...], axes: str = "cyx") -> Path:
@@ -61,11 +58,14 @@ def test_area_axis_weights_sum_to_one_and_cover_the_source() -> None:
     for i in range(axis.size):
         for k in range(axis.taps):
             if first[i] + k < 1000:
-                covered[first[i] + k] += w[i, k] * (min((i + 1) * axis.factor, 1000) - i * axis.factor)
+                width = min((i + 1) * axis.factor, 1000) - i * axis.factor
+                covered[first[i] + k] += w[i, k] * width
     np.testing.assert_allclose(covered[:-1], 1.0)  # every source pixel counted once
 
 
-@pytest.mark.parametrize(("mpp", "chunks"), [(1.37, (1, 16, 16)), (2.0, (1, 7, 9)), (5.3, (1, 64, 64))])
+@pytest.mark.parametrize(
+    ("mpp", "chunks"), [(1.37, (1, 16, 16)), (2.0, (1, 7, 9)), (5.3, (1, 64, 64))]
+)
 def test_resampling_matches_the_area_oracle(tmp_path: Path, mpp: float, chunks) -> None:
     data = np.random.default_rng(0).random((2, 61, 83)).astype(np.float32)
     path = plain_zarr(tmp_path / "img.zarr", data, chunks)
@@ -100,7 +100,8 @@ def test_no_seams_any_window_and_any_chunking_gives_the_same_pixels(
     for _ in range(12):
         y0, x0 = rng.integers(0, whole.shape[1] - 1), rng.integers(0, whole.shape[2] - 1)
         y1, x1 = rng.integers(y0 + 1, whole.shape[1] + 1), rng.integers(x0 + 1, whole.shape[2] + 1)
-        np.testing.assert_array_equal(model.array[:, y0:y1, x0:x1].compute(), whole[:, y0:y1, x0:x1])
+        window = model.array[:, y0:y1, x0:x1].compute()
+        np.testing.assert_array_equal(window, whole[:, y0:y1, x0:x1])
     monkeypatch.setattr(lazy, "DASK_CHUNK_BYTES", 4096)  # many small chunks, other borders
     small = open_for_model(path, ndim=2, in_channels=3, mpp=0.5 * 2.37, mpp_input=0.5)
     assert len(small.array.chunks[1]) > 1
@@ -108,12 +109,10 @@ def test_no_seams_any_window_and_any_chunking_gives_the_same_pixels(
 
 
 def test_large_factor_reads_in_bands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import pipeline.resolution as resolution
-
     data = np.random.default_rng(4).random((1, 200, 120)).astype(np.float32)
     path = plain_zarr(tmp_path / "img.zarr", data, (1, 50, 50))
     expected = open_for_model(path, ndim=2, in_channels=1, mpp=9.7, mpp_input=1.0).array.compute()
-    monkeypatch.setattr(resolution, "RESAMPLE_BAND_BYTES", 2000)  # a few output rows per step
+    monkeypatch.setattr(lazy, "RESAMPLE_BAND_BYTES", 2000)  # a few output rows per step
     banded = open_for_model(path, ndim=2, in_channels=1, mpp=9.7, mpp_input=1.0)
     np.testing.assert_array_equal(banded.array.compute(), expected)
 
@@ -134,7 +133,7 @@ def test_svs_at_one_micrometre(data_dir: Path) -> None:
     # the oracle on a crop: its weights are shifted by the crop's origin
     wy = area_matrix(2967, f, 1481)[500:540, ys : ys + 90]
     wx = area_matrix(2220, f, 1108)[300:350, xs : xs + 110]
-    expected = np.einsum("ij,cjk,lk->cil", wy, source.astype(np.float64), wx)
+    expected = wy @ source.astype(np.float64) @ wx.T
     np.testing.assert_array_equal(window, np.rint(expected).astype(np.uint8))
 
 
@@ -146,7 +145,8 @@ def test_ome_tiff_pyramid_levels_match_or_resample(data_dir: Path) -> None:
     at2 = open_for_model(path, ndim=2, in_channels=3, mpp=2.0)
     assert (at2.level, at2.factor) == (2, 1.0)
     between = open_for_model(path, ndim=2, in_channels=3, mpp=1.5)
-    assert between.level == 1 and between.factor == pytest.approx(1.5 / (0.499 * 2967 / 1483))
+    assert between.level == 1
+    assert between.factors == pytest.approx({"y": 1.5 / (0.499 * 2967 / 1483), "x": 1.5 / 0.998})
     assert between.array.shape == (3, round(2967 * 0.499 / 1.5), round(2220 * 0.499 / 1.5))
 
 
@@ -167,8 +167,10 @@ def test_inconsistent_levels_resample_each_axis(tmp_path: Path) -> None:
     group.create_array("1", data=data[:, ::3, ::2][:, :, :100].copy(), chunks=(1, 64, 64))
     axes = [{"name": "c", "type": "channel"}, {"name": "y", "type": "space", "unit": "micrometer"},
             {"name": "x", "type": "space", "unit": "micrometer"}]  # fmt: skip
-    datasets = [{"path": str(i), "coordinateTransformations": [{"type": "scale", "scale": [1, s, s]}]}
-                for i, s in ((0, 0.5), (1, 1.0))]  # fmt: skip
+    datasets = [
+        {"path": str(i), "coordinateTransformations": [{"type": "scale", "scale": [1, s, s]}]}
+        for i, s in ((0, 0.5), (1, 1.0))
+    ]
     group.attrs["ome"] = {"version": "0.5", "multiscales": [{"axes": axes, "datasets": datasets}]}
     model = open_for_model(tmp_path / "odd.zarr", ndim=2, in_channels=1, mpp=2.0)
     assert model.level == 1  # y 1.5 µm, x 1.25 µm: both finer than 2.0
@@ -263,9 +265,10 @@ def test_input_ref_rebuilds_the_same_array_elsewhere(data_dir: Path) -> None:
     clone = pickle.loads(pickle.dumps(model.ref))
     assert clone == model.ref and clone.open() is model.ref.open()  # cached per process
     assert clone.open().name == model.array.name
-    context = multiprocessing.get_context("fork")
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
-        np.testing.assert_array_equal(pool.submit(_read_in_worker, model.ref).result(), expected)
+    # a fresh process (dask's process pool spawns), with only the pickled ref to go on
+    (got,) = dask.compute(dask.delayed(_read_in_worker)(model.ref), scheduler="processes",
+                          num_workers=1)  # fmt: skip
+    np.testing.assert_array_equal(got, expected)
 
 
 def test_identity_prediction_through_the_resampled_input(data_dir: Path) -> None:
@@ -275,3 +278,17 @@ def test_identity_prediction_through_the_resampled_input(data_dir: Path) -> None
     model = open_for_model(data_dir / OME_TIFF, ndim=2, in_channels=3, mpp=3.1, level=None)
     out = predict_array(model.array, cfg=RunConfig(backend="identity", tile=128))
     np.testing.assert_array_equal(out, model.array.compute())
+
+
+def test_ngff_scale_of_zero_is_reported(tmp_path: Path) -> None:
+    group = zarr.open_group(tmp_path / "zero.zarr", mode="w", zarr_format=3)
+    group.create_array("0", data=np.zeros((1, 32, 32), np.uint8), chunks=(1, 32, 32))
+    axes = [{"name": "c", "type": "channel"}] + [
+        {"name": a, "type": "space", "unit": "micrometer"} for a in "yx"
+    ]
+    scale = [{"type": "scale", "scale": [1.0, 0.0, 0.0]}]
+    image = {"axes": axes, "datasets": [{"path": "0", "coordinateTransformations": scale}]}
+    group.attrs["ome"] = {"version": "0.5", "multiscales": [image]}
+    with pytest.raises(InputError, match=r"implausible pixel size \(y = 0 µm, x = 0 µm") as err:
+        open_for_model(tmp_path / "zero.zarr", ndim=2, in_channels=1, mpp=1.0)
+    assert err.value.reason == "missing-pixel-size"

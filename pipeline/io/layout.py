@@ -184,17 +184,15 @@ def to_model_layout(
         A time series, a 3D model on a 2D image, or a channel count the model cannot
         take (reason ``channel-mismatch``).
     """
+    from pipeline.io.lazy import ModelView  # lazy imports the readers, which import this
+
     plan = model_axes(source.axes, source.array.shape, ndim, source.path)
-    array = source.array[tuple(plan.take.get(a, slice(None)) for a in source.axes)]
-    kept = [a for a in source.axes if a not in plan.take]
-    array = array.transpose([kept.index(a) for a in plan.order])
-    if "c" not in plan.order:
-        array = array[None]
-    keep = choose_channels(source, int(array.shape[0]), in_channels, None)
-    if keep is not None:
-        array = array[list(keep)]
+    channels = dict(zip(source.axes, source.array.shape)).get("c", 1)
+    keep = choose_channels(source, channels, in_channels, None)
+    view = ModelView(source, take=plan.take, order=plan.order, spatial=plan.spatial,
+                     keep=keep, colormap=None, invert=False, resample={}, check_finite=False)
     pixel_size = {a: source.pixel_size[a] for a in plan.spatial if a in source.pixel_size}
-    return array, plan.spatial, pixel_size
+    return view.to_dask(), plan.spatial, pixel_size
 
 
 def choose_channels(

@@ -124,7 +124,9 @@ def to_micrometres(value: Any, unit: str | None) -> float | None:
 def is_plausible_um(size: float | None) -> bool:
     """Whether ``size`` (µm) can be a real pixel size: finite and within :data:`PLAUSIBLE_UM`."""
     try:
-        return size is not None and math.isfinite(size) and PLAUSIBLE_UM[0] <= size <= PLAUSIBLE_UM[1]
+        return (
+            size is not None and math.isfinite(size) and PLAUSIBLE_UM[0] <= size <= PLAUSIBLE_UM[1]
+        )
     except TypeError:
         return False
 

@@ -1,9 +1,12 @@
 """Open any supported input as a lazy dask array with named axes and a pixel size.
 
-Supported: TIFF (plain, multi-page, ImageJ hyperstacks), Aperio SVS, Hamamatsu NDPI,
-OME-TIFF (pyramids in SubIFDs), Zarr v2/v3 arrays and OME-Zarr images (NGFF 0.4/0.5,
-bioformats2raw layout). Nothing decodes a whole level: reading a region decodes only
-the stored tiles or chunks it touches.
+Supported: TIFF (plain, multi-page, striped or tiled, generic pyramids of pages or
+SubIFDs, ImageJ hyperstacks), Aperio SVS (JPEG, JPEG 2000), Hamamatsu NDPI, OME-TIFF
+(pyramids in SubIFDs), QPTIFF (one page per channel), Zarr v2/v3 arrays and OME-Zarr
+images (NGFF 0.4/0.5, bioformats2raw layout). Side images (label, macro, thumbnail) are
+listed but never the default. Nothing decodes a whole level: reading a region decodes
+only the stored tiles or chunks it touches (an uncompressed striped TIFF is memory-mapped
+and reads only the rows and columns asked for).
 
 Conventions
 -----------
@@ -68,7 +71,8 @@ class ImageSource:
     path
         The path as given.
     format
-        ``"tiff"``, ``"svs"``, ``"ome-tiff"``, ``"ndpi"``, ``"zarr"`` or ``"ome-zarr"``.
+        ``"tiff"``, ``"svs"``, ``"ome-tiff"``, ``"ndpi"``, ``"qptiff"``, ``"zarr"`` or
+        ``"ome-zarr"``.
     array
         Lazy dask array with axes ``axes``; picklable, so it can go to Dask workers,
         where each process opens the file once.
@@ -83,8 +87,10 @@ class ImageSource:
     dtype
         Numpy dtype name, e.g. ``"uint8"``.
     info
-        Cheap extras: vendor, magnification, compression, photometric, series name,
-        storage chunks, NGFF version, channel names...
+        Cheap extras: vendor, magnification, compression, photometric, extra samples,
+        series name, storage chunks, NGFF version, channel names, where the pixel size
+        came from (``pixel_size_source``) and implausible ones it declared
+        (``pixel_size_rejected``)...
     """
 
     path: str
@@ -148,7 +154,7 @@ def open_image(
     view = lazy.LazyLevel(
         file.kind, where, chosen.locators[level], chosen.index_plan,
         stored.shape, stored.dtype, stamp or lazy.fingerprint(where),
-        f"series {chosen.index} level {level}",
+        f"series {chosen.index} level {level}", chosen.axes, stored.chunks,
     )  # fmt: skip
     info = {**file.info, **chosen.info, "storage_chunks": stored.chunks}
     return ImageSource(
@@ -382,7 +388,8 @@ def _detect(where: str) -> str:
 
 
 def _detect_file(where: str) -> str:
-    suffix = os.path.splitext(where)[1].lower()
+    base = os.path.basename(where)
+    suffix = base[base.rfind(".") :].lower() if "." in base else ""  # "..tif" too
     if suffix not in TIFF_SUFFIXES:
         hint = f"supported: {', '.join(TIFF_SUFFIXES)} files and Zarr/OME-Zarr folders"
         if suffix in _CONVERTIBLE:

@@ -215,7 +215,7 @@ def _series_info(tif: tifffile.TiffFile, index: int, where: str) -> SeriesInfo:
                 shape=apply_plan(stored.shape, plan),
                 dtype=str(stored.dtype),
                 chunks=apply_plan(chunks, plan),
-                problem=_missing_data(stored_level, number),
+                problem=_missing_data(stored_level, number, lenient=tif.is_philips),
             )
         )
         locators.append(locator)
@@ -267,23 +267,31 @@ def _memmap_pieces(axes: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     )
 
 
-def _missing_data(level: Any, number: int) -> str | None:
+def _missing_data(level: Any, number: int, lenient: bool = False) -> str | None:
     """Why a level cannot be read faithfully: tiles or strips with no data in the file.
 
-    tifffile returns zeros for a tile whose offset or byte count is 0, which would paint
-    a hole in the slide black; such a level is refused instead.
+    tifffile returns zeros for a tile whose offset or byte count is 0, or that is not
+    listed at all, which would paint a hole in the slide black; such a level is refused
+    instead. ``lenient``: Philips TIFFs legitimately omit the last row of tiles.
     """
     for page_number, page in enumerate(_pages_to_check(level)):
         if page is None:
             return f"level {number} lacks page {page_number}"
-        missing = [
-            i for i, (o, c) in enumerate(zip(page.dataoffsets, page.databytecounts)) if not (o and c)
-        ]
+        expected = int(np.prod(page.chunked))
+        if len(page.dataoffsets) < expected and not lenient:
+            kind = "tiles" if page.is_tiled else "strips"
+            return (
+                f"level {number} declares {page.imagelength} x {page.imagewidth} pixels in "
+                f"{expected} {kind} but the file lists {len(page.dataoffsets)}"
+            )
+        pairs = zip(page.dataoffsets, page.databytecounts)
+        missing = [i for i, (offset, count) in enumerate(pairs) if not (offset and count)]
         if missing:
             kind = "tiles" if page.is_tiled else "strips"
             return (
                 f"{len(missing)} of {len(page.dataoffsets)} {kind} of level {number} "
-                f"have no data in the file (the first at y, x = {_segment_origin(page, missing[0])})"
+                f"have no data in the file (the first at y, x = "
+                f"{_segment_origin(page, missing[0])})"
             )
     return None
 
@@ -387,7 +395,8 @@ def _pixel_size(
         if isinstance(mpp, (int, float)):
             candidates.append(("aperio MPP", {"y": mpp, "x": mpp}))
     if tif.is_ome and tif.ome_metadata:
-        candidates.append(("OME PhysicalSize", _ome_pixel_size(tif.ome_metadata, index, series.name)))
+        ome = _ome_pixel_size(tif.ome_metadata, index, series.name)
+        candidates.append(("OME PhysicalSize", ome))
     if tif.is_imagej:
         candidates.append(("ImageJ", _imagej_pixel_size(tif, axes)))
     candidates.append(("TIFF resolution tags", _resolution_pixel_size(series.keyframe)))
@@ -511,7 +520,8 @@ def _guard_decoders(level: Any) -> None:
         seen.add(id(keyframe))
         code = int(keyframe.compression)
         reader = _jpeg_size if code in _JPEG_CODES else _j2k_size if code in _J2K_CODES else None
-        sizes = dict(zip(keyframe.axes, keyframe.chunks))
+        axes, chunks = keyframe.axes, keyframe.chunks  # planar RGB: axes SYX, chunks (y, x)
+        sizes = dict(zip(axes[len(axes) - len(chunks) :], chunks))
         if reader is None or "Y" not in sizes or "X" not in sizes:
             continue
         try:

@@ -3,6 +3,12 @@
 Axes and pixel sizes come from the NGFF ``multiscales`` metadata; pixel sizes of
 levels above 0 are derived from the real shapes by :mod:`pipeline.io.sources`, since
 real files declare scales that do not match their shapes.
+
+Missing chunks: a chunk absent from the store reads as the array's fill value. That is
+Zarr's own semantics (writers leave out chunks that are all fill value; zarr 3 does so
+by default), so a deleted chunk of an input cannot be told from an empty one and is not
+reported. A truncated or corrupt chunk fails to decode and is an InputError
+(``corrupt-input``) naming the level and the chunk.
 """
 
 from __future__ import annotations
@@ -181,6 +187,7 @@ def _multiscale(path: str, prefix: str, group: zarr.Group, which: int, index: in
     kept = [i for i, p in enumerate(plan) if isinstance(p, slice)]
     overall = _scale(meta.get("coordinateTransformations"), ndim) or [1.0] * ndim
     levels = []
+    rejected: dict[str, float] = {}
     for dataset, array in zip(meta["datasets"], arrays):
         scale = _scale(dataset.get("coordinateTransformations"), ndim)
         declared = None
@@ -190,7 +197,7 @@ def _multiscale(path: str, prefix: str, group: zarr.Group, which: int, index: in
                 for k, i in enumerate(kept)
                 if axes[k] in "zyx" and units[i] is not None
             }
-            declared = clean_pixel_size(declared, path)
+            declared = clean_pixel_size(declared, path, rejected if not levels else None)
         levels.append(
             LevelInfo(
                 shape=apply_plan(array.shape, plan),
@@ -204,6 +211,8 @@ def _multiscale(path: str, prefix: str, group: zarr.Group, which: int, index: in
         "ngff_version": meta.get("version") or _ome(group.attrs.asdict()).get("version"),
         "channel_names": _channel_names(group),
     }
+    if rejected:
+        info["pixel_size_rejected"] = rejected
     return SeriesInfo(
         index=index,
         name=str(meta.get("name") or ""),
