@@ -229,15 +229,18 @@ def _take(text: str, width: int) -> str:
 @click.option("--normalize", type=click.Choice(["dtype", "none"]), default="dtype", show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["torchscript", "onnx"]),
               help="Default: from OUT's suffix (.pt/.ts or .onnx).")
+@click.option("--mpp", type=float,
+              help="Training resolution (µm/px): `pipeline run` uses it unless --mpp/--level.")
 def export(out, weights, in_channels, classes, base, depth, ndim, padding, activation,
-           normalize, fmt) -> None:
+           normalize, fmt, mpp) -> None:
     """Export a U-Net (fresh, or with --weights) to a TorchScript or ONNX model file OUT."""
     from .model.export import export_model
 
     try:
         spec = export_model(out, weights=weights, in_channels=in_channels, classes=classes,
                             base=base, depth=depth, ndim=int(ndim), padding=padding,
-                            activation=activation, normalize=normalize, fmt=fmt)
+                            activation=activation, normalize=normalize, fmt=fmt,
+                            extra=None if mpp is None else {"mpp": mpp})
     except PipelineError as exc:
         _fail(exc)
     click.echo(json.dumps(spec.to_dict(), indent=2))

@@ -196,7 +196,7 @@ def run_one(path: str, out: Path, spec: ModelSpec, ref: BackendRef, cfg: RunConf
 
     inp = open_for_model(path, ndim=spec.ndim, in_channels=spec.in_channels, series=cfg.series,
                          level=cfg.level, mpp=cfg.mpp, mpp_input=cfg.mpp_input,
-                         channels=cfg.channels, model_mpp=spec.extra.get("mpp"))
+                         channels=cfg.channels, model_mpp=spec.mpp)
     source, array, spatial_axes, pixel_size = inp.source, inp.array, inp.spatial_axes, inp.pixel_size
     channels = int(array.shape[0])
     classes = spec.classes or channels

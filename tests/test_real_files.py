@@ -66,3 +66,64 @@ def test_real_file_end_to_end(data_dir, tmp_path, models, relpath, model, tile, 
     prov = zarr.open_group(str(out / result.name), mode="r").attrs["pipeline"]
     assert prov["model"]["sha256"] and prov["input"]["path"].endswith(relpath.split("/")[-1])
     assert json.loads((out / "report.json").read_text())["ok"]
+
+
+SLIDES = [
+    # file, level-0 (y, x), level-0 µm/px (None: the file has none)
+    ("wsi/CMU-1-Small-Region.svs", (2967, 2220), 0.499),
+    ("wsi/CMU-1-Small-Region.pyramid.ome.tif", (2967, 2220), 0.499),
+    ("omezarr/CMU-1-Small-Region.ome.zarr", (2967, 2220), 0.499),
+    ("wsi/tcga-cr-7395-01a-01-ts1.svs", (3567, 4443), None),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("relpath,shape,mpp0", SLIDES, ids=[s[0].split("/")[-1] for s in SLIDES])
+def test_real_slide_at_a_coarser_mpp(data_dir, tmp_path, relpath, shape, mpp0):
+    """--mpp 2.0: the output shape follows the physical size and the NGFF scale says 2.0;
+    a slide without a pixel size is refused unless --mpp-input gives one."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    out = tmp_path / "o.zarr"
+    args = ["run", str(data_dir / relpath), "--out", str(out), "--backend", "identity",
+            "--mpp", "2.0", "--no-skip-background"]
+    if mpp0 is None:
+        refused = CliRunner().invoke(main, args)
+        assert refused.exit_code == 1 and "missing-pixel-size" in json.dumps(
+            json.loads((out / "report.json").read_text()))
+        mpp0 = 0.25
+        args += ["--mpp-input", str(mpp0)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    node = next(iter(ngff_images(out).values()))
+    want = tuple(round(n * mpp0 / 2.0) for n in shape)
+    got = tuple(node.data[0].shape[1:])
+    assert all(abs(g - w) <= 1 for g, w in zip(got, want)), (got, want)
+    scale = node.metadata["coordinateTransformations"][0][0]["scale"]
+    assert scale[-2:] == pytest.approx([2.0, 2.0], rel=0.02)
+    # area resampling of the identity: the mean intensity of the slide is kept
+    from pipeline.io.sources import open_image
+
+    full = open_image(data_dir / relpath)
+    level0_mean = float(full.array.mean().compute())
+    assert float(np.asarray(node.data[0]).mean()) == pytest.approx(level0_mean, rel=0.02)
+
+
+def test_model_declared_training_resolution_is_the_default(data_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    model = tmp_path / "m.onnx"
+    result = CliRunner().invoke(main, ["export", str(model), "--in-channels", "3", "--base", "4",
+                                       "--depth", "2", "--mpp", "2.0"])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "o.zarr"
+    result = CliRunner().invoke(main, ["run", str(data_dir / "wsi/CMU-1-Small-Region.svs"),
+                                       "--out", str(out), "--model", str(model)])
+    assert result.exit_code == 0, result.output
+    node = next(iter(ngff_images(out).values()))
+    assert tuple(node.data[0].shape) == (1, 740, 554)
+    assert node.metadata["coordinateTransformations"][0][0]["scale"][-1] == pytest.approx(2.0)

@@ -66,6 +66,12 @@ class ModelSpec:
     def output_size(self, size: int) -> int:
         return size - 2 * self.margin
 
+    @property
+    def mpp(self) -> float | None:
+        """Training resolution in µm/px, when the model file declares one (``extra.mpp``)."""
+        value = self.extra.get("mpp", (self.extra.get("extra") or {}).get("mpp"))
+        return None if value is None else float(value)
+
     def with_(self, **changes: Any) -> "ModelSpec":
         return replace(self, **changes)
 
