@@ -27,13 +27,7 @@ from pipeline.model import UNet, export_model
 VALID = ModelSpec(format="onnx", ndim=2, in_channels=1, classes=2, margin=92, step=16, min_tile=188)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks run far faster on one thread than on two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,13 +22,7 @@ from pipeline.model import UNet, export_model
 VARIANTS = [("same", 2, 3), ("valid", 2, 3), ("same", 3, 2), ("valid", 3, 2)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks run far faster on one thread than on two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_net(padding: str = "valid", ndim: int = 2, depth: int = 3, cin: int = 1, classes: int = 2,

@@ -33,18 +33,6 @@ def smooth_rgb(height: int, width: int) -> np.ndarray:
     return np.stack([yy % 256, (xx // 2 + 40) % 256, ((yy + xx) // 2) % 256], -1).astype(np.uint8)
 
 
-@pytest.fixture
-def tile_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts compressed tiles/strips that tifffile's Zarr store reads from disk."""
-    reads: list[int] = []
-    original = tifffile.zarr.FileCache.read
-
-    def counting(self, *args, **kwargs):
-        reads.append(1)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(tifffile.zarr.FileCache, "read", counting)
-    return reads
 
 
 # --- fixture writers --------------------------------------------------------------------

@@ -143,23 +143,14 @@ def test_cmyk_and_4_channel_stacks_are_not_taken_for_rgba(tmp_path: Path) -> Non
 
 
 def test_model_layout_reads_only_the_tiles_under_a_window(
-    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+    data_dir: Path, tile_reads: list[int]
 ) -> None:
     """Moving axes with dask (transpose) defeated slice fusion: a 256 x 256 window
     decoded its whole 16 MiB dask chunk (100 tiles). The layout view reads 4."""
-    import tifffile.zarr
-
     from pipeline.geometry import Region
     from pipeline.stages import read_region
 
-    reads: list[int] = []
-    original = tifffile.zarr.FileCache.read
-
-    def counting(self, *args, **kwargs):
-        reads.append(1)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(tifffile.zarr.FileCache, "read", counting)
+    reads = tile_reads
     src = open_image(data_dir / "wsi/CMU-1-Small-Region.svs")
     array, _, _ = to_model_layout(src, ndim=2, in_channels=3)
     block = read_region(array, Region((300, 300), (256, 256)))

@@ -34,18 +34,6 @@ def svs_pixels(data_dir: Path) -> np.ndarray:
     return tifffile.imread(data_dir / SVS)
 
 
-@pytest.fixture
-def tile_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts compressed tiles/strips that tifffile's Zarr store reads from disk."""
-    reads: list[int] = []
-    original = tifffile.zarr.FileCache.read
-
-    def counting(self, *args, **kwargs):
-        reads.append(1)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(tifffile.zarr.FileCache, "read", counting)
-    return reads
 
 
 # --- real whole-slide images -------------------------------------------------------

@@ -11,13 +11,7 @@ from pipeline.model.unet import UNet, margin_of, min_tile_size, valid_output_siz
 CONV_TYPES = (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks run far faster on one thread than on two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def analytic_params(cin: int, classes: int, base: int, depth: int, ndim: int, padding: str) -> int:
