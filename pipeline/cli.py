@@ -13,6 +13,8 @@ Exit codes of ``pipeline run``:
     A usage or configuration error: a bad option or config file, an unreadable list
     file, no images found, a model that cannot be loaded, an output that cannot be
     written. Nothing was run.
+130
+    Interrupted (Ctrl-C): the input being written was discarded, finished ones stay.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import click
 
 from .errors import PipelineError
 
-EXIT_OK, EXIT_FAILED_INPUTS, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED_INPUTS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def _fail(exc: PipelineError, code: int = EXIT_USAGE) -> None:
@@ -112,6 +114,10 @@ def run(inputs, out, model, config_file, **options) -> None:
                               decided=found.results)
     except PipelineError as exc:
         _fail(exc)
+    except KeyboardInterrupt:
+        # the input being written was discarded; finished ones stay published
+        click.echo("\ninterrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
     _summary(report, out)
     sys.exit(EXIT_OK if report.ok else EXIT_FAILED_INPUTS)
 

@@ -119,7 +119,11 @@ def worker_layout(cfg: RunConfig) -> tuple[int, int]:
 
 def _gpu_count(cfg: RunConfig) -> int:
     """One worker per GPU when the device is ``cuda`` (or ``auto`` finds CUDA)."""
+    from .backends import resolve_device
+
     if not cfg.device.startswith(("cuda", "auto")) or ":" in cfg.device:
+        return 0
+    if resolve_device(cfg.device) == "cpu":
         return 0
     import torch
 

@@ -226,3 +226,15 @@ def test_importing_backends_loads_no_runtime() -> None:
         "assert not loaded, loaded\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+def test_auto_device_without_nvidia_devices_does_not_import_torch() -> None:
+    """`auto` on a machine with no NVIDIA device node is decided without torch (slow import)."""
+    import os
+
+    if os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0"):
+        pytest.skip("this machine has an NVIDIA device")
+    code = ("import sys; from pipeline.backends import resolve_device; "
+            "assert resolve_device('auto') == 'cpu'; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

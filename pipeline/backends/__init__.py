@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -54,6 +55,13 @@ _SPEC_CACHE: dict[tuple[str, ...], ModelSpec] = {}
 _SPEC_LOCK = threading.Lock()
 
 
+def _may_have_cuda() -> bool:
+    """False when this Linux machine certainly has no NVIDIA GPU (no device node)."""
+    if not sys.platform.startswith("linux"):
+        return True
+    return os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0")
+
+
 def resolve_device(device: str) -> str:
     """Turn ``auto``/``cpu``/``cuda``/``cuda:N`` into a device that exists.
 
@@ -70,6 +78,8 @@ def resolve_device(device: str) -> str:
     match = re.fullmatch(r"cuda(?::(\d+))?", text)
     if text != "auto" and match is None:
         raise ConfigError(f"unknown device {device!r}", where="device", hint="use auto, cpu, cuda or cuda:N")
+    if match is None and not _may_have_cuda():
+        return "cpu"  # no NVIDIA device: decided without importing torch (seconds)
     import torch
 
     if match is None:  # "auto"
