@@ -83,6 +83,7 @@ def test_resolve_device_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_resolve_device_with_too_few_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr("pipeline.backends._may_have_cuda", lambda: True)
     assert resolve_device("auto") == "cuda"
     assert resolve_device("cuda:1") == "cuda:1"
     with pytest.raises(DeviceError, match="requested cuda:2 but only 2"):
