@@ -172,6 +172,8 @@ def _detail(r) -> str:
     message = r.message or ""
     if message.startswith(f"{r.path}: "):
         message = message[len(r.path) + 2:]  # the input column names it already
+    if message.startswith(f"{r.reason}: "):
+        message = message[len(r.reason) + 2:]  # some messages lead with their reason
     return _printable(f"{r.reason}: {message}" if message else str(r.reason))
 
 

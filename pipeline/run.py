@@ -189,7 +189,7 @@ def _device(cfg: RunConfig) -> str:
 
 def _fail(result: InputResult, reason: str, message: str) -> None:
     result.state, result.reason, result.message = "failed", reason, message
-    log.error("%s", message)
+    log.info("failed: %s", message)  # the report and the CLI's summary carry it
 
 
 def run_one(path: str, out: Path, spec: ModelSpec, ref: BackendRef, cfg: RunConfig,
