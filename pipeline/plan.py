@@ -90,6 +90,10 @@ def make_plan(spec: ModelSpec, shape: tuple[int, ...], channels: int, classes: i
         (1,) * extra + tuple(tile),
         (0,) * extra + (spec.margin,) * spec.ndim,
         (1,) * extra + tuple(strides),
+        # padded networks: the last tile ends at the image border, where a whole-image
+        # pass sees the network's own padding, rather than on mirrored pixels; valid
+        # networks keep every tile on the size-step grid (that is what makes them exact)
+        flush=spec.margin == 0,
     )
     chunk = cfg.chunk or DEFAULT_CHUNK[spec.ndim]
     chunks = tuple(min(chunk, n) for n in shape[extra:])

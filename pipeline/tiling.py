@@ -41,6 +41,7 @@ class Lattice:
     tile: tuple[int, ...]
     margin: tuple[int, ...]
     stride: tuple[int, ...]
+    flush: bool = False
 
     def __post_init__(self) -> None:
         for name in ("shape", "tile", "margin", "stride"):
@@ -76,9 +77,18 @@ class Lattice:
     def n_tiles(self) -> int:
         return math.prod(self.counts)
 
+    def origin(self, axis: int, k: int) -> int:
+        """Start of tile ``k``'s output on ``axis``: ``k * stride``; with ``flush`` the last
+        tile ends at the image border instead of overhanging it (when the image is larger
+        than a tile)."""
+        start = k * self.stride[axis]
+        if self.flush and k == self.counts[axis] - 1:
+            return min(start, max(0, self.shape[axis] - self.out_tile[axis]))
+        return start
+
     def out_region(self, index: Sequence[int]) -> Region:
         """Output pixels tile ``index`` predicts (may extend past the image)."""
-        return Region([k * s for k, s in zip(index, self.stride)], self.out_tile)
+        return Region([self.origin(a, k) for a, k in enumerate(index)], self.out_tile)
 
     def in_region(self, index: Sequence[int]) -> Region:
         """Input pixels tile ``index`` reads (may extend past the image: mirrored)."""
@@ -91,10 +101,9 @@ class Lattice:
         image border. The owned regions of all tiles partition the image.
         """
         begin, end = [], []
-        for k, s, o, n, c in zip(index, self.stride, self.out_tile, self.shape, self.counts):
-            cut = (o - s) // 2
-            begin.append(0 if k == 0 else k * s + cut)
-            end.append(n if k == c - 1 else (k + 1) * s + cut)
+        for axis, (k, o, n, c) in enumerate(zip(index, self.out_tile, self.shape, self.counts)):
+            begin.append(0 if k == 0 else (self.origin(axis, k - 1) + o + self.origin(axis, k)) // 2)
+            end.append(n if k == c - 1 else (self.origin(axis, k) + o + self.origin(axis, k + 1)) // 2)
         return Region.from_bounds(begin, end)
 
     def tiles_touching(self, region: Region, *, owned: bool = False) -> list[tuple[int, ...]]:

@@ -15,10 +15,11 @@ def coverage(lat, owned):
     return cov
 
 
+@pytest.mark.parametrize("flush", [False, True])
 @pytest.mark.parametrize("shape", [(1,), (5,), (64,), (65,), (1000,), (37, 91)])
-def test_lattice_covers_and_owned_partitions(shape):
+def test_lattice_covers_and_owned_partitions(shape, flush):
     nd = len(shape)
-    lat = Lattice(shape, (40,) * nd, (4,) * nd, (16,) * nd)
+    lat = Lattice(shape, (40,) * nd, (4,) * nd, (16,) * nd, flush=flush)
     assert coverage(lat, owned=False).min() >= 1
     assert (coverage(lat, owned=True) == 1).all()
 
@@ -63,3 +64,11 @@ def test_weights_positive_and_normalised(mode):
         assert w[32, 24] > 0.9 and w[0, 0] < 0.01
     if mode is BlendMode.COSINE:
         assert (w[16:48, 16:32] == 1).all() and w[0, 0] < 0.01
+
+
+def test_flush_lattice_ends_at_the_image_border():
+    lat = Lattice((1000,), (256,), (0,), (192,), flush=True)
+    assert lat.counts == (5,)
+    assert lat.out_region((4,)).end == (1000,) and lat.out_region((3,)).offset == (576,)
+    small = Lattice((100,), (256,), (0,), (192,), flush=True)
+    assert small.out_region((0,)).offset == (0,)  # smaller than a tile: mirrored as before
