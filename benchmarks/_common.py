@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import tempfile
 import platform
 import subprocess
 import sys
@@ -152,6 +153,16 @@ def write_tiled_tiff(path: str | os.PathLike, size: int, *, channels: int = 3, t
         bigtiff=size * size * channels > 2**31, metadata=None, **kwargs,
     )
     return path
+
+
+def work_folder(workdir: str | None, prefix: str):
+    """``(folder, tmp)``: ``workdir`` (kept), else a temporary folder (``tmp`` cleans it up)."""
+    if workdir:
+        work = Path(workdir)
+        work.mkdir(parents=True, exist_ok=True)
+        return work, None
+    tmp = tempfile.TemporaryDirectory(prefix=prefix)
+    return Path(tmp.name), tmp
 
 
 def fmt(value: float | None, digits: int = 3) -> str:

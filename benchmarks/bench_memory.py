@@ -22,7 +22,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -31,7 +30,9 @@ from typing import Any
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DEFAULT_HISTORY, ROOT, append_history, fmt, use_source_tree, write_tiled_tiff  # noqa: E402
+from _common import (  # noqa: E402
+    DEFAULT_HISTORY, ROOT, append_history, fmt, use_source_tree, work_folder, write_tiled_tiff,
+)
 
 TARGET_BYTES = 2 * 10**9
 
@@ -164,13 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     use_source_tree()
     load_start = [round(v, 2) for v in os.getloadavg()]
-    tmp = None
-    if args.workdir:
-        work = Path(args.workdir)
-        work.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="bench_memory_")
-        work = Path(tmp.name)
+    work, tmp = work_folder(args.workdir, "bench_memory_")
     try:
         tiff, write_s = slide(work, args.size, args.channels, args.compression)
         print(f"slide {tiff} ({tiff.stat().st_size / 1e6:.0f} MB)"

@@ -30,7 +30,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -39,7 +38,9 @@ from typing import Any, Callable
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DEFAULT_HISTORY, append_history, fmt, use_source_tree, write_tiled_tiff  # noqa: E402
+from _common import (  # noqa: E402
+    DEFAULT_HISTORY, append_history, fmt, use_source_tree, work_folder, write_tiled_tiff,
+)
 
 use_source_tree()
 log = logging.getLogger("bench_throughput")
@@ -397,13 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     # distributed sets its own loggers to INFO; they would propagate to the root handler
     logging.getLogger("distributed").setLevel(logging.ERROR)
     load_start = [round(v, 2) for v in os.getloadavg()]
-    tmp = None
-    if args.workdir:
-        work = Path(args.workdir)
-        work.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="bench_throughput_")
-        work = Path(tmp.name)
+    work, tmp = work_folder(args.workdir, "bench_throughput_")
     pixels = args.size * args.size
     figures: dict[str, Any] = {}
     errors: dict[str, str] = {}

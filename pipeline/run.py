@@ -139,8 +139,7 @@ def run(inputs: Sequence[str], out: str | os.PathLike, model: str | None, cfg: R
     see :func:`pipeline.io.discover.find_inputs`); they are added to the report as they are.
     """
     t0 = time.perf_counter()
-    root = sink.open_root(out)
-    del root
+    sink.open_root(out)  # refuses an output that cannot be a Zarr group before any work
     spec = resolve_model(model, cfg)
     report = RunReport(model=spec.to_dict(), config=cfg.to_dict())
     names = sink.unique_names(inputs)
