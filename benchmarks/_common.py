@@ -9,12 +9,13 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import tempfile
 import platform
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -34,10 +35,21 @@ def use_source_tree() -> None:
 def git_commit() -> str | None:
     """``HEAD`` of the source tree, with ``-dirty`` when the tree has changes."""
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return head + ("-dirty" if dirty else "")
@@ -86,8 +98,20 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         # other work on the machine skews every figure: record how busy it was
         "loadavg": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
-        "versions": {m: _version(m) for m in ("numpy", "torch", "onnxruntime", "monai", "zarr",
-                                               "dask", "distributed", "tifffile", "imagecodecs")},
+        "versions": {
+            m: _version(m)
+            for m in (
+                "numpy",
+                "torch",
+                "onnxruntime",
+                "monai",
+                "zarr",
+                "dask",
+                "distributed",
+                "tifffile",
+                "imagecodecs",
+            )
+        },
     }
 
 
@@ -109,7 +133,9 @@ def append_history(path: str | os.PathLike, record: dict[str, Any]) -> dict[str,
 def _texture(tile: int, channels: int, seed: int) -> np.ndarray:
     """A smooth, tissue-like uint8 tile (compresses like a real slide, unlike noise)."""
     rng = np.random.default_rng(seed)
-    coarse = rng.integers(0, 256, size=(tile // 32 + 2, tile // 32 + 2, channels)).astype(np.float32)
+    coarse = rng.integers(0, 256, size=(tile // 32 + 2, tile // 32 + 2, channels)).astype(
+        np.float32
+    )
     up = np.kron(coarse, np.ones((32, 32, 1), np.float32))[:tile, :tile]
     # a 1-2-1 blur twice per axis softens the blocks; noise adds fine structure
     for _ in range(2):
@@ -119,8 +145,15 @@ def _texture(tile: int, channels: int, seed: int) -> np.ndarray:
     return np.clip(up, 0, 255).astype(np.uint8)
 
 
-def write_tiled_tiff(path: str | os.PathLike, size: int, *, channels: int = 3, tile: int = 256,
-                     compression: str = "jpeg", variants: int = 16) -> Path:
+def write_tiled_tiff(
+    path: str | os.PathLike,
+    size: int,
+    *,
+    channels: int = 3,
+    tile: int = 256,
+    compression: str = "jpeg",
+    variants: int = 16,
+) -> Path:
     """Write a ``size`` × ``size`` uint8 tiled TIFF tile by tile (the writer stays small).
 
     Tiles cycle through ``variants`` precomputed textures, shifted in brightness per tile
@@ -147,10 +180,16 @@ def write_tiled_tiff(path: str | os.PathLike, size: int, *, channels: int = 3, t
     elif compression in ("zlib", "deflate"):
         compression, kwargs["compressionargs"] = "zlib", {"level": 1}
     tifffile.imwrite(
-        path, tiles(), shape=shape, dtype=np.uint8, tile=(tile, tile),
+        path,
+        tiles(),
+        shape=shape,
+        dtype=np.uint8,
+        tile=(tile, tile),
         photometric="rgb" if channels == 3 else "minisblack",
         compression=None if compression == "none" else compression,
-        bigtiff=size * size * channels > 2**31, metadata=None, **kwargs,
+        bigtiff=size * size * channels > 2**31,
+        metadata=None,
+        **kwargs,
     )
     return path
 

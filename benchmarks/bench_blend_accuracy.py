@@ -30,7 +30,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--tile", type=int, default=256)
-    ap.add_argument("--train", type=float, default=30.0, help="seconds of demo training (0: random weights)")
+    ap.add_argument(
+        "--train", type=float, default=30.0, help="seconds of demo training (0: random weights)"
+    )
     ap.add_argument("--overlaps", default="0,16,32,64,96")
     ap.add_argument("--out", default=str(HISTORY))
     args = ap.parse_args()
@@ -58,21 +60,39 @@ def main() -> None:
         for blend in ("gaussian", "cosine", "constant", "crop"):
             for overlap in (int(o) for o in args.overlaps.split(",")):
                 t0 = time.perf_counter()
-                got = predict_array(chw, model, RunConfig(tile=(args.tile,), overlap=overlap,
-                                                          blend=blend, dtype="float32"))
+                got = predict_array(
+                    chw,
+                    model,
+                    RunConfig(tile=(args.tile,), overlap=overlap, blend=blend, dtype="float32"),
+                )
                 diff = np.abs(got - whole)
                 # the far image border: a tile overhanging it sees mirrored pixels where the
                 # whole-image pass sees the network's own padding
                 inner = diff[:, 32:-32, 32:-32]
-                rows.append({"blend": blend, "overlap": overlap, "max_abs": float(diff.max()),
-                             "mean_abs": float(diff.mean()),
-                             "max_abs_interior": float(inner.max()), "p99_abs": float(np.percentile(diff, 99)),
-                             "mask_disagree": float(((got > 0.5) != (whole > 0.5)).mean()),
-                             "seconds": round(time.perf_counter() - t0, 2)})
-                print(f"{blend:9s} overlap {overlap:3d}: max {diff.max():.4f}  mean {diff.mean():.5f}  "
-                      f"interior max {inner.max():.4f}  p99 {rows[-1]['p99_abs']:.4f}  mask disagreement {rows[-1]['mask_disagree']:.5f}")
-    record = {"bench": "blend_accuracy", "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "size": args.size, "tile": args.tile, "train_seconds": args.train, "rows": rows}
+                rows.append(
+                    {
+                        "blend": blend,
+                        "overlap": overlap,
+                        "max_abs": float(diff.max()),
+                        "mean_abs": float(diff.mean()),
+                        "max_abs_interior": float(inner.max()),
+                        "p99_abs": float(np.percentile(diff, 99)),
+                        "mask_disagree": float(((got > 0.5) != (whole > 0.5)).mean()),
+                        "seconds": round(time.perf_counter() - t0, 2),
+                    }
+                )
+                print(
+                    f"{blend:9s} overlap {overlap:3d}: max {diff.max():.4f}  mean {diff.mean():.5f}  "
+                    f"interior max {inner.max():.4f}  p99 {rows[-1]['p99_abs']:.4f}  mask disagreement {rows[-1]['mask_disagree']:.5f}"
+                )
+    record = {
+        "bench": "blend_accuracy",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "size": args.size,
+        "tile": args.tile,
+        "train_seconds": args.train,
+        "rows": rows,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a") as fh:
         fh.write(json.dumps(record) + "\n")

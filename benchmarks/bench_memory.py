@@ -31,7 +31,13 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    DEFAULT_HISTORY, ROOT, append_history, fmt, use_source_tree, work_folder, write_tiled_tiff,
+    DEFAULT_HISTORY,
+    ROOT,
+    append_history,
+    fmt,
+    use_source_tree,
+    work_folder,
+    write_tiled_tiff,
 )
 
 TARGET_BYTES = 2 * 10**9
@@ -43,15 +49,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--channels", type=int, choices=(1, 3), default=3)
     p.add_argument("--compression", choices=("jpeg", "zlib"), default="jpeg")
     p.add_argument("--interval", type=float, default=0.2, help="RSS sampling period (s)")
-    p.add_argument("--pss-every", type=int, default=5,
-                   help="sample PSS every N RSS samples (0: never; PSS reads smaps, slower)")
+    p.add_argument(
+        "--pss-every",
+        type=int,
+        default=5,
+        help="sample PSS every N RSS samples (0: never; PSS reads smaps, slower)",
+    )
     p.add_argument("--out", default=str(DEFAULT_HISTORY), help="history file (JSON lines)")
-    p.add_argument("--workdir", help="keep the TIFF and output here (default: temp); an "
-                   "existing slide of the right size is reused")
+    p.add_argument(
+        "--workdir",
+        help="keep the TIFF and output here (default: temp); an "
+        "existing slide of the right size is reused",
+    )
     p.add_argument("--timeout", type=float, default=3600, help="kill the run after this many s")
     p.add_argument("--quick", action="store_true", help="smoke mode: a 1024² slide")
-    p.add_argument("pipeline_args", nargs="*",
-                   help="extra arguments for `pipeline run` (after --), e.g. -- --workers 2")
+    p.add_argument(
+        "pipeline_args",
+        nargs="*",
+        help="extra arguments for `pipeline run` (after --), e.g. -- --workers 2",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.size = min(args.size, 1024)
@@ -113,19 +129,36 @@ def slide(work: Path, size: int, channels: int, compression: str) -> tuple[Path,
     if path.exists():
         return path, None
     t0 = time.perf_counter()
-    write_tiled_tiff(path.with_suffix(".part"), size, channels=channels, tile=512,
-                     compression=compression)
+    write_tiled_tiff(
+        path.with_suffix(".part"), size, channels=channels, tile=512, compression=compression
+    )
     path.with_suffix(".part").rename(path)
     return path, time.perf_counter() - t0
 
 
 def run_cli(tiff: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(tiff), "--out", str(out),
-           "--backend", "identity", *args.pipeline_args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "run",
+        str(tiff),
+        "--out",
+        str(out),
+        "--backend",
+        "identity",
+        *args.pipeline_args,
+    ]
     print("$ " + " ".join(cmd), flush=True)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=os.environ.copy(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=os.environ.copy(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     sampler = TreeSampler(proc.pid, args.interval, args.pss_every)
     sampler.start()
     try:
@@ -140,11 +173,19 @@ def run_cli(tiff: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
     sampler.join()
     report_file = out / "report.json"
     run_report = json.loads(report_file.read_text()) if report_file.exists() else None
-    return {"cmd": cmd[1:], "returncode": proc.returncode, "wall_s": wall,
-            "peak_rss_bytes": sampler.peak_rss, "peak_pss_bytes": sampler.peak_pss or None,
-            "peak_single_rss_bytes": sampler.peak_single, "procs_at_peak": sampler.peak_procs,
-            "samples": sampler.samples, "output_tail": output[-3000:],
-            "timeline": _thin(sampler.timeline, 60), "report": _slim(run_report)}
+    return {
+        "cmd": cmd[1:],
+        "returncode": proc.returncode,
+        "wall_s": wall,
+        "peak_rss_bytes": sampler.peak_rss,
+        "peak_pss_bytes": sampler.peak_pss or None,
+        "peak_single_rss_bytes": sampler.peak_single,
+        "procs_at_peak": sampler.peak_procs,
+        "samples": sampler.samples,
+        "output_tail": output[-3000:],
+        "timeline": _thin(sampler.timeline, 60),
+        "report": _slim(run_report),
+    }
 
 
 def _thin(points: list, n: int) -> list:
@@ -155,10 +196,18 @@ def _thin(points: list, n: int) -> list:
 def _slim(report: dict | None) -> dict | None:
     if not report:
         return None
-    return {"ok": report.get("ok"), "seconds": report.get("seconds"),
-            "mpix_per_s": report.get("mpix_per_s"),
-            "inputs": [{k: r.get(k) for k in ("state", "reason", "message", "shape", "tiles",
-                                                "blocks", "seconds")} for r in report.get("inputs", [])]}
+    return {
+        "ok": report.get("ok"),
+        "seconds": report.get("seconds"),
+        "mpix_per_s": report.get("mpix_per_s"),
+        "inputs": [
+            {
+                k: r.get(k)
+                for k in ("state", "reason", "message", "shape", "tiles", "blocks", "seconds")
+            }
+            for r in report.get("inputs", [])
+        ],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,8 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     work, tmp = work_folder(args.workdir, "bench_memory_")
     try:
         tiff, write_s = slide(work, args.size, args.channels, args.compression)
-        print(f"slide {tiff} ({tiff.stat().st_size / 1e6:.0f} MB)"
-              + (f" written in {write_s:.1f} s" if write_s is not None else " reused"), flush=True)
+        print(
+            f"slide {tiff} ({tiff.stat().st_size / 1e6:.0f} MB)"
+            + (f" written in {write_s:.1f} s" if write_s is not None else " reused"),
+            flush=True,
+        )
         out = work / "out.zarr"
         shutil.rmtree(out, ignore_errors=True)
         res = run_cli(tiff, out, args)
@@ -190,18 +242,32 @@ def main(argv: list[str] | None = None) -> int:
     }
     params = {k: v for k, v in vars(args).items() if k not in ("out", "workdir")}
     params.update(backend="identity", tile_tiff=512)
-    record = append_history(args.out, {"benchmark": "memory", "params": params, "pixels": pixels,
-                                       "loadavg_start": load_start,
-                                       "figures": figures, "run": res})
+    record = append_history(
+        args.out,
+        {
+            "benchmark": "memory",
+            "params": params,
+            "pixels": pixels,
+            "loadavg_start": load_start,
+            "figures": figures,
+            "run": res,
+        },
+    )
     print(res["output_tail"][-1500:])
     print(f"\nslide {args.size}² x {args.channels} ch, identity backend, exit {res['returncode']}")
-    print(f"  peak RSS of the process tree {fmt(figures['peak_rss_mb'], 0)} MB "
-          f"({res['procs_at_peak']} processes; target < {TARGET_BYTES / 1e6:.0f} MB: "
-          f"{'ok' if figures['within_target'] else 'OVER'})")
-    print(f"  peak PSS {fmt(figures['peak_pss_mb'], 0)} MB, largest single process "
-          f"{fmt(figures['peak_single_rss_mb'], 0)} MB")
-    print(f"  wall {figures['wall_s']:.1f} s, {fmt(figures['mpix_per_s'])} Mpix/s "
-          f"(history: {args.out}, commit {record['commit']})")
+    print(
+        f"  peak RSS of the process tree {fmt(figures['peak_rss_mb'], 0)} MB "
+        f"({res['procs_at_peak']} processes; target < {TARGET_BYTES / 1e6:.0f} MB: "
+        f"{'ok' if figures['within_target'] else 'OVER'})"
+    )
+    print(
+        f"  peak PSS {fmt(figures['peak_pss_mb'], 0)} MB, largest single process "
+        f"{fmt(figures['peak_single_rss_mb'], 0)} MB"
+    )
+    print(
+        f"  wall {figures['wall_s']:.1f} s, {fmt(figures['mpix_per_s'])} Mpix/s "
+        f"(history: {args.out}, commit {record['commit']})"
+    )
     return 0 if res["returncode"] == 0 else 1
 
 

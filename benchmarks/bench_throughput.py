@@ -32,14 +32,20 @@ import shutil
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    DEFAULT_HISTORY, append_history, fmt, use_source_tree, work_folder, write_tiled_tiff,
+    DEFAULT_HISTORY,
+    append_history,
+    fmt,
+    use_source_tree,
+    work_folder,
+    write_tiled_tiff,
 )
 
 use_source_tree()
@@ -55,8 +61,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tile", type=int, default=256, help="network input tile")
     p.add_argument("--overlap", type=int, default=64, help="overlap between tiles (px)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--repeat", type=int, default=1,
-                   help="timed rounds (figures interleaved; each figure's best kept)")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="timed rounds (figures interleaved; each figure's best kept)",
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=int, default=2, help="model threads (b, c and the worker)")
     p.add_argument("--compression", choices=("jpeg", "zlib", "none"), default="jpeg")
@@ -64,8 +74,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", help="keep the model, TIFF and outputs here (default: temp)")
     p.add_argument("--skip", default="", help="comma list of figures to skip: warm,sync,peer")
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up runs")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke mode: a 256² image (one tile), no warm-ups, no warm-cluster run")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke mode: a 256² image (one tile), no warm-ups, no warm-cluster run",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.size, args.repeat, args.no_warmup = min(args.size, args.tile), 1, True
@@ -75,6 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------- setup
+
 
 def build_models(work: Path, base: int) -> tuple[Path, Path, Path]:
     """One set of U-Net weights, exported to ONNX and TorchScript; returns (onnx, ts, weights)."""
@@ -95,8 +109,15 @@ def build_models(work: Path, base: int) -> tuple[Path, Path, Path]:
     torch.save(net.state_dict(), weights)
     paths = []
     for name in ("model.onnx", "model.pt"):
-        export_model(str(work / name), weights=str(weights), in_channels=IN_CHANNELS,
-                     classes=CLASSES, base=base, depth=DEPTH, padding="same")
+        export_model(
+            str(work / name),
+            weights=str(weights),
+            in_channels=IN_CHANNELS,
+            classes=CLASSES,
+            base=base,
+            depth=DEPTH,
+            padding="same",
+        )
         paths.append(work / name)
     return paths[0], paths[1], weights
 
@@ -104,9 +125,16 @@ def build_models(work: Path, base: int) -> tuple[Path, Path, Path]:
 def run_config(args: argparse.Namespace, **extra: Any):
     from pipeline.config import RunConfig
 
-    return RunConfig(tile=(args.tile,), overlap=args.overlap, blend="gaussian", backend="onnx",
-                     device=args.device, batch_size=args.batch_size,
-                     threads_per_worker=args.threads, **extra)
+    return RunConfig(
+        tile=(args.tile,),
+        overlap=args.overlap,
+        blend="gaussian",
+        backend="onnx",
+        device=args.device,
+        batch_size=args.batch_size,
+        threads_per_worker=args.threads,
+        **extra,
+    )
 
 
 def mpix(pixels: int, seconds: float | None) -> float | None:
@@ -124,6 +152,7 @@ def fresh(path: Path) -> Path:
 # times one run and returns a record with ``total_s``. ``main`` runs the figures in
 # interleaved rounds (a, a_warm, a_sync, b, c, a, ...) so that a change in the load of a
 # shared machine hits every figure alike, and keeps each figure's fastest round.
+
 
 def check_report(report) -> None:
     if not report.ok:
@@ -150,8 +179,13 @@ def end_to_end(args, tiff: Path, onnx: Path, work: Path):
     def once() -> dict[str, Any]:
         wall, report = _timed_run(tiff, onnx, work / "out_a.zarr", cfg)
         r0 = report.inputs[0]
-        return {"total_s": wall, "blocks_s": r0.seconds, "tiles": r0.tiles, "blocks": r0.blocks,
-                "pixels": r0.pixels}
+        return {
+            "total_s": wall,
+            "blocks_s": r0.seconds,
+            "tiles": r0.tiles,
+            "blocks": r0.blocks,
+            "pixels": r0.pixels,
+        }
 
     yield once
 
@@ -161,9 +195,19 @@ def warm_cluster(args, tiff: Path, onnx: Path, work: Path):
     """(a_warm) ``run`` on a cluster that is already up and whose worker has the model."""
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address=None, silence_logs=logging.ERROR, memory_limit=0,
-                      env={"OMP_NUM_THREADS": str(args.threads)}) as cluster, Client(cluster):
+    with (
+        LocalCluster(
+            n_workers=1,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+            memory_limit=0,
+            env={"OMP_NUM_THREADS": str(args.threads)},
+        ) as cluster,
+        Client(cluster),
+    ):
         cfg = run_config(args, scheduler=cluster.scheduler_address, workers=1)
         _timed_run(tiff, onnx, work / "out_warm.zarr", cfg)  # loads the model on the worker
 
@@ -202,7 +246,9 @@ def _profiled(blocks: list, timed: dict):
     import pipeline.run as prun
     import pipeline.stages as stages
 
-    saved = {(prun, n): getattr(prun, n) for n in ("process_block", "predict_shared") if hasattr(prun, n)}
+    saved = {
+        (prun, n): getattr(prun, n) for n in ("process_block", "predict_shared") if hasattr(prun, n)
+    }
     saved[(stages, "get_backend")] = stages.get_backend
     orig_process = saved[(prun, "process_block")]
     orig_shared = saved.get((prun, "predict_shared"))
@@ -249,15 +295,18 @@ def in_process(args, tiff: Path, onnx: Path, work: Path):
         model = sum(t.seconds for t in timed.values())
         per_input = report.inputs[0].seconds
         writing = stage.get("write", 0.0)
-        return {"total_s": wall, "blocks_s": per_input,
-                "stage_s": {k: round(v, 3) for k, v in stage.items()},
-                "model_s": round(model, 3),
-                # block time minus the model and the write: reading, decoding, normalising,
-                # tile stacking, output checks, blending, dtype conversion
-                "tile_merge_s": round(sum(stage.values()) - writing - model, 3),
-                # per-input seconds outside the blocks: open, plan, pyramid, metadata
-                "other_s": round(per_input - sum(stage.values()), 3),
-                "per_block": blocks[:200]}
+        return {
+            "total_s": wall,
+            "blocks_s": per_input,
+            "stage_s": {k: round(v, 3) for k, v in stage.items()},
+            "model_s": round(model, 3),
+            # block time minus the model and the write: reading, decoding, normalising,
+            # tile stacking, output checks, blending, dtype conversion
+            "tile_merge_s": round(sum(stage.values()) - writing - model, 3),
+            # per-input seconds outside the blocks: open, plan, pyramid, metadata
+            "other_s": round(per_input - sum(stage.values()), 3),
+            "per_block": blocks[:200],
+        }
 
     yield once
 
@@ -272,7 +321,9 @@ def lattice_tiles(args, spec, shape: tuple[int, int]):
     if hasattr(plan, "grid"):  # two-phase blocks: a shared tile runs once, in its owner
         layout = plan.grid().plan().values()
         shared = {t for _, own, _ in layout for t in own}
-        per_block = len(shared) + sum(t not in shared for touching, _, _ in layout for t in touching)
+        per_block = len(shared) + sum(
+            t not in shared for touching, _, _ in layout for t in touching
+        )
     else:
         per_block = sum(len(lat.tiles_touching(b)) for b in plan.blocks())
     return lat, unique, per_block
@@ -299,20 +350,28 @@ def bare(args, tiff: Path, onnx: Path):
 
     def tile_at(t):
         r = lat.in_region(t)
-        return padded[(slice(None), *(slice(o + s, o + s + n) for o, s, n in zip(r.offset, shift, r.shape)))]
+        box = (slice(o + s, o + s + n) for o, s, n in zip(r.offset, shift, r.shape))
+        return padded[(slice(None), *box)]
 
-    batches = [np.ascontiguousarray(np.stack([tile_at(t) for t in tiles[i:i + args.batch_size]]))
-               for i in range(0, len(tiles), args.batch_size)]
-    del image, padded
+    batches = [
+        np.ascontiguousarray(np.stack([tile_at(t) for t in tiles[i : i + args.batch_size]]))
+        for i in range(0, len(tiles), args.batch_size)
+    ]
+    image = padded = None  # the batches hold what the loop needs
     backend.predict(batches[0])  # session initialisation, allocator
 
     def once() -> dict[str, Any]:
         t0 = time.perf_counter()
         for b in batches:
             backend.predict(b)
-        return {"total_s": time.perf_counter() - t0, "tiles": len(tiles),
-                "tiles_in_blocks": per_block, "stride": list(lat.stride),
-                "overlap": list(lat.overlap), "computed_pixels": len(tiles) * int(np.prod(lat.tile))}
+        return {
+            "total_s": time.perf_counter() - t0,
+            "tiles": len(tiles),
+            "tiles_in_blocks": per_block,
+            "stride": list(lat.stride),
+            "overlap": list(lat.overlap),
+            "computed_pixels": len(tiles) * int(np.prod(lat.tile)),
+        }
 
     try:
         yield once
@@ -333,7 +392,9 @@ def monai_peer(args, tiff: Path, weights: Path, work: Path):
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    net = UNet(in_channels=IN_CHANNELS, classes=CLASSES, base=args.base, depth=DEPTH, padding="same")
+    net = UNet(
+        in_channels=IN_CHANNELS, classes=CLASSES, base=args.base, depth=DEPTH, padding="same"
+    )
     net.load_state_dict(torch.load(weights, weights_only=True))
     net = net.eval().to(device)
     with torch.inference_mode():  # warm-up: one batch of tiles (one tile when quick)
@@ -346,8 +407,14 @@ def monai_peer(args, tiff: Path, weights: Path, work: Path):
         img = tifffile.imread(tiff)
         x = torch.from_numpy(np.moveaxis(img, -1, 0)[None].astype(np.float32) / 255.0).to(device)
         with torch.inference_mode():
-            y = sliding_window_inference(x, roi_size=(args.tile, args.tile), sw_batch_size=args.batch_size,
-                                         predictor=net, overlap=args.overlap / args.tile, mode="gaussian")
+            y = sliding_window_inference(
+                x,
+                roi_size=(args.tile, args.tile),
+                sw_batch_size=args.batch_size,
+                predictor=net,
+                overlap=args.overlap / args.tile,
+                mode="gaussian",
+            )
         prob = y[0].float().cpu().numpy()
         u8 = np.rint(np.clip(prob, 0, 1) * 255).astype(np.uint8)
         arr = zarr.create_array(str(out), shape=u8.shape, chunks=(1, 1024, 1024), dtype="uint8")
@@ -359,8 +426,14 @@ def monai_peer(args, tiff: Path, weights: Path, work: Path):
 
 # ---------------------------------------------------------------------------- main
 
-def measure(figures_setup: dict[str, Callable[[], Any]], rounds: int, warmup: bool,
-            figures: dict, errors: dict) -> None:
+
+def measure(
+    figures_setup: dict[str, Callable[[], Any]],
+    rounds: int,
+    warmup: bool,
+    figures: dict,
+    errors: dict,
+) -> None:
     """Set every figure up, then run them in interleaved rounds; keep each one's best."""
     with contextlib.ExitStack() as stack:
         runners: dict[str, Callable[[], dict]] = {}
@@ -381,11 +454,16 @@ def measure(figures_setup: dict[str, Callable[[], Any]], rounds: int, warmup: bo
                     traceback.print_exc()
                     del runners[name]
                     continue
-                print(f"[{time.strftime('%H:%M:%S')}] round {rnd}{'' if counted else ' (warm-up)'} "
-                      f"{name}: {time.perf_counter() - t0:.1f} s", flush=True)
+                print(
+                    f"[{time.strftime('%H:%M:%S')}] round {rnd}{'' if counted else ' (warm-up)'} "
+                    f"{name}: {time.perf_counter() - t0:.1f} s",
+                    flush=True,
+                )
                 if not counted:
                     continue
-                rec["rounds_s"] = figures.get(name, {}).get("rounds_s", []) + [round(rec["total_s"], 3)]
+                rec["rounds_s"] = figures.get(name, {}).get("rounds_s", []) + [
+                    round(rec["total_s"], 3)
+                ]
                 if name not in figures or rec["total_s"] < figures[name]["total_s"]:
                     figures[name] = rec
                 else:
@@ -404,8 +482,13 @@ def main(argv: list[str] | None = None) -> int:
     errors: dict[str, str] = {}
     try:
         t0 = time.perf_counter()
-        tiff = write_tiled_tiff(work / "slide.tif", args.size, channels=IN_CHANNELS, tile=256,
-                                compression=args.compression)
+        tiff = write_tiled_tiff(
+            work / "slide.tif",
+            args.size,
+            channels=IN_CHANNELS,
+            tile=256,
+            compression=args.compression,
+        )
         print(f"TIFF {args.size}² written in {time.perf_counter() - t0:.1f} s", flush=True)
         onnx, ts, weights = build_models(work, args.base)
         setups: dict[str, Callable[[], Any]] = {"a": lambda: end_to_end(args, tiff, onnx, work)}
@@ -424,12 +507,26 @@ def main(argv: list[str] | None = None) -> int:
     rates = summarise(figures, pixels)
     params = {k: v for k, v in vars(args).items() if k not in ("out", "workdir")}
     params["skip"] = sorted(args.skip)
-    params.update(depth=DEPTH, in_channels=IN_CHANNELS, classes=CLASSES, padding="same",
-                  blend="gaussian", backend="onnx")
-    record = append_history(args.out, {"benchmark": "throughput", "params": params,
-                                       "loadavg_start": load_start,
-                                       "pixels": pixels, "mpix_per_s": rates,
-                                       "figures": figures, "errors": errors})
+    params.update(
+        depth=DEPTH,
+        in_channels=IN_CHANNELS,
+        classes=CLASSES,
+        padding="same",
+        blend="gaussian",
+        backend="onnx",
+    )
+    record = append_history(
+        args.out,
+        {
+            "benchmark": "throughput",
+            "params": params,
+            "loadavg_start": load_start,
+            "pixels": pixels,
+            "mpix_per_s": rates,
+            "figures": figures,
+            "errors": errors,
+        },
+    )
     report(record)
     return 1 if errors else 0
 
@@ -438,39 +535,62 @@ def summarise(figures: dict, pixels: int) -> dict[str, float | None]:
     def rate(name: str, key: str = "total_s") -> float | None:
         return mpix(pixels, figures.get(name, {}).get(key))
 
-    rates = {"a_total": rate("a"), "a_blocks": rate("a", "blocks_s"), "a_warm": rate("a_warm"),
-             "a_sync": rate("a_sync"), "b_bare": rate("b"), "c_monai": rate("c")}
+    rates = {
+        "a_total": rate("a"),
+        "a_blocks": rate("a", "blocks_s"),
+        "a_warm": rate("a_warm"),
+        "a_sync": rate("a_sync"),
+        "b_bare": rate("b"),
+        "c_monai": rate("c"),
+    }
 
     def ratio(x: str, y: str) -> float | None:
         return rates[x] / rates[y] if rates[x] and rates[y] else None
 
-    rates.update({"ratio_a_b": ratio("a_total", "b_bare"), "ratio_a_c": ratio("a_total", "c_monai"),
-                  "ratio_a_blocks_b": ratio("a_blocks", "b_bare"),
-                  "ratio_a_warm_b": ratio("a_warm", "b_bare"),
-                  "ratio_a_blocks_c": ratio("a_blocks", "c_monai")})
+    rates.update(
+        {
+            "ratio_a_b": ratio("a_total", "b_bare"),
+            "ratio_a_c": ratio("a_total", "c_monai"),
+            "ratio_a_blocks_b": ratio("a_blocks", "b_bare"),
+            "ratio_a_warm_b": ratio("a_warm", "b_bare"),
+            "ratio_a_blocks_c": ratio("a_blocks", "c_monai"),
+        }
+    )
     return {k: (round(v, 4) if v is not None else None) for k, v in rates.items()}
 
 
 def report(record: dict) -> None:
     r, f = record["mpix_per_s"], record["figures"]
     print()
-    print(f"image {record['params']['size']}², base {record['params']['base']}, tile "
-          f"{record['params']['tile']}, overlap {record['params']['overlap']}, "
-          f"device {record['params']['device']} ({record['machine']['cpu']}, "
-          f"{record['machine']['cores']} cores)")
+    print(
+        f"image {record['params']['size']}², base {record['params']['base']}, tile "
+        f"{record['params']['tile']}, overlap {record['params']['overlap']}, "
+        f"device {record['params']['device']} ({record['machine']['cpu']}, "
+        f"{record['machine']['cores']} cores)"
+    )
     print(f"  a  pipeline run, total      {fmt(r['a_total'])} Mpix/s   (ratios use this one)")
-    print(f"     pipeline run, blocks     {fmt(r['a_blocks'])} Mpix/s   (per-input seconds: steady state)")
+    print(
+        f"     pipeline run, blocks     {fmt(r['a_blocks'])} Mpix/s   (per-input seconds: steady state)"
+    )
     print(f"     pipeline run, warm       {fmt(r['a_warm'])} Mpix/s   (cluster up, model loaded)")
     print(f"     pipeline run, in-process {fmt(r['a_sync'])} Mpix/s   (scheduler=sync)")
-    print(f"  b  bare ONNX backend        {fmt(r['b_bare'])} Mpix/s   ({f.get('b', {}).get('tiles')} tiles)")
+    print(
+        f"  b  bare ONNX backend        {fmt(r['b_bare'])} Mpix/s   ({f.get('b', {}).get('tiles')} tiles)"
+    )
     print(f"  c  MONAI sliding window     {fmt(r['c_monai'])} Mpix/s")
-    print(f"  a/b = {fmt(r['ratio_a_b'])} (target >= 0.9)   blocks/b = {fmt(r['ratio_a_blocks_b'])}"
-          f"   warm/b = {fmt(r['ratio_a_warm_b'])}")
-    print(f"  a/c = {fmt(r['ratio_a_c'])} (target >= 1.5)   blocks/c = {fmt(r['ratio_a_blocks_c'])}")
+    print(
+        f"  a/b = {fmt(r['ratio_a_b'])} (target >= 0.9)   blocks/b = {fmt(r['ratio_a_blocks_b'])}"
+        f"   warm/b = {fmt(r['ratio_a_warm_b'])}"
+    )
+    print(
+        f"  a/c = {fmt(r['ratio_a_c'])} (target >= 1.5)   blocks/c = {fmt(r['ratio_a_blocks_c'])}"
+    )
     s = f.get("a_sync")
     if s:
-        print(f"  in-process breakdown (s): stages {json.dumps(s['stage_s'])}, model {s['model_s']}, "
-              f"read/tile/blend {s['tile_merge_s']}, outside blocks {s['other_s']}")
+        print(
+            f"  in-process breakdown (s): stages {json.dumps(s['stage_s'])}, model {s['model_s']}, "
+            f"read/tile/blend {s['tile_merge_s']}, outside blocks {s['other_s']}"
+        )
     if record["errors"]:
         print("  errors: " + json.dumps(record["errors"], indent=2))
 

@@ -35,11 +35,18 @@ def make_slide(path: Path, size: int, seed: int = 0) -> np.ndarray:
     tissue = (tissue * np.array([0.85, 0.55, 0.78])).astype(np.uint8)
     yy, xx = np.ogrid[:size, :size]
     r = size * np.sqrt(0.25 / np.pi)
-    inside = (yy - size * 0.4) ** 2 + (xx - size * 0.55) ** 2 < r ** 2
+    inside = (yy - size * 0.4) ** 2 + (xx - size * 0.55) ** 2 < r**2
     glass = np.clip(rng.normal(238, 4, (size, size, 3)), 0, 255).astype(np.uint8)
     image = np.where(inside[..., None], tissue, glass)
-    tifffile.imwrite(path, image, tile=(256, 256), compression="zlib", photometric="rgb",
-                     resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")
+    tifffile.imwrite(
+        path,
+        image,
+        tile=(256, 256),
+        compression="zlib",
+        photometric="rgb",
+        resolution=(1e4 / 0.5, 1e4 / 0.5),
+        resolutionunit="CENTIMETER",
+    )
     return inside
 
 
@@ -66,16 +73,24 @@ def main() -> None:
         for skip in (False, True):
             out = tmp / f"out{skip}.zarr"
             t0 = time.perf_counter()
-            report = run([str(tmp / "slide.tif")], out, str(model),
-                         RunConfig(skip_background=skip, workers=1))
+            report = run(
+                [str(tmp / "slide.tif")],
+                out,
+                str(model),
+                RunConfig(skip_background=skip, workers=1),
+            )
             wall = time.perf_counter() - t0
             r = report.inputs[0]
             assert r.state == "done", r.message
             chunks = sum(1 for p in (out / "slide" / "0" / "c").rglob("*") if p.is_file())
             outputs[skip] = zarr.open_array(str(out / "slide" / "0"))[:]
-            rows[skip] = {"seconds": round(wall, 2), "tiles": r.tiles,
-                          "skipped_tiles": r.skipped_tiles, "tissue_fraction": r.tissue_fraction,
-                          "chunks_stored": chunks}
+            rows[skip] = {
+                "seconds": round(wall, 2),
+                "tiles": r.tiles,
+                "skipped_tiles": r.skipped_tiles,
+                "tissue_fraction": r.tissue_fraction,
+                "chunks_stored": chunks,
+            }
         from pipeline.io.sources import open_image
         from pipeline.tissue import detect_tissue
 
@@ -87,10 +102,18 @@ def main() -> None:
     for skip in (False, True):
         print(f"skip={skip!s:5s}: {rows[skip]}")
     print(f"speed-up {speedup:.2f}x (target >= 2); identical inside tissue: {same}")
-    append_history(args.out, {"benchmark": "tissue", "machine": machine_info(),
-                              "params": vars(args), "true_fraction": float(inside.mean()),
-                              "runs": {str(k): v for k, v in rows.items()},
-                              "speedup": round(speedup, 3), "identical_inside_tissue": same})
+    append_history(
+        args.out,
+        {
+            "benchmark": "tissue",
+            "machine": machine_info(),
+            "params": vars(args),
+            "true_fraction": float(inside.mean()),
+            "runs": {str(k): v for k, v in rows.items()},
+            "speedup": round(speedup, 3),
+            "identical_inside_tissue": same,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ import contextlib
 import logging
 import os
 import warnings
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -33,8 +34,8 @@ def quiet_torch() -> Iterator[None]:
 
 
 def jit_script_or_trace(
-    module: "torch.nn.Module", example: "torch.Tensor"
-) -> tuple["torch.jit.ScriptModule", str]:
+    module: torch.nn.Module, example: torch.Tensor
+) -> tuple[torch.jit.ScriptModule, str]:
     """Compile ``module`` to TorchScript, frozen (BatchNorm folded into the convolutions).
 
     ``torch.jit.script`` keeps the shape arithmetic (crops, pads) general for every input
@@ -59,14 +60,16 @@ def jit_script_or_trace(
         return torch.jit.freeze(compiled), how
 
 
-def jit_save(module: "torch.jit.ScriptModule", path: str | os.PathLike, extra: Mapping[str, str]) -> None:
+def jit_save(
+    module: torch.jit.ScriptModule, path: str | os.PathLike, extra: Mapping[str, str]
+) -> None:
     import torch
 
     with quiet_torch():
         torch.jit.save(module, str(path), _extra_files=dict(extra))
 
 
-def jit_load(path: str | os.PathLike, map_location: str = "cpu") -> "torch.jit.ScriptModule":
+def jit_load(path: str | os.PathLike, map_location: str = "cpu") -> torch.jit.ScriptModule:
     import torch
 
     with quiet_torch():
@@ -95,8 +98,8 @@ def load_weights(path: str | os.PathLike) -> Any:
 
 
 def onnx_export(
-    module: "torch.nn.Module",
-    example: "torch.Tensor",
+    module: torch.nn.Module,
+    example: torch.Tensor,
     path: str | os.PathLike,
     *,
     input_name: str,
@@ -123,21 +126,36 @@ def onnx_export(
     with quiet_torch():
         try:
             torch.onnx.export(
-                module, (example,), str(path), input_names=[input_name],
-                output_names=[output_name], dynamo=False, opset_version=opset,
-                dynamic_axes={input_name: names, output_name: names}, do_constant_folding=True,
+                module,
+                (example,),
+                str(path),
+                input_names=[input_name],
+                output_names=[output_name],
+                dynamo=False,
+                opset_version=opset,
+                dynamic_axes={input_name: names, output_name: names},
+                do_constant_folding=True,
             )
             return "torchscript"
         except Exception as exc:  # removed or broken in this torch: try the other one
             errors.append(f"dynamo=False: {exc}")
             log.info("TorchScript-based ONNX export failed (%s); trying dynamo=True", exc)
-        dims = {a: (torch.export.Dim("batch") if a == 0 else torch.export.Dim.DYNAMIC) for a in dynamic_axes}
+        dims = {
+            a: (torch.export.Dim("batch") if a == 0 else torch.export.Dim.DYNAMIC)
+            for a in dynamic_axes
+        }
         try:
             torch.onnx.export(
-                module, (example,), str(path), input_names=[input_name],
-                output_names=[output_name], dynamo=True, opset_version=max(opset, 18),
+                module,
+                (example,),
+                str(path),
+                input_names=[input_name],
+                output_names=[output_name],
+                dynamo=True,
+                opset_version=max(opset, 18),
                 dynamic_shapes=(dims,),
-                external_data=False, verbose=False,
+                external_data=False,
+                verbose=False,
             )
             return "dynamo"
         except Exception as exc:

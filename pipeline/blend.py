@@ -35,12 +35,14 @@ def _cosine_1d(size: int, ramp: int) -> np.ndarray:
         # raised cosine over the overlap, sampled at pixel centres so no weight is zero
         r = 0.5 - 0.5 * np.cos(np.pi * (np.arange(ramp) + 0.5) / ramp)
         w[:ramp] = r
-        w[size - ramp:] = r[::-1]
+        w[size - ramp :] = r[::-1]
     return w
 
 
 @lru_cache(maxsize=16)
-def tile_weights(mode: BlendMode, out_tile: tuple[int, ...], overlap: tuple[int, ...]) -> np.ndarray:
+def tile_weights(
+    mode: BlendMode, out_tile: tuple[int, ...], overlap: tuple[int, ...]
+) -> np.ndarray:
     """Weight window over one output tile, float32, strictly positive.
 
     ``gaussian``: σ = tile/8 per axis (as nnU-Net), values below the smallest kept weight
@@ -74,8 +76,13 @@ class BlockMerger:
         self.wsum = None if self.mode is BlendMode.CROP else np.zeros(region.shape, np.float32)
         self._filled = 0
 
-    def add(self, pred: np.ndarray, tile_out: Region, weights: np.ndarray | None,
-            owned: Region | None = None) -> None:
+    def add(
+        self,
+        pred: np.ndarray,
+        tile_out: Region,
+        weights: np.ndarray | None,
+        owned: Region | None = None,
+    ) -> None:
         """Add one tile's prediction ``(K, *tile_out.shape)``.
 
         In crop mode ``owned`` is the part of the tile that alone provides the output.
@@ -93,7 +100,9 @@ class BlockMerger:
         self.acc[dst] += pred[(slice(None), *src_sl)] * w
         self.wsum[dst[1:]] += w
 
-    def skip(self, tile_out: Region, weights: np.ndarray | None, owned: Region | None = None) -> None:
+    def skip(
+        self, tile_out: Region, weights: np.ndarray | None, owned: Region | None = None
+    ) -> None:
         """Count a tile that was not run (no tissue) as predicting zeros."""
         target = (owned if self.mode is BlendMode.CROP else tile_out).intersect(self.region)
         if target.empty:
@@ -102,7 +111,8 @@ class BlockMerger:
             self._filled += target.size
             return
         self.wsum[target.relative_to(self.region).to_slices()] += weights[
-            target.relative_to(tile_out).to_slices()]
+            target.relative_to(tile_out).to_slices()
+        ]
 
     def result(self) -> np.ndarray:
         """Blended probabilities ``(K, *region.shape)`` float32."""

@@ -88,14 +88,23 @@ def main(verbose: int) -> None:
 @click.option("--series", type=int, help="Image series to read (default: the main image).")
 @click.option("--level", type=int, help="Input pyramid level to run on.")
 @click.option("--mpp", type=float, help="Run at this resolution (micrometres per pixel).")
-@click.option("--mpp-input", type=float, help="Pixel size of the inputs, when files lack it or are wrong.")
+@click.option(
+    "--mpp-input", type=float, help="Pixel size of the inputs, when files lack it or are wrong."
+)
 @click.option("--channels", help="Input channels to use, e.g. 0,1,2.")
-@click.option("--skip-background/--no-skip-background", default=None,
-              help="Detect tissue and skip tiles with none (default: on).")
+@click.option(
+    "--skip-background/--no-skip-background",
+    default=None,
+    help="Detect tissue and skip tiles with none (default: on).",
+)
 @click.option("--mask", type=click.Path(exists=True), help="A tissue mask image to use instead.")
 @click.option("--extensions", help="File suffixes searched for in folders, e.g. .svs,.ndpi.")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False),
-              help="YAML file of defaults (see configs/default.yaml).")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    help="YAML file of defaults (see configs/default.yaml).",
+)
 def run(inputs, out, model, config_file, **options) -> None:
     """Segment INPUTS (files, folders or .txt lists of paths) into OUT, one NGFF image per input."""
     from .config import resolve_config
@@ -107,11 +116,13 @@ def run(inputs, out, model, config_file, **options) -> None:
         found = find_inputs(inputs, cfg.extensions, exclude=[out])
         if not found.paths and all(r.state == "skipped" for r in found.results):
             others = f" ({len(found.results)} other files skipped)" if found.results else ""
-            raise PipelineError(f"no images found{others}", where=", ".join(inputs),
-                                hint=f"give image files, list files (.txt) or folders with "
-                                     f"{', '.join(cfg.extensions)} files (see --extensions)")
-        report = run_pipeline(found.paths, out, model, cfg, progress=_Bar(),
-                              decided=found.results)
+            raise PipelineError(
+                f"no images found{others}",
+                where=", ".join(inputs),
+                hint=f"give image files, list files (.txt) or folders with "
+                f"{', '.join(cfg.extensions)} files (see --extensions)",
+            )
+        report = run_pipeline(found.paths, out, model, cfg, progress=_Bar(), decided=found.results)
     except PipelineError as exc:
         _fail(exc)
     except KeyboardInterrupt:
@@ -122,7 +133,7 @@ def run(inputs, out, model, config_file, **options) -> None:
     sys.exit(EXIT_OK if report.ok else EXIT_FAILED_INPUTS)
 
 
-WIDTH = 100        # the summary table fits this many columns
+WIDTH = 100  # the summary table fits this many columns
 _LISTED_SKIPS = 8  # more skipped inputs than this are counted per reason, not listed
 
 
@@ -135,10 +146,16 @@ def _summary(report, out) -> None:
     skipped = [r for r in report.inputs if r.state == "skipped"]
     click.echo(_row("state", "input", "s", "Mpix", "tissue", "output / reason"))
     for r in rows:
-        click.echo(_row(r.state, _display(r.path), f"{r.seconds:.1f}",
-                        f"{r.pixels / 1e6:.1f}" if r.state == "done" else "-",
-                        "-" if r.tissue_fraction is None else f"{100 * r.tissue_fraction:.0f}%",
-                        _detail(r)))
+        click.echo(
+            _row(
+                r.state,
+                _display(r.path),
+                f"{r.seconds:.1f}",
+                f"{r.pixels / 1e6:.1f}" if r.state == "done" else "-",
+                "-" if r.tissue_fraction is None else f"{100 * r.tissue_fraction:.0f}%",
+                _detail(r),
+            )
+        )
     if len(skipped) <= _LISTED_SKIPS:
         for r in skipped:
             click.echo(_row("skipped", _display(r.path), "-", "-", "-", _detail(r)))
@@ -147,17 +164,27 @@ def _summary(report, out) -> None:
         for r in skipped:
             by_reason.setdefault(r.reason or "", []).append(_display(r.path))
         for reason, names in by_reason.items():
-            click.echo(_row("skipped", f"{len(names)} inputs", "-", "-", "-",
-                            f"{reason}: {', '.join(names)}"))
+            click.echo(
+                _row(
+                    "skipped",
+                    f"{len(names)} inputs",
+                    "-",
+                    "-",
+                    "-",
+                    f"{reason}: {', '.join(names)}",
+                )
+            )
     failed = [r for r in report.inputs if r.state == "failed"]
     if failed:
         click.echo("failed:")
         for r in failed:
             click.echo(f"  {_printable(r.message or r.reason or '')}")
     counts = ", ".join(f"{n} {state}" for state, n in report.counts.items() if n)
-    click.echo(f"{counts or 'no inputs'}; {report.pixels / 1e6:.1f} Mpix in "
-               f"{report.seconds:.1f} s ({report.mpix_per_s:.2f} Mpix/s); "
-               f"report: {_printable(str(out))}/report.json")
+    click.echo(
+        f"{counts or 'no inputs'}; {report.pixels / 1e6:.1f} Mpix in "
+        f"{report.seconds:.1f} s ({report.mpix_per_s:.2f} Mpix/s); "
+        f"report: {_printable(str(out))}/report.json"
+    )
 
 
 def _row(state: str, name: str, seconds: str, mpix: str, tissue: str, detail: str) -> str:
@@ -171,9 +198,9 @@ def _detail(r) -> str:
         return _printable(r.output or "")
     message = r.message or ""
     if message.startswith(f"{r.path}: "):
-        message = message[len(r.path) + 2:]  # the input column names it already
+        message = message[len(r.path) + 2 :]  # the input column names it already
     if message.startswith(f"{r.reason}: "):
-        message = message[len(r.reason) + 2:]  # some messages lead with their reason
+        message = message[len(r.reason) + 2 :]  # some messages lead with their reason
     return _printable(f"{r.reason}: {message}" if message else str(r.reason))
 
 
@@ -188,8 +215,10 @@ def _printable(text: str) -> str:
 
 def _cells(text: str) -> int:
     """Terminal columns ``text`` takes (East Asian wide characters take two)."""
-    return sum(2 if unicodedata.east_asian_width(c) in "WF" else
-               0 if unicodedata.combining(c) else 1 for c in text)
+    return sum(
+        2 if unicodedata.east_asian_width(c) in "WF" else 0 if unicodedata.combining(c) else 1
+        for c in text
+    )
 
 
 def _cell(text: str, width: int) -> str:
@@ -224,31 +253,58 @@ def _take(text: str, width: int) -> str:
 
 @main.command()
 @click.argument("out")
-@click.option("--weights", type=click.Path(exists=True, dir_okay=False),
-              help="State dict to load (read with weights_only=True).")
+@click.option(
+    "--weights",
+    type=click.Path(exists=True, dir_okay=False),
+    help="State dict to load (read with weights_only=True).",
+)
 @click.option("--in-channels", type=int, default=1, show_default=True)
 @click.option("--classes", type=int, default=1, show_default=True)
 @click.option("--base", type=int, default=64, show_default=True)
 @click.option("--depth", type=int, default=4, show_default=True)
 @click.option("--ndim", type=click.Choice(["2", "3"]), default="2", show_default=True)
 @click.option("--padding", type=click.Choice(["same", "valid"]), default="same", show_default=True)
-@click.option("--activation", type=click.Choice(["auto", "sigmoid", "softmax", "none"]),
-              default="auto", show_default=True)
-@click.option("--normalize", type=click.Choice(["dtype", "none"]), default="dtype", show_default=True)
-@click.option("--format", "fmt", type=click.Choice(["torchscript", "onnx"]),
-              help="Default: from OUT's suffix (.pt/.ts or .onnx).")
-@click.option("--mpp", type=float,
-              help="Training resolution (µm/px): `pipeline run` uses it unless --mpp/--level.")
-def export(out, weights, in_channels, classes, base, depth, ndim, padding, activation,
-           normalize, fmt, mpp) -> None:
+@click.option(
+    "--activation",
+    type=click.Choice(["auto", "sigmoid", "softmax", "none"]),
+    default="auto",
+    show_default=True,
+)
+@click.option(
+    "--normalize", type=click.Choice(["dtype", "none"]), default="dtype", show_default=True
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["torchscript", "onnx"]),
+    help="Default: from OUT's suffix (.pt/.ts or .onnx).",
+)
+@click.option(
+    "--mpp",
+    type=float,
+    help="Training resolution (µm/px): `pipeline run` uses it unless --mpp/--level.",
+)
+def export(
+    out, weights, in_channels, classes, base, depth, ndim, padding, activation, normalize, fmt, mpp
+) -> None:
     """Export a U-Net (fresh, or with --weights) to a TorchScript or ONNX model file OUT."""
     from .model.export import export_model
 
     try:
-        spec = export_model(out, weights=weights, in_channels=in_channels, classes=classes,
-                            base=base, depth=depth, ndim=int(ndim), padding=padding,
-                            activation=activation, normalize=normalize, fmt=fmt,
-                            extra=None if mpp is None else {"mpp": mpp})
+        spec = export_model(
+            out,
+            weights=weights,
+            in_channels=in_channels,
+            classes=classes,
+            base=base,
+            depth=depth,
+            ndim=int(ndim),
+            padding=padding,
+            activation=activation,
+            normalize=normalize,
+            fmt=fmt,
+            extra=None if mpp is None else {"mpp": mpp},
+        )
     except PipelineError as exc:
         _fail(exc)
     click.echo(json.dumps(spec.to_dict(), indent=2))
@@ -273,8 +329,13 @@ def inspect(path) -> None:
 
 
 @main.command()
-@click.option("--folder", default=".", show_default=True, type=click.Path(file_okay=False),
-              help="Where to write the demo slides, model and output.")
+@click.option(
+    "--folder",
+    default=".",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Where to write the demo slides, model and output.",
+)
 @click.option("--seconds", default=60.0, show_default=True, help="Training time budget.")
 def demo(folder, seconds) -> None:
     """Make small synthetic slides and a small trained U-Net, then run the pipeline."""

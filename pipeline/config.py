@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import ConfigError
 
@@ -53,8 +54,16 @@ class RunConfig:
     channels: tuple[int, ...] | None = None
     skip_background: bool = True
     mask: str | None = None
-    extensions: tuple[str, ...] = (".svs", ".ndpi", ".tif", ".tiff", ".btf", ".qptiff", ".scn",
-                                   ".zarr")
+    extensions: tuple[str, ...] = (
+        ".svs",
+        ".ndpi",
+        ".tif",
+        ".tiff",
+        ".btf",
+        ".qptiff",
+        ".scn",
+        ".zarr",
+    )
     memory_budget_mb: int = 512
 
     def __post_init__(self) -> None:
@@ -63,33 +72,54 @@ class RunConfig:
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("normalize", self.normalize, NORMALIZE)
-        for name in ("batch_size", "workers", "threads_per_worker", "chunk", "block",
-                     "pyramid_min", "in_channels", "classes", "memory_budget_mb"):
+        for name in (
+            "batch_size",
+            "workers",
+            "threads_per_worker",
+            "chunk",
+            "block",
+            "pyramid_min",
+            "in_channels",
+            "classes",
+            "memory_budget_mb",
+        ):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}",
-                                  where=f"option {name}")
+                raise ConfigError(
+                    f"{name} must be a positive integer, got {value!r}", where=f"option {name}"
+                )
         if self.overlap is not None and (not isinstance(self.overlap, int) or self.overlap < 0):
-            raise ConfigError(f"overlap must be a non-negative integer, got {self.overlap!r}",
-                              where="option overlap")
+            raise ConfigError(
+                f"overlap must be a non-negative integer, got {self.overlap!r}",
+                where="option overlap",
+            )
         if self.tile is not None:
             object.__setattr__(self, "tile", parse_tile(self.tile))
         if self.level is not None and (not isinstance(self.level, int) or self.level < 0):
-            raise ConfigError(f"level must be a non-negative integer, got {self.level!r}",
-                              where="option level")
+            raise ConfigError(
+                f"level must be a non-negative integer, got {self.level!r}", where="option level"
+            )
         for name in ("mpp", "mpp_input"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and 1e-3 <= value <= 1e3):
-                raise ConfigError(f"{name} must be micrometres per pixel in 0.001..1000, got {value!r}",
-                                  where=f"option {name}")
+                raise ConfigError(
+                    f"{name} must be micrometres per pixel in 0.001..1000, got {value!r}",
+                    where=f"option {name}",
+                )
         if self.mpp is not None and self.level is not None:
             raise ConfigError("give --mpp or --level, not both", where="option mpp")
         if self.channels is not None:
             object.__setattr__(self, "channels", parse_ints(self.channels, "channels"))
         if isinstance(self.extensions, str):
-            object.__setattr__(self, "extensions", tuple(
-                e.strip().lower() if e.strip().startswith(".") else "." + e.strip().lower()
-                for e in self.extensions.split(",") if e.strip()))
+            object.__setattr__(
+                self,
+                "extensions",
+                tuple(
+                    e.strip().lower() if e.strip().startswith(".") else "." + e.strip().lower()
+                    for e in self.extensions.split(",")
+                    if e.strip()
+                ),
+            )
         else:
             object.__setattr__(self, "extensions", tuple(self.extensions))
 
@@ -103,8 +133,9 @@ class RunConfig:
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}",
-                          where=f"option {name}")
+        raise ConfigError(
+            f"{name} must be one of {', '.join(choices)}, got {value!r}", where=f"option {name}"
+        )
 
 
 def parse_tile(value: Any) -> tuple[int, ...]:
@@ -120,21 +151,28 @@ def parse_tile(value: Any) -> tuple[int, ...]:
     except (TypeError, ValueError):
         raise ConfigError(f"tile must be N or Z,Y,X, got {value!r}", where="option tile") from None
     if not tile or len(tile) > 3 or any(t < 1 for t in tile):
-        raise ConfigError(f"tile must be N or Z,Y,X with positive sizes, got {value!r}",
-                          where="option tile")
+        raise ConfigError(
+            f"tile must be N or Z,Y,X with positive sizes, got {value!r}", where="option tile"
+        )
     return tile
 
 
 def parse_ints(value: Any, name: str) -> tuple[int, ...]:
     """``"0,2"``, ``2`` or a list → tuple of non-negative ints."""
-    parts = value.split(",") if isinstance(value, str) else [value] if isinstance(value, int) else value
+    parts = (
+        value.split(",") if isinstance(value, str) else [value] if isinstance(value, int) else value
+    )
     try:
         out = tuple(int(p) for p in parts)
     except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a comma-separated list of integers, got {value!r}",
-                          where=f"option {name}") from None
+        raise ConfigError(
+            f"{name} must be a comma-separated list of integers, got {value!r}",
+            where=f"option {name}",
+        ) from None
     if not out or any(v < 0 for v in out):
-        raise ConfigError(f"{name} must list non-negative integers, got {value!r}", where=f"option {name}")
+        raise ConfigError(
+            f"{name} must list non-negative integers, got {value!r}", where=f"option {name}"
+        )
     return out
 
 
@@ -152,8 +190,9 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"invalid YAML: {exc}", where=path,
-                          hint="only plain YAML is accepted (no Python tags)") from exc
+        raise ConfigError(
+            f"invalid YAML: {exc}", where=path, hint="only plain YAML is accepted (no Python tags)"
+        ) from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -161,13 +200,17 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(data) - FIELDS)
     if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(unknown)}", where=path,
-                          hint=f"known keys: {', '.join(sorted(FIELDS))}")
+        raise ConfigError(
+            f"unknown key(s) {', '.join(unknown)}",
+            where=path,
+            hint=f"known keys: {', '.join(sorted(FIELDS))}",
+        )
     return data
 
 
-def resolve_config(file: str | os.PathLike | None = None,
-                   overrides: Mapping[str, Any] | None = None) -> RunConfig:
+def resolve_config(
+    file: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None
+) -> RunConfig:
     """Defaults < YAML ``file`` < ``overrides`` (keys whose value is ``None`` are ignored)."""
     values: dict[str, Any] = {}
     if file is not None:

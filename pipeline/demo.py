@@ -20,8 +20,9 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -61,9 +62,7 @@ def _smooth_noise(shape: tuple[int, int], cell: float, rng: np.random.Generator)
     return top * (1 - fy) + bottom * fy
 
 
-def _paint_nuclei(
-    conc: np.ndarray, mask: np.ndarray, rng: np.random.Generator
-) -> None:
+def _paint_nuclei(conc: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> None:
     """Add random elliptical nuclei to the haematoxylin map ``conc`` and to ``mask``."""
     h, w = mask.shape
     n = rng.poisson(h * w * _NUCLEI_PER_PX)
@@ -121,8 +120,13 @@ def synthetic_slide(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np
 
 
 def _ome_metadata() -> dict[str, Any]:
-    return {"axes": "YXS", "PhysicalSizeX": PIXEL_SIZE_UM, "PhysicalSizeXUnit": "µm",
-            "PhysicalSizeY": PIXEL_SIZE_UM, "PhysicalSizeYUnit": "µm"}
+    return {
+        "axes": "YXS",
+        "PhysicalSizeX": PIXEL_SIZE_UM,
+        "PhysicalSizeXUnit": "µm",
+        "PhysicalSizeY": PIXEL_SIZE_UM,
+        "PhysicalSizeYUnit": "µm",
+    }
 
 
 def write_slide(path: str | os.PathLike, image: np.ndarray, *, compression: str = "jpeg") -> None:
@@ -144,23 +148,36 @@ def write_slide(path: str | os.PathLike, image: np.ndarray, *, compression: str 
         prev = levels[-1][: levels[-1].shape[0] // 2 * 2, : levels[-1].shape[1] // 2 * 2]
         down = prev.reshape(prev.shape[0] // 2, 2, prev.shape[1] // 2, 2, 3).mean(axis=(1, 3))
         levels.append(np.rint(down).astype(np.uint8))
-    args: dict[str, Any] = {"tile": (TILE, TILE), "photometric": "rgb",
-                            "compression": compression, "resolutionunit": "CENTIMETER"}
+    args: dict[str, Any] = {
+        "tile": (TILE, TILE),
+        "photometric": "rgb",
+        "compression": compression,
+        "resolutionunit": "CENTIMETER",
+    }
     if compression == "jpeg":
         args["compressionargs"] = {"level": 90}
     with tifffile.TiffWriter(path, ome=True) as tif:
         for i, level in enumerate(levels):
             px_per_cm = 1e4 / (PIXEL_SIZE_UM * 2**i)
-            extra = ({"subifds": len(levels) - 1, "metadata": _ome_metadata()} if i == 0
-                     else {"subfiletype": 1})
+            extra = (
+                {"subifds": len(levels) - 1, "metadata": _ome_metadata()}
+                if i == 0
+                else {"subfiletype": 1}
+            )
             tif.write(level, resolution=(px_per_cm, px_per_cm), **args, **extra)
 
 
 def _write_mask(path: Path, mask: np.ndarray) -> None:
     import tifffile
 
-    tifffile.imwrite(path, mask.astype(np.uint8) * 255, tile=(TILE, TILE), compression="zlib",
-                     resolution=(1e4 / PIXEL_SIZE_UM,) * 2, resolutionunit="CENTIMETER")
+    tifffile.imwrite(
+        path,
+        mask.astype(np.uint8) * 255,
+        tile=(TILE, TILE),
+        compression="zlib",
+        resolution=(1e4 / PIXEL_SIZE_UM,) * 2,
+        resolutionunit="CENTIMETER",
+    )
 
 
 def make_slides(folder: str | os.PathLike, n_slides: int, size: int, seed: int) -> list[Path]:
@@ -192,8 +209,8 @@ def _batch(rng: np.random.Generator, batch: int, crop: int) -> tuple[Any, Any]:
     xs, ys = [], []
     for _ in range(batch):
         y0, x0 = rng.integers(0, crop + 1, 2)
-        x = image[y0:y0 + crop, x0:x0 + crop]
-        y = mask[y0:y0 + crop, x0:x0 + crop]
+        x = image[y0 : y0 + crop, x0 : x0 + crop]
+        y = mask[y0 : y0 + crop, x0 : x0 + crop]
         if rng.random() < 0.5:
             x, y = x[::-1], y[::-1]
         if rng.random() < 0.5:
@@ -248,8 +265,14 @@ def _fastest_threads(net: Any, x: Any, limit: int) -> int:
     return fastest
 
 
-def train_unet(seconds: float, *, seed: int = 0, lr: float = 1e-2, threads: int = 2,
-               max_steps: int | None = None) -> tuple[Any, float, int]:
+def train_unet(
+    seconds: float,
+    *,
+    seed: int = 0,
+    lr: float = 1e-2,
+    threads: int = 2,
+    max_steps: int | None = None,
+) -> tuple[Any, float, int]:
     """Train the demo U-Net on synthetic nuclei for about ``seconds`` of wall time.
 
     Parameters
@@ -331,8 +354,7 @@ def export_demo_model(model: Any, path: Path) -> ModelSpec:
     """Export the trained network to ONNX (geometry and normalisation embedded)."""
     from .model.export import export_model
 
-    return export_model(path, model=model, **ARCH, activation="auto", normalize="dtype",
-                        fmt="onnx")
+    return export_model(path, model=model, **ARCH, activation="auto", normalize="dtype", fmt="onnx")
 
 
 def _train_and_export(
@@ -365,15 +387,16 @@ def _summarise(echo: Echo, report: RunReport, out: Path, folder: Path) -> None:
         detail = r.output if r.state == "done" else f"{r.reason}: {r.message}"
         shape = "x".join(str(s) for s in r.shape or [])
         echo(f"  {r.state:6s} {r.name:12s} {shape:>12s} {r.seconds:6.1f} s  {detail}")
-    echo(f"\nMasks (NGFF 0.5 OME-Zarr, probability x 255, level 0 at {PIXEL_SIZE_UM} µm/px): "
-         f"{out}")
+    echo(f"\nMasks (NGFF 0.5 OME-Zarr, probability x 255, level 0 at {PIXEL_SIZE_UM} µm/px): {out}")
     echo(f"Ground truth masks: {folder / 'truth'}; run report: {out / 'report.json'}")
     first = out / report.inputs[0].name
     echo("Look at them with:")
     echo(f"  pipeline inspect {first}")
     echo(f"  napari --plugin napari-ome-zarr {first}   # pip install napari napari-ome-zarr")
-    echo(f"  pipeline run {folder / 'slides'} --out OTHER.zarr --model {folder / 'unet.onnx'}"
-         "   # again, with your own options")
+    echo(
+        f"  pipeline run {folder / 'slides'} --out OTHER.zarr --model {folder / 'unet.onnx'}"
+        "   # again, with your own options"
+    )
 
 
 def run_demo(
@@ -423,13 +446,16 @@ def run_demo(
     from .run import run
 
     if n_slides < 1 or size < 64:
-        raise ConfigError(f"need n_slides >= 1 and size >= 64, got {n_slides} and {size}",
-                          where="run_demo")
+        raise ConfigError(
+            f"need n_slides >= 1 and size >= 64, got {n_slides} and {size}", where="run_demo"
+        )
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     slides = make_slides(folder, n_slides, size, seed)
-    echo(f"Wrote {n_slides} synthetic slides ({size}x{size} RGB, {PIXEL_SIZE_UM} µm/px, "
-         f"tiled pyramidal OME-TIFF) to {folder / 'slides'}")
+    echo(
+        f"Wrote {n_slides} synthetic slides ({size}x{size} RGB, {PIXEL_SIZE_UM} µm/px, "
+        f"tiled pyramidal OME-TIFF) to {folder / 'slides'}"
+    )
     model_path, loss, score = _train_and_export(folder / "unet.onnx", train_seconds, seed, echo)
     out = folder / "masks.zarr"
     echo(f"Running the pipeline into {out}...")
@@ -438,8 +464,17 @@ def run_demo(
     _summarise(echo, report, out, folder)
     if not report.ok:
         failed = sum(r.state != "done" for r in report.inputs)
-        raise PipelineError(f"{failed} of {len(report.inputs)} demo slides failed",
-                            where=out / "report.json", hint="see the summary above",
-                            reason="internal-error")
-    return {"slides": slides, "model": model_path, "out": out, "dice": score, "loss": loss,
-            "report": report}
+        raise PipelineError(
+            f"{failed} of {len(report.inputs)} demo slides failed",
+            where=out / "report.json",
+            hint="see the summary above",
+            reason="internal-error",
+        )
+    return {
+        "slides": slides,
+        "model": model_path,
+        "out": out,
+        "dice": score,
+        "loss": loss,
+        "report": report,
+    }

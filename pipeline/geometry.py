@@ -6,8 +6,8 @@ image's own pixel grid (level 0 of what the model runs on).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -41,11 +41,11 @@ class Region:
             raise ValueError(f"negative shape {self.shape}")
 
     @classmethod
-    def from_bounds(cls, begin: Sequence[int], end: Sequence[int]) -> "Region":
+    def from_bounds(cls, begin: Sequence[int], end: Sequence[int]) -> Region:
         return cls(begin, [max(0, e - b) for b, e in zip(begin, end)])
 
     @classmethod
-    def of_shape(cls, shape: Sequence[int]) -> "Region":
+    def of_shape(cls, shape: Sequence[int]) -> Region:
         return cls((0,) * len(shape), shape)
 
     @property
@@ -64,7 +64,7 @@ class Region:
     def empty(self) -> bool:
         return any(s == 0 for s in self.shape)
 
-    def grow(self, before: int | Sequence[int], after: int | Sequence[int] | None = None) -> "Region":
+    def grow(self, before: int | Sequence[int], after: int | Sequence[int] | None = None) -> Region:
         """Grow by ``before`` at the start and ``after`` (default: ``before``) at the end."""
         lo = _per_axis(before, self.ndim)
         hi = lo if after is None else _per_axis(after, self.ndim)
@@ -72,33 +72,32 @@ class Region:
             [o - a for o, a in zip(self.offset, lo)], [e + b for e, b in zip(self.end, hi)]
         )
 
-    def shift(self, by: Sequence[int]) -> "Region":
+    def shift(self, by: Sequence[int]) -> Region:
         return Region([o + b for o, b in zip(self.offset, _per_axis(by, self.ndim))], self.shape)
 
-    def intersect(self, other: "Region") -> "Region":
+    def intersect(self, other: Region) -> Region:
         begin = [max(a, b) for a, b in zip(self.offset, other.offset)]
         end = [min(a, b) for a, b in zip(self.end, other.end)]
         return Region.from_bounds(begin, [max(b, e) for b, e in zip(begin, end)])
 
-    def intersects(self, other: "Region") -> bool:
+    def intersects(self, other: Region) -> bool:
         return all(
-            a < d and c < b
-            for a, b, c, d in zip(self.offset, self.end, other.offset, other.end)
+            a < d and c < b for a, b, c, d in zip(self.offset, self.end, other.offset, other.end)
         )
 
-    def contains(self, other: "Region") -> bool:
+    def contains(self, other: Region) -> bool:
         return all(
             a <= c and d <= b for a, b, c, d in zip(self.offset, self.end, other.offset, other.end)
         )
 
-    def snap_to_grid(self, grid: int | Sequence[int]) -> "Region":
+    def snap_to_grid(self, grid: int | Sequence[int]) -> Region:
         """Smallest region on multiples of ``grid`` that contains this one."""
         g = _per_axis(grid, self.ndim)
         begin = [(o // s) * s for o, s in zip(self.offset, g)]
         end = [-((-e) // s) * s for e, s in zip(self.end, g)]
         return Region.from_bounds(begin, end)
 
-    def relative_to(self, origin: "Region | Sequence[int]") -> "Region":
+    def relative_to(self, origin: Region | Sequence[int]) -> Region:
         """This region in the coordinates of ``origin`` (its offset becomes zero)."""
         base = origin.offset if isinstance(origin, Region) else _tuple(origin)
         return Region([o - b for o, b in zip(self.offset, base)], self.shape)

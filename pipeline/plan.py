@@ -23,8 +23,8 @@ DEFAULT_CHUNK = {2: 1024, 3: 128}
 class Plan:
     lattice: Lattice
     blend: BlendMode
-    chunks: tuple[int, ...]       # spatial output chunk
-    block: tuple[int, ...]        # spatial block (a multiple of chunks)
+    chunks: tuple[int, ...]  # spatial output chunk
+    block: tuple[int, ...]  # spatial block (a multiple of chunks)
     model_ndim: int
 
     def grid(self) -> BlockGrid:
@@ -43,16 +43,21 @@ def model_tile(spec: ModelSpec, cfg: RunConfig) -> tuple[int, ...]:
     if len(tile) == 1:
         tile = tile * spec.ndim
     if len(tile) != spec.ndim:
-        raise ConfigError(f"tile {','.join(map(str, tile))} has {len(tile)} sizes but the model is "
-                          f"{spec.ndim}D", where="option --tile",
-                          hint=f"give one size or {spec.ndim} sizes")
+        raise ConfigError(
+            f"tile {','.join(map(str, tile))} has {len(tile)} sizes but the model is {spec.ndim}D",
+            where="option --tile",
+            hint=f"give one size or {spec.ndim} sizes",
+        )
     for t in tile:
         if not spec.accepts_tile(t):
             below, above = spec.nearest_tiles(t)
             near = [str(s) for s in (below, above) if s >= spec.min_tile]
             raise ConfigError(
                 f"tile {t} is not accepted by the model (sizes are {spec.min_tile} + k*{spec.step})",
-                where="option --tile", hint=f"use {' or '.join(near)}", reason="bad-tile")
+                where="option --tile",
+                hint=f"use {' or '.join(near)}",
+                reason="bad-tile",
+            )
     return tile
 
 
@@ -70,8 +75,9 @@ def resolve_overlap(spec: ModelSpec, cfg: RunConfig, out_tile: int, blend: Blend
     return out_tile // 4
 
 
-def make_plan(spec: ModelSpec, shape: tuple[int, ...], channels: int, classes: int,
-              cfg: RunConfig) -> Plan:
+def make_plan(
+    spec: ModelSpec, shape: tuple[int, ...], channels: int, classes: int, cfg: RunConfig
+) -> Plan:
     """Plan one image of spatial ``shape`` (len ``spec.ndim`` or ``spec.ndim + 1``)."""
     extra = len(shape) - spec.ndim  # 1: a 2D model running slice by slice on a volume
     tile = model_tile(spec, cfg)
@@ -83,8 +89,9 @@ def make_plan(spec: ModelSpec, shape: tuple[int, ...], channels: int, classes: i
         try:
             strides.append(choose_stride(o, overlap, spec.step))
         except ValueError as exc:
-            raise ConfigError(str(exc), where="option --overlap",
-                              hint=f"use an overlap below {o - spec.step}") from None
+            raise ConfigError(
+                str(exc), where="option --overlap", hint=f"use an overlap below {o - spec.step}"
+            ) from None
     lattice = Lattice(
         shape,
         (1,) * extra + tuple(tile),
@@ -102,8 +109,14 @@ def make_plan(spec: ModelSpec, shape: tuple[int, ...], channels: int, classes: i
     return Plan(lattice, blend, chunks, block, spec.ndim)
 
 
-def block_shape(shape: tuple[int, ...], chunks: tuple[int, ...], lattice: Lattice,
-                channels: int, classes: int, cfg: RunConfig) -> tuple[int, ...]:
+def block_shape(
+    shape: tuple[int, ...],
+    chunks: tuple[int, ...],
+    lattice: Lattice,
+    channels: int,
+    classes: int,
+    cfg: RunConfig,
+) -> tuple[int, ...]:
     """Block = whole chunks, as large as the per-worker memory budget allows.
 
     Bytes per block pixel: float32 accumulators (classes + weight), the normalised
@@ -111,7 +124,9 @@ def block_shape(shape: tuple[int, ...], chunks: tuple[int, ...], lattice: Lattic
     """
     if cfg.block is not None:
         side = [max(c, (cfg.block // c) * c) for c in chunks]
-        side = [1 if c == 1 and i < len(shape) - 2 else s for i, (c, s) in enumerate(zip(chunks, side))]
+        side = [
+            1 if c == 1 and i < len(shape) - 2 else s for i, (c, s) in enumerate(zip(chunks, side))
+        ]
         return tuple(min(s, -(-n // c) * c) for s, n, c in zip(side, shape, chunks))
     per_pixel = 4 * (classes + 1) + 5 * channels
     budget = cfg.memory_budget_mb * 2**20 / per_pixel

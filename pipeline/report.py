@@ -110,10 +110,17 @@ class RunReport:
         return self.pixels / 1e6 / self.seconds if self.seconds > 0 else 0.0
 
     def to_dict(self) -> dict:
-        return {"version": self.version, "ok": self.ok, "counts": self.counts,
-                "seconds": round(self.seconds, 3), "pixels": self.pixels,
-                "mpix_per_s": round(self.mpix_per_s, 3), "model": self.model,
-                "config": self.config, "inputs": [r.to_dict() for r in self.inputs]}
+        return {
+            "version": self.version,
+            "ok": self.ok,
+            "counts": self.counts,
+            "seconds": round(self.seconds, 3),
+            "pixels": self.pixels,
+            "mpix_per_s": round(self.mpix_per_s, 3),
+            "model": self.model,
+            "config": self.config,
+            "inputs": [r.to_dict() for r in self.inputs],
+        }
 
     def write(self, path: str | os.PathLike) -> Path:
         """Write the report as JSON, atomically: readers see the old file or the new one.

@@ -37,8 +37,9 @@ import functools
 import logging
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -80,7 +81,7 @@ class InputRef:
     target_mpp: float | None = None
     mpp_input: float | None = None
 
-    def open(self) -> "dask.array.Array":
+    def open(self) -> dask.array.Array:
         """The lazy ``(C, *spatial)`` array, built once per process and file version."""
         try:
             stamp = lazy.fingerprint(self.path)
@@ -117,7 +118,7 @@ class ModelInput:
     """
 
     ref: InputRef
-    array: "dask.array.Array"
+    array: dask.array.Array
     spatial_axes: str
     pixel_size: dict[str, float]
     source: ImageSource
@@ -180,13 +181,16 @@ def open_for_model(
     _, chosen = series_info(where, series)
     if level is not None:  # opening checks that it exists, and lists the levels if not
         if model_mpp is not None:
-            logger.info("%s: --level %d given; the model's %s µm/px is not applied",
-                        where, level, model_mpp)  # fmt: skip
+            logger.info(
+                "%s: --level %d given; the model's %s µm/px is not applied", where, level, model_mpp
+            )
         use, target = level, None
     else:
         wanted = mpp if mpp is not None else _model_mpp(model_mpp)
-        use, target = (0, None) if wanted is None else _pick_level(
-            where, chosen, wanted, mpp_input, from_model=mpp is None
+        use, target = (
+            (0, None)
+            if wanted is None
+            else _pick_level(where, chosen, wanted, mpp_input, from_model=mpp is None)
         )
     ref = InputRef(
         path=where,
@@ -221,9 +225,7 @@ def _build(ref: InputRef) -> ModelInput:
     sizes = dict(zip(source.axes, source.shape))
     colormap = _colormap(source, sizes.get("c", 1))
     channels = 3 if colormap is not None else sizes.get("c", 1)
-    keep = choose_channels(
-        source, channels, ref.in_channels, ref.channels, spatial=plan.spatial
-    )
+    keep = choose_channels(source, channels, ref.in_channels, ref.channels, spatial=plan.spatial)
     pixel = _level_pixel_size(source, ref.mpp_input)
     resample: dict[str, AreaAxis] = {}
     if ref.target_mpp is not None:
@@ -287,9 +289,10 @@ def _pick_level(
     )
     sizes = [_yx(lv) for lv in _pixel_sizes(where, s, mpp_input, asked)]
     matching = [
-        i for i, yx in enumerate(sizes)
+        i
+        for i, yx in enumerate(sizes)
         if all(abs(p - wanted) / wanted <= LEVEL_TOLERANCE for p in yx)
-    ]  # fmt: skip
+    ]
     if matching:
         return min(matching, key=lambda i: max(abs(p - wanted) for p in sizes[i])), None
     limit = wanted * (1 + LEVEL_TOLERANCE)
@@ -311,9 +314,7 @@ def _yx(pixel: dict[str, float]) -> tuple[float, float]:
     return pixel["y"], pixel["x"]
 
 
-def _pixel_sizes(
-    where: str, s: Any, mpp_input: float | None, asked: str
-) -> list[dict[str, float]]:
+def _pixel_sizes(where: str, s: Any, mpp_input: float | None, asked: str) -> list[dict[str, float]]:
     """y/x µm per pixel of every level; an InputError when the file does not say."""
     base = dict(s.pixel_size)
     if mpp_input is not None:
@@ -322,8 +323,10 @@ def _pixel_sizes(
         rejected = s.info.get("pixel_size_rejected") or {}
         if rejected:
             declared = ", ".join(f"{a} = {v:g} µm" for a, v in rejected.items())
-            problem = (f"declares an implausible pixel size ({declared}; plausible is "
-                       f"{PLAUSIBLE_UM[0]:g}..{PLAUSIBLE_UM[1]:g} µm)")  # fmt: skip
+            problem = (
+                f"declares an implausible pixel size ({declared}; plausible is "
+                f"{PLAUSIBLE_UM[0]:g}..{PLAUSIBLE_UM[1]:g} µm)"
+            )
         else:
             problem = "does not state its pixel size"
         raise InputError(
@@ -335,8 +338,7 @@ def _pixel_sizes(
         )
     shape0 = dict(zip(s.axes, s.levels[0].shape))
     return [
-        {a: base[a] * shape0[a] / dict(zip(s.axes, lv.shape))[a] for a in "yx"}
-        for lv in s.levels
+        {a: base[a] * shape0[a] / dict(zip(s.axes, lv.shape))[a] for a in "yx"} for lv in s.levels
     ]
 
 
@@ -379,7 +381,7 @@ class AreaAxis:
     size: int
 
     @classmethod
-    def between(cls, n: int, pixel: float, target: float) -> "AreaAxis":
+    def between(cls, n: int, pixel: float, target: float) -> AreaAxis:
         factor = target / pixel
         return cls(n, factor, max(1, round(n / factor)))
 

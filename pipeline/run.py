@@ -7,14 +7,15 @@ hands them to a Dask cluster (or runs them in-process with ``scheduler="sync"``)
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import time
 import traceback
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 from . import __version__
 from .backends.base import ModelSpec
@@ -43,9 +44,12 @@ def resolve_model(model: str | None, cfg: RunConfig) -> ModelSpec:
             overrides["ndim"] = 3  # identity is dimension-agnostic: a 3-D tile asks for 3-D
         return load_backend(None, backend="identity", overrides=overrides).spec
     if model is None:
-        raise PipelineError("no model given", where="option --model",
-                            hint="pass --model FILE (make one with `pipeline export`)",
-                            reason="bad-config")
+        raise PipelineError(
+            "no model given",
+            where="option --model",
+            hint="pass --model FILE (make one with `pipeline export`)",
+            reason="bad-config",
+        )
     return read_model_spec(model, backend=cfg.backend, overrides=overrides)
 
 
@@ -76,10 +80,19 @@ def dask_client(cfg: RunConfig) -> Iterator[object | None]:
     # the scheduler's HTTP endpoint tries port 8787 first and warns when it is taken
     warnings.filterwarnings("ignore", message="Port .* is already in use", category=UserWarning)
     # loopback only: a Dask scheduler runs whatever code a client sends it
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                      host="127.0.0.1", dashboard_address=None, silence_logs=logging.ERROR,
-                      memory_limit=0, env={"OMP_NUM_THREADS": str(threads)}) as cluster, \
-            Client(cluster) as client:
+    with (
+        LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+            memory_limit=0,
+            env={"OMP_NUM_THREADS": str(threads)},
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         yield client
 
 
@@ -102,7 +115,7 @@ class Executor:
             self.client = self._stack.enter_context(dask_client(cfg))
         return self.client
 
-    def __enter__(self) -> "Executor":
+    def __enter__(self) -> Executor:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -111,7 +124,9 @@ class Executor:
 
 def worker_layout(cfg: RunConfig) -> tuple[int, int]:
     """(worker processes, model threads per worker) for the local cluster."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    )
     workers = cfg.workers or _gpu_count(cfg) or 1
     threads = cfg.threads_per_worker or max(1, cores // workers)
     return workers, threads
@@ -130,9 +145,15 @@ def _gpu_count(cfg: RunConfig) -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def run(inputs: Sequence[str], out: str | os.PathLike, model: str | None, cfg: RunConfig,
-        *, progress: Progress | None = None,
-        decided: Sequence[InputResult] = ()) -> RunReport:
+def run(
+    inputs: Sequence[str],
+    out: str | os.PathLike,
+    model: str | None,
+    cfg: RunConfig,
+    *,
+    progress: Progress | None = None,
+    decided: Sequence[InputResult] = (),
+) -> RunReport:
     """Segment every input into ``out``; one input's failure never stops the others.
 
     ``decided``: inputs settled before the run (skipped or failed while finding inputs,
@@ -150,15 +171,27 @@ def run(inputs: Sequence[str], out: str | os.PathLike, model: str | None, cfg: R
             report.inputs.append(result)
             t1 = time.perf_counter()
             try:
-                run_one(path, Path(out), spec, ref, cfg, result,
-                        lambda blocks: executor.client_for(blocks, i < len(inputs) - 1), progress)
+                run_one(
+                    path,
+                    Path(out),
+                    spec,
+                    ref,
+                    cfg,
+                    result,
+                    functools.partial(executor.client_for, more_inputs=i < len(inputs) - 1),
+                    progress,
+                )
                 result.state = "done"
             except PipelineError as exc:
                 _fail(result, exc.reason, exc.message)
             except Exception as exc:  # an unexpected bug must not stop the batch
                 log.debug("unexpected error on %s", path, exc_info=True)
-                _fail(result, "internal-error", f"{path}: {type(exc).__name__}: {exc} "
-                      f"({traceback.extract_tb(exc.__traceback__)[-1].name})")
+                _fail(
+                    result,
+                    "internal-error",
+                    f"{path}: {type(exc).__name__}: {exc} "
+                    f"({traceback.extract_tb(exc.__traceback__)[-1].name})",
+                )
             result.seconds = round(time.perf_counter() - t1, 3)
     report.inputs.extend(decided)
     report.seconds = time.perf_counter() - t0
@@ -173,11 +206,20 @@ def backend_ref(spec: ModelSpec, cfg: RunConfig) -> BackendRef:
         overrides["ndim"] = spec.ndim
     elif spec.extra.get("metadata") is False:
         # a model without metadata was probed once here; workers reuse the geometry
-        overrides.update({k: getattr(spec, k) for k in
-                          ("ndim", "in_channels", "classes", "margin", "step", "min_tile")})
-    return BackendRef(spec.path, spec.format if cfg.backend == "auto" else cfg.backend,
-                      _device(cfg), cfg.precision, tuple(sorted(overrides.items())),
-                      worker_layout(cfg)[1])
+        overrides.update(
+            {
+                k: getattr(spec, k)
+                for k in ("ndim", "in_channels", "classes", "margin", "step", "min_tile")
+            }
+        )
+    return BackendRef(
+        spec.path,
+        spec.format if cfg.backend == "auto" else cfg.backend,
+        _device(cfg),
+        cfg.precision,
+        tuple(sorted(overrides.items())),
+        worker_layout(cfg)[1],
+    )
 
 
 def _device(cfg: RunConfig) -> str:
@@ -191,34 +233,55 @@ def _fail(result: InputResult, reason: str, message: str) -> None:
     log.info("failed: %s", message)  # the report and the CLI's summary carry it
 
 
-def run_one(path: str, out: Path, spec: ModelSpec, ref: BackendRef, cfg: RunConfig,
-            result: InputResult, client_for: Callable[[int], object | None],
-            progress: Progress | None) -> None:
+def run_one(
+    path: str,
+    out: Path,
+    spec: ModelSpec,
+    ref: BackendRef,
+    cfg: RunConfig,
+    result: InputResult,
+    client_for: Callable[[int], object | None],
+    progress: Progress | None,
+) -> None:
     """Plan, run the blocks, build the pyramid and publish one input."""
     from .resolution import open_for_model
 
-    inp = open_for_model(path, ndim=spec.ndim, in_channels=spec.in_channels, series=cfg.series,
-                         level=cfg.level, mpp=cfg.mpp, mpp_input=cfg.mpp_input,
-                         channels=cfg.channels, model_mpp=spec.mpp)
-    source, array, spatial_axes, pixel_size = inp.source, inp.array, inp.spatial_axes, inp.pixel_size
+    inp = open_for_model(
+        path,
+        ndim=spec.ndim,
+        in_channels=spec.in_channels,
+        series=cfg.series,
+        level=cfg.level,
+        mpp=cfg.mpp,
+        mpp_input=cfg.mpp_input,
+        channels=cfg.channels,
+        model_mpp=spec.mpp,
+    )
+    source, array, spatial_axes, pixel_size = (
+        inp.source,
+        inp.array,
+        inp.spatial_axes,
+        inp.pixel_size,
+    )
     channels = int(array.shape[0])
     classes = spec.classes or channels
     shape = tuple(int(s) for s in array.shape[1:])
     plan = make_plan(spec, shape, channels, classes, cfg)
     tissue = find_tissue(source, shape, spatial_axes, pixel_size, cfg)
-    writer = sink.create_image(out, result.name, (classes, *shape), "c" + spatial_axes,
-                               (classes, *plan.chunks), cfg.dtype)
+    writer = sink.create_image(
+        out, result.name, (classes, *shape), "c" + spatial_axes, (classes, *plan.chunks), cfg.dtype
+    )
     try:
         tasks = make_tasks(plan, inp.ref, ref, spec, classes, cfg, writer.level_path(0), tissue)
         result.shape, result.blocks = [classes, *shape], len(tasks)
-        result.tiles = run_blocks(tasks, client_for(len(tasks)),
-                                  lambda d, n: progress and progress(result.name, d, n))
+        result.tiles = run_blocks(
+            tasks, client_for(len(tasks)), lambda d, n: progress and progress(result.name, d, n)
+        )
         if tissue is not None:
             result.tissue_fraction = round(tissue.fraction, 4)
             result.skipped_tiles = plan.lattice.n_tiles - result.tiles
         levels = sink.write_pyramid(writer, cfg.pyramid_min)
-        sink.write_metadata(writer, levels, pixel_size,
-                            provenance(spec, plan, cfg, inp, tissue))
+        sink.write_metadata(writer, levels, pixel_size, provenance(spec, plan, cfg, inp, tissue))
         if tissue is not None:
             from .io.labels import write_tissue_labels
 
@@ -232,8 +295,9 @@ def run_one(path: str, out: Path, spec: ModelSpec, ref: BackendRef, cfg: RunConf
         forget_sink(writer.level_path(0))
 
 
-def find_tissue(source, shape: tuple[int, ...], spatial_axes: str, pixel_size: dict,
-                cfg: RunConfig):
+def find_tissue(
+    source, shape: tuple[int, ...], spatial_axes: str, pixel_size: dict, cfg: RunConfig
+):
     """The tissue mask for one input: the user's (``--mask``, applied to every input),
     detected on a low-resolution level (2D images), or None (volumes; ``--no-skip-background``)."""
     from .tissue import detect_tissue, load_user_mask
@@ -256,8 +320,16 @@ class Task:
     needs: tuple[int, ...]
 
 
-def make_tasks(plan: Plan, source, ref: BackendRef, spec: ModelSpec, classes: int,
-               cfg: RunConfig, sink_path: str | None, tissue=None) -> list[Task]:
+def make_tasks(
+    plan: Plan,
+    source,
+    ref: BackendRef,
+    spec: ModelSpec,
+    classes: int,
+    cfg: RunConfig,
+    sink_path: str | None,
+    tissue=None,
+) -> list[Task]:
     """One task per block, in raster order; a block only needs blocks before it.
 
     With a tissue mask, each job carries the mask around its block, and blocks where no
@@ -271,9 +343,23 @@ def make_tasks(plan: Plan, source, ref: BackendRef, spec: ModelSpec, classes: in
     for index, (touching, own, owners) in layout.items():
         region = grid.region(index)
         crop = None if tissue is None else tissue.crop(region.grow(plan.lattice.out_tile))
-        job = BlockJob(number[index], region, plan.lattice, plan.blend, classes,
-                       plan.model_ndim, source, ref, sink_path, cfg.batch_size, normalize,
-                       cfg.dtype, tuple(touching), tuple(own), crop)
+        job = BlockJob(
+            number[index],
+            region,
+            plan.lattice,
+            plan.blend,
+            classes,
+            plan.model_ndim,
+            source,
+            ref,
+            sink_path,
+            cfg.batch_size,
+            normalize,
+            cfg.dtype,
+            tuple(touching),
+            tuple(own),
+            crop,
+        )
         if crop is not None and not any(job.runs(t) for t in touching):
             continue
         tasks.append(Task(job, tuple(sorted(number[o] for o in owners))))
@@ -310,11 +396,13 @@ def run_blocks(tasks: list[Task], client, progress: Callable[[int, int], None]) 
     for task in tasks:  # earlier blocks first, so shared results are short-lived
         i = task.job.index
         if task.job.own:
-            firsts[i] = client.submit(predict_shared, task.job, pure=False, retries=1,
-                                      priority=n - i)
+            firsts[i] = client.submit(
+                predict_shared, task.job, pure=False, retries=1, priority=n - i
+            )
         deps = [firsts[j] for j in task.needs if j in firsts]
-        futures.append(client.submit(process_block, task.job, *deps, pure=False, retries=1,
-                                     priority=n - i))
+        futures.append(
+            client.submit(process_block, task.job, *deps, pure=False, retries=1, priority=n - i)
+        )
     firsts.clear()  # the scheduler keeps each shared result until its last user is done
     try:
         for done, (_, res) in enumerate(as_completed(futures, with_results=True), 1):
@@ -330,24 +418,40 @@ def provenance(spec: ModelSpec, plan: Plan, cfg: RunConfig, inp, tissue=None) ->
     lat = plan.lattice
     source = inp.source
     return {
-        "resolution": {"level": inp.level, "pixel_size": inp.pixel_size,
-                       "resampled_from_level": inp.factor if inp.factor != 1.0 else None},
-        "tissue": None if tissue is None else {
-            "method": tissue.method, "fraction": round(tissue.fraction, 4),
-            "cell": list(tissue.scale)},
+        "resolution": {
+            "level": inp.level,
+            "pixel_size": inp.pixel_size,
+            "resampled_from_level": inp.factor if inp.factor != 1.0 else None,
+        },
+        "tissue": None
+        if tissue is None
+        else {
+            "method": tissue.method,
+            "fraction": round(tissue.fraction, 4),
+            "cell": list(tissue.scale),
+        },
         "version": __version__,
         "model": {"path": spec.path, "sha256": spec.sha256, "format": spec.format},
         "backend": cfg.backend if cfg.backend != "auto" else spec.format,
-        "tile": list(lat.tile), "overlap": list(lat.overlap), "stride": list(lat.stride),
-        "blend": plan.blend.value, "chunks": list(plan.chunks), "block": list(plan.block),
-        "input": {"path": str(source.path), "series": source.series, "level": source.level,
-                  "format": source.format},
+        "tile": list(lat.tile),
+        "overlap": list(lat.overlap),
+        "stride": list(lat.stride),
+        "blend": plan.blend.value,
+        "chunks": list(plan.chunks),
+        "block": list(plan.block),
+        "input": {
+            "path": str(source.path),
+            "series": source.series,
+            "level": source.level,
+            "format": source.format,
+        },
         "config": cfg.to_dict(),
     }
 
 
-def predict_array(array, model: str | None = None, cfg: RunConfig | None = None, *,
-                  spec: ModelSpec | None = None):
+def predict_array(
+    array, model: str | None = None, cfg: RunConfig | None = None, *, spec: ModelSpec | None = None
+):
     """In-process prediction of an array ``(C, *spatial)`` (numpy or dask).
 
     Same lattice, blocks and blending as :func:`run`, without Dask or Zarr: for

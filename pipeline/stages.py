@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -51,7 +52,7 @@ class BlockJob:
     normalize: str = "dtype"
     out_dtype: str = "uint8"
     tiles: tuple[tuple[int, ...], ...] = ()  # every tile touching ``write``, in lattice order
-    own: tuple[tuple[int, ...], ...] = ()    # shared tiles this block's first phase computes
+    own: tuple[tuple[int, ...], ...] = ()  # shared tiles this block's first phase computes
     tissue: Any = None  # TissueMask cropped to this block (and its reach), or None: run all
 
     def runs(self, tile: tuple[int, ...]) -> bool:
@@ -81,8 +82,12 @@ def get_backend(ref: BackendRef):
         from .backends import load_backend
 
         backend = load_backend(
-            ref.model, backend=ref.backend, device=worker_device(ref.device), precision=ref.precision,
-            overrides=dict(ref.overrides), threads=ref.threads,
+            ref.model,
+            backend=ref.backend,
+            device=worker_device(ref.device),
+            precision=ref.precision,
+            overrides=dict(ref.overrides),
+            threads=ref.threads,
         )
         _BACKENDS[ref] = backend
     return backend
@@ -131,7 +136,9 @@ def read_region(array, region: Region) -> np.ndarray:
     hi = [int(i.max()) + 1 for i in idx]
     box = array[(slice(None), *(slice(a, b) for a, b in zip(lo, hi)))]
     box = box.compute(scheduler="synchronous") if hasattr(box, "compute") else np.asarray(box)
-    if all(len(i) == b - a and i[0] == a and np.all(np.diff(i) == 1) for i, a, b in zip(idx, lo, hi)):
+    if all(
+        len(i) == b - a and i[0] == a and np.all(np.diff(i) == 1) for i, a, b in zip(idx, lo, hi)
+    ):
         return box
     return box[np.ix_(np.arange(box.shape[0]), *(i - a for i, a in zip(idx, lo)))]
 
@@ -156,13 +163,15 @@ def _check_prediction(job: BlockJob, arr: np.ndarray, pred: np.ndarray, expected
     if pred.shape != expected:
         raise PipelineError(
             f"model returned shape {pred.shape} for input {arr.shape}, expected {expected}",
-            where=job.backend.model, reason="bad-model",
+            where=job.backend.model,
+            reason="bad-model",
             hint="check the model's margin/classes (pipeline inspect MODEL) or pass them as options",
         )
     if not np.isfinite(pred).all():
         raise PipelineError(
             f"model output contains NaN or Inf in block {job.write}",
-            where=job.backend.model, reason="model-output-nonfinite",
+            where=job.backend.model,
+            reason="model-output-nonfinite",
             hint="check the input for NaN/Inf and the model's normalisation",
         )
 
@@ -172,18 +181,20 @@ def _predict(job: BlockJob, arr: np.ndarray) -> np.ndarray:
     lat = job.lattice
     squeeze = lat.ndim - job.model_ndim
     if squeeze:
-        arr = arr.reshape(arr.shape[:2] + arr.shape[2 + squeeze:])
+        arr = arr.reshape(arr.shape[:2] + arr.shape[2 + squeeze :])
     try:
-        pred = np.asarray(get_backend(job.backend).predict(np.ascontiguousarray(arr)),
-                          dtype=np.float32)
+        pred = np.asarray(
+            get_backend(job.backend).predict(np.ascontiguousarray(arr)), dtype=np.float32
+        )
     except (PipelineError, MemoryError):
         raise
     except Exception as exc:  # the runtime's own message says what the model rejected
         raise PipelineError(
             f"model failed on a batch of shape {arr.shape}: {type(exc).__name__}: {exc}",
-            where=job.backend.model, reason="model-error",
+            where=job.backend.model,
+            reason="model-error",
             hint="check that the model takes this many channels and this tile size "
-                 "(pipeline inspect MODEL)",
+            "(pipeline inspect MODEL)",
         ) from None
     _check_prediction(job, arr, pred, (arr.shape[0], job.classes, *lat.out_tile[squeeze:]))
     return pred.reshape(pred.shape[:2] + lat.out_tile)
@@ -191,13 +202,19 @@ def _predict(job: BlockJob, arr: np.ndarray) -> np.ndarray:
 
 def _bounds(regions: list[Region]) -> Region:
     ndim = regions[0].ndim
-    return Region.from_bounds([min(r.offset[a] for r in regions) for a in range(ndim)],
-                              [max(r.end[a] for r in regions) for a in range(ndim)])
+    return Region.from_bounds(
+        [min(r.offset[a] for r in regions) for a in range(ndim)],
+        [max(r.end[a] for r in regions) for a in range(ndim)],
+    )
 
 
-def predict_stream(job: BlockJob, tiles: list[tuple[int, ...]], *, per_batch: bool = False,
-                   timer: dict[str, float] | None = None
-                   ) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
+def predict_stream(
+    job: BlockJob,
+    tiles: list[tuple[int, ...]],
+    *,
+    per_batch: bool = False,
+    timer: dict[str, float] | None = None,
+) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
     """Yield ``(tile, prediction)`` for ``tiles`` in order, run in batches.
 
     The input is read once for all tiles, or per batch with ``per_batch`` (the first
@@ -210,13 +227,14 @@ def predict_stream(job: BlockJob, tiles: list[tuple[int, ...]], *, per_batch: bo
     source = job.source.open() if hasattr(job.source, "open") else job.source
     read = x = None
     for start in range(0, len(tiles), job.batch_size):
-        batch = tiles[start:start + job.batch_size]
+        batch = tiles[start : start + job.batch_size]
         t0 = time.perf_counter()
         if per_batch or x is None:
             read = _bounds([lat.in_region(t) for t in (batch if per_batch else tiles)])
             x = normalize(read_region(source, read), job.normalize)
-        arr = np.stack([x[(slice(None), *lat.in_region(t).relative_to(read).to_slices())]
-                        for t in batch])
+        arr = np.stack(
+            [x[(slice(None), *lat.in_region(t).relative_to(read).to_slices())] for t in batch]
+        )
         t1 = time.perf_counter()
         pred = _predict(job, arr)
         timer["read"] = timer.get("read", 0.0) + t1 - t0

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 from .geometry import Region
 
@@ -102,8 +102,12 @@ class Lattice:
         """
         begin, end = [], []
         for axis, (k, o, n, c) in enumerate(zip(index, self.out_tile, self.shape, self.counts)):
-            begin.append(0 if k == 0 else (self.origin(axis, k - 1) + o + self.origin(axis, k)) // 2)
-            end.append(n if k == c - 1 else (self.origin(axis, k) + o + self.origin(axis, k + 1)) // 2)
+            begin.append(
+                0 if k == 0 else (self.origin(axis, k - 1) + o + self.origin(axis, k)) // 2
+            )
+            end.append(
+                n if k == c - 1 else (self.origin(axis, k) + o + self.origin(axis, k + 1)) // 2
+            )
         return Region.from_bounds(begin, end)
 
     def tiles_touching(self, region: Region, *, owned: bool = False) -> list[tuple[int, ...]]:
@@ -117,7 +121,8 @@ class Lattice:
             lo, hi = region.offset[axis], region.end[axis]
             s, o, c = self.stride[axis], self.out_tile[axis], self.counts[axis]
             ks = [
-                k for k in range(max(0, (lo - o) // s), min(c, hi // s + 2))
+                k
+                for k in range(max(0, (lo - o) // s), min(c, hi // s + 2))
                 if _touches(self, axis, k, lo, hi, owned)
             ]
             ranges.append(ks)
@@ -184,7 +189,8 @@ class BlockGrid:
 
     def region(self, index: Sequence[int]) -> Region:
         return Region([i * b for i, b in zip(index, self.block)], self.block).intersect(
-            Region.of_shape(self.lattice.shape))
+            Region.of_shape(self.lattice.shape)
+        )
 
     def _spans(self, axis: int) -> list[tuple[int, int]]:
         """Per tile along ``axis``: first and last block index it contributes to."""
@@ -204,8 +210,9 @@ class BlockGrid:
         spans = [self._spans(a) for a in range(self.lattice.ndim)]
         out = {}
         for index in self.indices():
-            per_axis = [[k for k, (lo, hi) in enumerate(sp) if lo <= i <= hi]
-                        for sp, i in zip(spans, index)]
+            per_axis = [
+                [k for k, (lo, hi) in enumerate(sp) if lo <= i <= hi] for sp, i in zip(spans, index)
+            ]
             touching, own, owners = [], [], set()
             for tile in itertools.product(*per_axis):
                 span = [spans[a][k] for a, k in enumerate(tile)]

@@ -40,8 +40,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -92,6 +93,7 @@ DILATE = 1
 #: (a sparse cell may be a single cell at this resolution).
 CLOSE = 2
 
+
 @dataclass(frozen=True, eq=False)
 class TissueMask:
     """Where an image has tissue, on a coarse grid over the run grid.
@@ -124,8 +126,10 @@ class TissueMask:
         scale = tuple(float(s) for s in self.scale)
         offset = tuple(int(o) for o in self.offset) or (0,) * mask.ndim
         if len(scale) != mask.ndim or len(offset) != mask.ndim:
-            raise ValueError(f"scale {scale} and offset {offset} must have one value per "
-                             f"mask axis (mask shape {mask.shape})")
+            raise ValueError(
+                f"scale {scale} and offset {offset} must have one value per "
+                f"mask axis (mask shape {mask.shape})"
+            )
         if not all(s > 0 and math.isfinite(s) for s in scale):
             raise ValueError(f"scale must be positive, got {scale}")
         object.__setattr__(self, "mask", mask)
@@ -133,7 +137,7 @@ class TissueMask:
         object.__setattr__(self, "offset", offset)
         object.__setattr__(self, "fraction", float(self.fraction))
 
-    def crop(self, region: Region) -> "TissueMask":
+    def crop(self, region: Region) -> TissueMask:
         """The cells :meth:`any_in` and :meth:`upsample` need for any part of ``region``.
 
         Small enough to travel with a block job; answers exactly as the whole mask does
@@ -143,8 +147,9 @@ class TissueMask:
         lo = [max(a - 1, o) for a, o in zip(lo, self.offset)]
         hi = [max(min(b + 1, o + n), a) for a, b, o, n in zip(lo, hi, self.offset, self.mask.shape)]
         local = tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, self.offset))
-        return TissueMask(self.mask[local].copy(), self.scale, self.fraction, self.method,
-                          tuple(lo))
+        return TissueMask(
+            self.mask[local].copy(), self.scale, self.fraction, self.method, tuple(lo)
+        )
 
     def any_in(self, region: Region) -> bool:
         """Whether ``region`` (run grid; may reach past the image) may hold tissue.
@@ -164,8 +169,10 @@ class TissueMask:
         the mask the result is broadcast (read-only) over the leading axes.
         """
         lead = self._lead(region)
-        idx = [np.floor(np.arange(o, e) / s).astype(np.int64)
-               for o, e, s in zip(region.offset[lead:], region.end[lead:], self.scale)]
+        idx = [
+            np.floor(np.arange(o, e) / s).astype(np.int64)
+            for o, e, s in zip(region.offset[lead:], region.end[lead:], self.scale)
+        ]
         if any(len(i) == 0 for i in idx):
             return np.zeros(region.shape, bool)
         lo = [int(i[0]) for i in idx]
@@ -217,8 +224,13 @@ def area_fraction(mask: np.ndarray, scale: Sequence[float], run_shape: Sequence[
 # --------------------------------------------------------------------------- detection
 
 
-def detect_tissue(source: "ImageSource", run_shape: Sequence[int], *, kind: str = "auto",
-                  pixel_size: dict[str, float] | None = None) -> TissueMask:
+def detect_tissue(
+    source: ImageSource,
+    run_shape: Sequence[int],
+    *,
+    kind: str = "auto",
+    pixel_size: dict[str, float] | None = None,
+) -> TissueMask:
     """Find the tissue of a 2D image on a low-resolution view of it.
 
     Parameters
@@ -252,8 +264,11 @@ def detect_tissue(source: "ImageSource", run_shape: Sequence[int], *, kind: str 
         A volume (tissue detection is for 2D images) or an unreadable level.
     """
     if kind not in KINDS:
-        raise ConfigError(f"unknown tissue detection kind {kind!r}", where="tissue kind",
-                          hint=f"use one of {', '.join(KINDS)}")
+        raise ConfigError(
+            f"unknown tissue detection kind {kind!r}",
+            where="tissue kind",
+            hint=f"use one of {', '.join(KINDS)}",
+        )
     run_shape = tuple(int(n) for n in run_shape)
     image, scale, dtype = _detection_view(source, run_shape, pixel_size)
     if kind == "auto":
@@ -263,15 +278,20 @@ def detect_tissue(source: "ImageSource", run_shape: Sequence[int], *, kind: str 
     else:
         mask, method = _fluorescence(image)
     fraction = area_fraction(mask, scale, run_shape)
-    log.info("%s: tissue %.1f %% (%s, %s cells of %s run pixels)", source.path,
-             100 * fraction, method, "x".join(map(str, mask.shape)),
-             "x".join(f"{s:.3g}" for s in scale))
+    log.info(
+        "%s: tissue %.1f %% (%s, %s cells of %s run pixels)",
+        source.path,
+        100 * fraction,
+        method,
+        "x".join(map(str, mask.shape)),
+        "x".join(f"{s:.3g}" for s in scale),
+    )
     return TissueMask(mask, scale, fraction, method)
 
 
-def _detection_view(source: "ImageSource", run_shape: tuple[int, ...],
-                    pixel_size: dict[str, float] | None
-                    ) -> tuple[np.ndarray, tuple[float, ...], str]:
+def _detection_view(
+    source: ImageSource, run_shape: tuple[int, ...], pixel_size: dict[str, float] | None
+) -> tuple[np.ndarray, tuple[float, ...], str]:
     """A small ``(C, y, x)`` float32 image of the slide, run pixels per its pixel, and
     the stored dtype.
 
@@ -282,17 +302,19 @@ def _detection_view(source: "ImageSource", run_shape: tuple[int, ...],
 
     planes = dict(zip(source.axes, source.shape)).get("z", 1)
     if len(run_shape) != 2 or planes > 1:
-        raise InputError(f"is not a 2D image (run grid {run_shape}, {planes} planes); "
-                         "tissue detection works on slides", where=source.path,
-                         hint="run without tissue detection, or pass a 2D mask file")
+        raise InputError(
+            f"is not a 2D image (run grid {run_shape}, {planes} planes); "
+            "tissue detection works on slides",
+            where=source.path,
+            hint="run without tissue detection, or pass a 2D mask file",
+        )
     yx = [source.axes.index("y"), source.axes.index("x")]
     shapes = [tuple(level[i] for i in yx) for level in source.levels]
     want, longest = _target(source, run_shape, pixel_size)
     ratios = [float(np.mean([r / n for r, n in zip(run_shape, shape)])) for shape in shapes]
     fits = [i for i, d in enumerate(ratios) if d <= want * LEVEL_SLACK]
     level = max(fits, key=lambda i: ratios[i]) if fits else int(np.argmin(ratios))
-    factor = max(1, math.ceil(want / ratios[level] - 0.25),
-                 math.ceil(max(shapes[level]) / longest))
+    factor = max(1, math.ceil(want / ratios[level] - 0.25), math.ceil(max(shapes[level]) / longest))
     if level == source.level:
         chosen = source
     else:
@@ -302,18 +324,27 @@ def _detection_view(source: "ImageSource", run_shape: tuple[int, ...],
     array = to_model_layout(chosen, 2, 0)[0]
     image = reduce_blocks(array, factor, np.mean).astype(np.float32, copy=False)
     scale = tuple(r / n * factor for r, n in zip(run_shape, shapes[level]))
-    log.debug("%s: tissue detection on level %d / %d (%s)", source.path, level, factor,
-              "x".join(map(str, image.shape)))
+    log.debug(
+        "%s: tissue detection on level %d / %d (%s)",
+        source.path,
+        level,
+        factor,
+        "x".join(map(str, image.shape)),
+    )
     return image, scale, chosen.dtype
 
 
-def _target(source: "ImageSource", run_shape: tuple[int, ...],
-            pixel_size: dict[str, float] | None) -> tuple[float, int]:
+def _target(
+    source: ImageSource, run_shape: tuple[int, ...], pixel_size: dict[str, float] | None
+) -> tuple[float, int]:
     """Run pixels per mask cell to aim for, and the longest mask side allowed."""
     if pixel_size is None:  # the source level's extent over the run grid
         extent = dict(zip(source.axes, source.shape))
-        pixel_size = {a: source.pixel_size[a] * extent[a] / n
-                      for a, n in zip("yx", run_shape) if a in source.pixel_size}
+        pixel_size = {
+            a: source.pixel_size[a] * extent[a] / n
+            for a, n in zip("yx", run_shape)
+            if a in source.pixel_size
+        }
     sizes = [pixel_size.get(a) for a in "yx"]
     longest = MAX_SIDE if all(sizes) else MAX_SIDE_UNCALIBRATED
     finest = TARGET_UM / float(np.mean(sizes)) if all(sizes) else UNCALIBRATED_FACTOR
@@ -352,18 +383,25 @@ def _brightfield(image: np.ndarray, dtype: str) -> tuple[np.ndarray, str]:
         return _everything(image, "otsu-od", "the image is uniform")
     # Otsu may split pale from dark tissue; anything clearly above the glass is tissue
     glass = od[np.log(od + OD_FLOOR) <= threshold]
-    threshold = min(math.exp(threshold) - OD_FLOOR,
-                    float(np.percentile(glass, 90)) + GLASS_MARGIN_OD)
+    threshold = min(
+        math.exp(threshold) - OD_FLOOR, float(np.percentile(glass, 90)) + GLASS_MARGIN_OD
+    )
     raw = od > threshold
     if raw.all() or not raw.any():
         return _everything(image, "otsu-od", "the image is uniform")
     background, tissue = float(np.median(od[~raw])), float(np.median(od[raw]))
     if background > BG_MAX_OD:
-        return _everything(image, "otsu-od", f"no bright glass (background optical density "
-                           f"{background:.3f} > {BG_MAX_OD})")
+        return _everything(
+            image,
+            "otsu-od",
+            f"no bright glass (background optical density {background:.3f} > {BG_MAX_OD})",
+        )
     if tissue - background < MIN_CONTRAST_OD:
-        return _everything(image, "otsu-od", f"tissue barely darker than glass (optical "
-                           f"density {tissue:.3f} vs {background:.3f})")
+        return _everything(
+            image,
+            "otsu-od",
+            f"tissue barely darker than glass (optical density {tissue:.3f} vs {background:.3f})",
+        )
     return _clean(raw, fluorescence=False), "otsu-od"
 
 
@@ -384,8 +422,11 @@ def _fluorescence(image: np.ndarray) -> tuple[np.ndarray, str]:
     # the channel that separates best decides
     ratios = [float(np.median(c[raw])) / max(float(np.median(c[~raw])), 1e-12) for c in image]
     if max(ratios) < MIN_CONTRAST_RATIO:
-        return _everything(image, "fluorescence-threshold", f"objects barely brighter than "
-                           f"the background (median ratio {max(ratios):.2f})")
+        return _everything(
+            image,
+            "fluorescence-threshold",
+            f"objects barely brighter than the background (median ratio {max(ratios):.2f})",
+        )
     return _clean(raw, fluorescence=True), "fluorescence-threshold"
 
 
@@ -493,6 +534,7 @@ def _check_aspect(where: str, stored: Sequence[int], run_yx: Sequence[int]) -> N
     if mismatch > 0.02 + 1.0 / min(my, mx):
         raise InputError(
             f"has shape {my}x{mx}, which does not have the image's aspect ratio "
-            f"({ry}x{rx} pixels on the run grid)", where=where,
+            f"({ry}x{rx} pixels on the run grid)",
+            where=where,
             hint="export the mask over the whole slide (any size, same proportions)",
         )

@@ -194,20 +194,31 @@ def test_onnx_with_static_batch_runs_any_multiple(tmp_path: Path) -> None:
     axes = {2: "h", 3: "w"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(net, (torch.rand(1, 1, 16, 16),), str(tmp_path / "b1.onnx"), dynamo=False,
-                          input_names=["x"], output_names=["y"], dynamic_axes={"x": axes, "y": axes})
+        torch.onnx.export(
+            net,
+            (torch.rand(1, 1, 16, 16),),
+            str(tmp_path / "b1.onnx"),
+            dynamo=False,
+            input_names=["x"],
+            output_names=["y"],
+            dynamic_axes={"x": axes, "y": axes},
+        )
     x = np.random.default_rng(0).random((3, 1, 16, 24), dtype=np.float32)
     with load_backend(tmp_path / "b1.onnx", device="cpu") as backend:
         assert backend.spec.in_channels == 1 and backend.spec.margin == 0
         with torch.no_grad():
-            np.testing.assert_allclose(backend.predict(x), net(torch.from_numpy(x)).numpy(), atol=1e-5)
+            np.testing.assert_allclose(
+                backend.predict(x), net(torch.from_numpy(x)).numpy(), atol=1e-5
+            )
 
 
 def test_fixed_size_onnx_is_refused(tmp_path: Path) -> None:
     net = UNet(base=4, depth=2).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(net, (torch.rand(1, 1, 16, 16),), str(tmp_path / "fixed.onnx"), dynamo=False)
+        torch.onnx.export(
+            net, (torch.rand(1, 1, 16, 16),), str(tmp_path / "fixed.onnx"), dynamo=False
+        )
     with pytest.raises(ModelError, match="fixed spatial sizes"):
         read_model_spec(tmp_path / "fixed.onnx")
 
@@ -235,7 +246,9 @@ def test_auto_device_without_nvidia_devices_does_not_import_torch() -> None:
 
     if os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0"):
         pytest.skip("this machine has an NVIDIA device")
-    code = ("import sys; from pipeline.backends import resolve_device; "
-            "assert resolve_device('auto') == 'cpu'; print('torch' in sys.modules)")
+    code = (
+        "import sys; from pipeline.backends import resolve_device; "
+        "assert resolve_device('auto') == 'cpu'; print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

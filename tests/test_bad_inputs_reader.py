@@ -217,8 +217,9 @@ def test_one_flipped_byte_in_a_zlib_tile_fails_on_read(tmp_path: Path) -> None:
     np.testing.assert_array_equal(model.array[:, :64].compute(), image[:64].transpose(2, 0, 1))
     with pytest.raises(InputError) as err:
         model.array[:, 70:80, 70:80].compute()
-    assert_clear(err, path, "corrupt-input",
-                 "cannot decode series 0 level 0 tile at y 64:128, x 64:128")  # fmt: skip
+    assert_clear(
+        err, path, "corrupt-input", "cannot decode series 0 level 0 tile at y 64:128, x 64:128"
+    )
 
 
 def test_one_flipped_byte_in_a_jpeg_tile_is_not_detectable(tmp_path: Path) -> None:
@@ -295,8 +296,15 @@ def test_huge_compressed_strip_is_refused_with_a_size(
     tifffile.imwrite(path, np.zeros((2000, 1000), np.uint8), compression="zlib", rowsperstrip=2000)
     with pytest.raises(InputError) as err:
         open_image(path)
-    assert_clear(err, path, "unsupported-format", "2000 x 1000 uint8", "1.9 MiB decoded",
-                 "more than the 1.0 MiB allowed", "re-save it tiled")  # fmt: skip
+    assert_clear(
+        err,
+        path,
+        "unsupported-format",
+        "2000 x 1000 uint8",
+        "1.9 MiB decoded",
+        "more than the 1.0 MiB allowed",
+        "re-save it tiled",
+    )
 
 
 # --- B6: absurd declared sizes and decompression bombs ----------------------------------------
@@ -304,14 +312,19 @@ def test_huge_compressed_strip_is_refused_with_a_size(
 
 def test_tiny_file_declaring_a_terapixel_tiled_image(tmp_path: Path) -> None:
     path = tmp_path / "huge.tif"
-    tifffile.imwrite(path, np.zeros((64, 64), np.uint8), tile=(32, 32), compression="zlib",
-                     metadata=None)  # fmt: skip
+    tifffile.imwrite(
+        path, np.zeros((64, 64), np.uint8), tile=(32, 32), compression="zlib", metadata=None
+    )
     _patch_tag(path, 256, 10**6)
     _patch_tag(path, 257, 10**6)
     with pytest.raises(InputError) as err:
         open_image(path)
-    assert_clear(err, path, "corrupt-input",
-                 "declares 1000000 x 1000000 pixels in 976562500 tiles but the file lists 4")
+    assert_clear(
+        err,
+        path,
+        "corrupt-input",
+        "declares 1000000 x 1000000 pixels in 976562500 tiles but the file lists 4",
+    )
     assert os.path.getsize(path) < 2000
 
 
@@ -343,8 +356,14 @@ def _replace_tile(path: Path, index: int, payload: bytes) -> None:
 def test_jpeg_tile_declaring_a_giant_size_is_not_decoded(tmp_path: Path) -> None:
     """Undefended, libjpeg allocates and fills 60,000 x 60,000 x 3 (10 GB) for this tile."""
     path = tmp_path / "bomb.tif"
-    tifffile.imwrite(path, np.zeros((64, 64, 3), np.uint8), tile=(32, 32), compression="jpeg",
-                     photometric="rgb", metadata=None)  # fmt: skip
+    tifffile.imwrite(
+        path,
+        np.zeros((64, 64, 3), np.uint8),
+        tile=(32, 32),
+        compression="jpeg",
+        photometric="rgb",
+        metadata=None,
+    )
     with tifffile.TiffFile(path) as tif:
         page = tif.pages.first
         tile = path.read_bytes()[page.dataoffsets[0] : page.dataoffsets[0] + page.databytecounts[0]]
@@ -382,8 +401,9 @@ def test_jpeg2000_tile_declaring_a_giant_size_is_not_decoded(
 
 def test_zlib_bomb_tile_stops_at_the_tile_size(tmp_path: Path) -> None:
     path = tmp_path / "bomb.tif"
-    tifffile.imwrite(path, np.zeros((64, 64), np.uint8), tile=(32, 32), compression="zlib",
-                     metadata=None)  # fmt: skip
+    tifffile.imwrite(
+        path, np.zeros((64, 64), np.uint8), tile=(32, 32), compression="zlib", metadata=None
+    )
     squeeze = zlib.compressobj(9)
     zeros = bytes(2**20)
     payload = b"".join(squeeze.compress(zeros) for _ in range(64)) + squeeze.flush()  # 64 MiB
@@ -410,8 +430,7 @@ def test_float_volume_with_nan_fails_where_it_is_read(tmp_path: Path) -> None:
     np.testing.assert_array_equal(model.array[:, :4].compute()[0], volume[:4])  # clean planes
     with pytest.raises(InputError) as err:
         model.array[:, 4:6, 32:64, 32:64].compute()
-    assert_clear(err, path, "nonfinite-input", "NaN or Inf", "series 0 level 0",
-                 "z=5, y=40, x=50")  # fmt: skip
+    assert_clear(err, path, "nonfinite-input", "NaN or Inf", "series 0 level 0", "z=5, y=40, x=50")
 
 
 # --- B10: tiny images -------------------------------------------------------------------------
@@ -427,8 +446,9 @@ def test_tiny_images_run_padded(tmp_path: Path, shape: tuple[int, int]) -> None:
     model = open_for_model(tmp_path / "tiny.tif", ndim=2, in_channels=3)
     out = predict_array(model.array, cfg=RunConfig(backend="identity", tile=64))
     np.testing.assert_array_equal(out, image.transpose(2, 0, 1))
-    assert open_for_model(tmp_path / "tiny.tif", ndim=2, in_channels=3, mpp=10.0,
-                          mpp_input=1.0).array.shape == (3, 1, 1) or shape != (1, 1)  # fmt: skip
+    assert open_for_model(
+        tmp_path / "tiny.tif", ndim=2, in_channels=3, mpp=10.0, mpp_input=1.0
+    ).array.shape == (3, 1, 1) or shape != (1, 1)
 
 
 # --- B13: Zarr inputs with a deleted or truncated chunk ---------------------------------------
@@ -446,12 +466,17 @@ def test_zarr_truncated_chunk_fails_deleted_chunk_is_fill(
 
     compressors = {"blosc": numcodecs.Blosc(cname="lz4"), "zstd": ZstdCodec(), None: None}[codec]
     path = tmp_path / "a.zarr"
-    arr = zarr.create_array(path, shape=(64, 64), chunks=(32, 32), dtype="u2",
-                            zarr_format=zarr_format, compressors=compressors,
-                            dimension_names=None if zarr_format == 2 else ["y", "x"],
-                            attributes={"_ARRAY_DIMENSIONS": ["y", "x"]}
-                            if zarr_format == 2 else None,
-                            fill_value=0)  # fmt: skip
+    arr = zarr.create_array(
+        path,
+        shape=(64, 64),
+        chunks=(32, 32),
+        dtype="u2",
+        zarr_format=zarr_format,
+        compressors=compressors,
+        dimension_names=None if zarr_format == 2 else ["y", "x"],
+        attributes={"_ARRAY_DIMENSIONS": ["y", "x"]} if zarr_format == 2 else None,
+        fill_value=0,
+    )
     arr[:] = 7
     chunk = path / ("1.1" if zarr_format == 2 else "c/1/1")
     chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
@@ -470,8 +495,14 @@ def test_zarr_truncated_chunk_fails_deleted_chunk_is_fill(
 
 @pytest.mark.parametrize(
     "name",
-    ["with space.tif", "brackets [1] (copy).tif", "Präparat_δ_標本.tif",
-     "-starts-with-dash.tif", "two..dots.tif", "..tif"],
+    [
+        "with space.tif",
+        "brackets [1] (copy).tif",
+        "Präparat_δ_標本.tif",
+        "-starts-with-dash.tif",
+        "two..dots.tif",
+        "..tif",
+    ],
 )
 def test_odd_file_names_are_read(tmp_path: Path, name: str) -> None:
     image = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)

@@ -24,7 +24,6 @@ AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 NUCLEI = "nuclei2d/bbbc007/images"
 
 
-
 def cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
@@ -56,10 +55,16 @@ def write_broken(folder: Path) -> dict[str, tuple[str, ...]]:
     whole.unlink()
     (folder / "dangling.svs").symlink_to(folder / "moved-away.svs")
     (folder / "loop.tif").symlink_to(folder / "loop.tif")
-    return {"empty.tif": ("empty",), "random.svs": ("TIFF",), "text.tif": ("TIFF",),
-            "truncated.tif": ("truncated",), "header-only.tif": ("damaged",),
-            "codec 34999.tif": ("34999",), "dangling.svs": ("symbolic link",),
-            "loop.tif": ("symbolic link",)}
+    return {
+        "empty.tif": ("empty",),
+        "random.svs": ("TIFF",),
+        "text.tif": ("TIFF",),
+        "truncated.tif": ("truncated",),
+        "header-only.tif": ("damaged",),
+        "codec 34999.tif": ("34999",),
+        "dangling.svs": ("symbolic link",),
+        "loop.tif": ("symbolic link",),
+    }
 
 
 def report_of(out: Path) -> dict[str, dict]:
@@ -77,8 +82,10 @@ def assert_identity(entry: dict, expected: np.ndarray, out: Path) -> None:
 
 def test_folder_with_good_and_broken_slides(tmp_path, data_dir):
     folder = tmp_path / "slides"
-    expected = {name: write_slide(folder / rel, seed) for seed, (name, rel) in enumerate(
-        [("s1.tif", "s1.tif"), ("s2.svs", "case 2/s2.svs")])}
+    expected = {
+        name: write_slide(folder / rel, seed)
+        for seed, (name, rel) in enumerate([("s1.tif", "s1.tif"), ("s2.svs", "case 2/s2.svs")])
+    }
     for name in sorted(os.listdir(data_dir / NUCLEI))[:2]:
         shutil.copy(data_dir / NUCLEI / name, folder / name)
         expected[name] = tifffile.imread(folder / name)
@@ -114,8 +121,19 @@ def tree(root: Path) -> set[str]:
 
 def test_real_world_names_get_distinct_safe_outputs_inside_out(tmp_path, monkeypatch):
     folder = tmp_path / "in"
-    names = ["-x.tif", "..x.tif", "a b (1).tif", "sub/a b (1).tif", "ü.tif", "日本.tif",
-             "a.b.c.tif", "CON.tif", "report.json.tif", "zarr.json.tif", "several..dots..tif"]
+    names = [
+        "-x.tif",
+        "..x.tif",
+        "a b (1).tif",
+        "sub/a b (1).tif",
+        "ü.tif",
+        "日本.tif",
+        "a.b.c.tif",
+        "CON.tif",
+        "report.json.tif",
+        "zarr.json.tif",
+        "several..dots..tif",
+    ]
     expected = {n: write_slide(folder / n, seed, (40, 50)) for seed, n in enumerate(names)}
     up = "../../../up.svs"  # RELIABILITY S4: an input named through ..
     deep = folder / "sub" / "deeper"
@@ -129,8 +147,9 @@ def test_real_world_names_get_distinct_safe_outputs_inside_out(tmp_path, monkeyp
 
     assert result.exit_code == 0, result.output
     entries = json.loads((out / "report.json").read_text())["inputs"]
-    by_path = {e["path"] if e["path"] == up else os.path.relpath(e["path"], folder): e
-               for e in entries}
+    by_path = {
+        e["path"] if e["path"] == up else os.path.relpath(e["path"], folder): e for e in entries
+    }
     assert set(by_path) == set(expected)
     for rel, image in expected.items():
         assert_identity(by_path[rel], image, out)
@@ -194,8 +213,18 @@ def test_list_file_and_extensions(tmp_path):
     listing = tmp_path / "batch.txt"
     listing.write_text("# batch 7\nin\n\nother/c.tif\n")
     out = tmp_path / "out.zarr"
-    result = cli("run", listing, "--out", out, "--backend", "identity", "--scheduler", "sync",
-                 "--extensions", ".svs")
+    result = cli(
+        "run",
+        listing,
+        "--out",
+        out,
+        "--backend",
+        "identity",
+        "--scheduler",
+        "sync",
+        "--extensions",
+        ".svs",
+    )
     assert result.exit_code == 0, result.output
     report = report_of(out)
     assert_identity(report["a.svs"], a, out)

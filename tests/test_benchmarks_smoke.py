@@ -20,8 +20,13 @@ MACHINE = {"cpu", "cores", "ram_gb", "gpu", "versions"}
 
 
 def _run(script: str, history: Path, *extra: str) -> dict:
-    proc = subprocess.run([sys.executable, str(BENCH / script), "--quick", "--out", str(history),
-                           *extra], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), "--quick", "--out", str(history), *extra],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = history.read_text().splitlines()
     assert len(lines) == 1

@@ -79,8 +79,9 @@ def test_demo_masks_match_the_ground_truth(demo: tuple[dict, Path, list[str]]) -
         assert dice(prob > 127, truth) > 0.5, name
 
 
-def test_cli_demo_passes_folder_seconds_and_echo(monkeypatch: pytest.MonkeyPatch,
-                                                 tmp_path: Path) -> None:
+def test_cli_demo_passes_folder_seconds_and_echo(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     from click.testing import CliRunner
 
     from pipeline import demo as demo_module

@@ -38,13 +38,23 @@ def by_reason(found) -> dict[str, set[str]]:
 
 def test_folder_search_is_recursive_sorted_and_notes_what_it_leaves(tmp_path):
     root = tmp_path / "slides"
-    for rel in ["b.svs", "a/c.TIF", "a/z/d.ndpi", "..x.tif", "notes.txt", "a/readme.md",
-                ".DS_Store", ".git/e.tif", "._b.svs"]:
+    for rel in [
+        "b.svs",
+        "a/c.TIF",
+        "a/z/d.ndpi",
+        "..x.tif",
+        "notes.txt",
+        "a/readme.md",
+        ".DS_Store",
+        ".git/e.tif",
+        "._b.svs",
+    ]:
         touch(root / rel)
     zarr_folder(root / "e.ome.zarr")
     found = find_inputs([root])
-    assert found.paths == [str(root / p) for p in
-                           ["..x.tif", "a/c.TIF", "a/z/d.ndpi", "b.svs", "e.ome.zarr"]]
+    assert found.paths == [
+        str(root / p) for p in ["..x.tif", "a/c.TIF", "a/z/d.ndpi", "b.svs", "e.ome.zarr"]
+    ]
     assert by_reason(found) == {"not-an-image": {"notes.txt", "readme.md", "._b.svs"}}
     for r in found.results:
         assert r.state == "skipped" and r.message.startswith(r.path) and "Hint" in r.message
@@ -66,19 +76,29 @@ def test_list_file_comments_relative_paths_and_folders(tmp_path, monkeypatch):
     touch(tmp_path / "s" / "deep" / "c.tif")
     absolute = touch(tmp_path / "elsewhere" / "d.tif")
     touch(lists / "inner.txt", "ignored")
-    touch(lists / "batch.TXT", "\ufeff# slides for batch 7\n\n  ../s/a b (1).svs  \n"
-          f"{absolute}\n../s/deep\n   # indented comment\n../missing.svs\ninner.txt\n")
+    touch(
+        lists / "batch.TXT",
+        "\ufeff# slides for batch 7\n\n  ../s/a b (1).svs  \n"
+        f"{absolute}\n../s/deep\n   # indented comment\n../missing.svs\ninner.txt\n",
+    )
     monkeypatch.chdir(tmp_path / "elsewhere")  # relative entries follow the list, not the cwd
     found = find_inputs([lists / "batch.TXT"])
     assert [os.path.normpath(p) for p in found.paths] == [
-        str(tmp_path / "s" / "a b (1).svs"), str(absolute), str(tmp_path / "s" / "deep" / "c.tif")]
+        str(tmp_path / "s" / "a b (1).svs"),
+        str(absolute),
+        str(tmp_path / "s" / "deep" / "c.tif"),
+    ]
     assert by_reason(found) == {"not-an-image": {"inner.txt"}, "not-found": {"missing.svs"}}
     missing = next(r for r in found.results if r.reason == "not-found")
-    assert missing.state == "failed" and f"listed in {lists / 'batch.TXT'} line 7" in missing.message
+    assert (
+        missing.state == "failed" and f"listed in {lists / 'batch.TXT'} line 7" in missing.message
+    )
 
 
-@pytest.mark.parametrize("case, problem", [
-    ("missing", "does not exist"), ("binary", "not UTF-8"), ("unreadable", "cannot read")])
+@pytest.mark.parametrize(
+    "case, problem",
+    [("missing", "does not exist"), ("binary", "not UTF-8"), ("unreadable", "cannot read")],
+)
 def test_a_list_that_cannot_be_read_is_a_usage_error(tmp_path, case, problem):
     path = tmp_path / "inputs.list"
     if case == "binary":
@@ -146,13 +166,27 @@ def test_a_folder_that_cannot_be_listed_fails(tmp_path):
     assert (r.state, r.reason) == ("failed", "unreadable-folder") and str(locked) in r.message
 
 
-@pytest.mark.parametrize("path, name", [
-    ("-x.svs", "x"), ("a b (1).tif", "a_b_1"), ("ü.tif", "u"), ("a.b.c.tif", "a.b.c"),
-    ("..x.tif", "x"), ("../../x.svs", "x"), ("x.ome.tiff", "x"), ("dir/slide.ome.zarr/", "slide"),
-    ("CON.tif", "CON_"), ("lpt1.b.tif", "lpt1_.b"), ("report.json.tif", "report_json"),
-    ("zarr.json.tif", "zarr_json"), ("a\\b.tif", "a_b"), ("__x__.tif", "x"), ("...tif", "image"),
-    ("x\n\x1b[31m.svs", "x_31m"),
-])
+@pytest.mark.parametrize(
+    "path, name",
+    [
+        ("-x.svs", "x"),
+        ("a b (1).tif", "a_b_1"),
+        ("ü.tif", "u"),
+        ("a.b.c.tif", "a.b.c"),
+        ("..x.tif", "x"),
+        ("../../x.svs", "x"),
+        ("x.ome.tiff", "x"),
+        ("dir/slide.ome.zarr/", "slide"),
+        ("CON.tif", "CON_"),
+        ("lpt1.b.tif", "lpt1_.b"),
+        ("report.json.tif", "report_json"),
+        ("zarr.json.tif", "zarr_json"),
+        ("a\\b.tif", "a_b"),
+        ("__x__.tif", "x"),
+        ("...tif", "image"),
+        ("x\n\x1b[31m.svs", "x_31m"),
+    ],
+)
 def test_sanitize_name(path, name):
     assert sanitize_name(path) == name
 
@@ -164,7 +198,7 @@ def test_names_without_ascii_stay_apart():
 
 def test_any_name_is_one_safe_entry_inside_the_root(tmp_path):
     rnd = random.Random(0)
-    alphabet = "aZ09 ._-/\\()[]{}~$#%&!'\"`ü日\u0301\x00\n\t:*?<>|" + "."*6
+    alphabet = "aZ09 ._-/\\()[]{}~$#%&!'\"`ü日\u0301\x00\n\t:*?<>|" + "." * 6
     for _ in range(2000):
         name = sanitize_name("".join(rnd.choice(alphabet) for _ in range(rnd.randint(0, 12))))
         assert SAFE.fullmatch(name) and not name.endswith(".") and len(name) <= 120, name
@@ -172,8 +206,17 @@ def test_any_name_is_one_safe_entry_inside_the_root(tmp_path):
 
 
 def test_unique_names_tell_clashes_apart_by_folder_then_number():
-    paths = ["case1/HE.svs", "case2/HE.svs", "x.tif", "x.tiff", "a/b/c.tif", "d/b/c.tif",
-             "X-2.tif", "ü.tif", "u.tif"]
+    paths = [
+        "case1/HE.svs",
+        "case2/HE.svs",
+        "x.tif",
+        "x.tiff",
+        "a/b/c.tif",
+        "d/b/c.tif",
+        "X-2.tif",
+        "ü.tif",
+        "u.tif",
+    ]
     names = unique_names(paths)
     assert names == ["case1_HE", "case2_HE", "x", "x-2", "a_b_c", "d_b_c", "X-2-2", "u", "u-2"]
     assert len({n.lower() for n in names}) == len(names)

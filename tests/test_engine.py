@@ -18,15 +18,20 @@ def identity(array, **cfg):
 
 
 @pytest.mark.parametrize("blend", ["gaussian", "cosine", "constant", "crop"])
-@pytest.mark.parametrize("shape,tile,overlap,block", [
-    ((1, 97, 131), 32, 8, 32),
-    ((3, 200, 61), 64, 16, 64),
-    ((2, 45, 45), 64, 0, 128),       # image smaller than one tile
-    ((1, 7, 1), 16, 4, 16),          # degenerate axis
-])
+@pytest.mark.parametrize(
+    "shape,tile,overlap,block",
+    [
+        ((1, 97, 131), 32, 8, 32),
+        ((3, 200, 61), 64, 16, 64),
+        ((2, 45, 45), 64, 0, 128),  # image smaller than one tile
+        ((1, 7, 1), 16, 4, 16),  # degenerate axis
+    ],
+)
 def test_identity_reproduces_input_2d(rng, blend, shape, tile, overlap, block):
     image = rng.integers(0, 256, size=shape, dtype=np.uint8)
-    out = identity(image, tile=(tile,), overlap=overlap, blend=blend, block=block, chunk=block // 2 or 1)
+    out = identity(
+        image, tile=(tile,), overlap=overlap, blend=blend, block=block, chunk=block // 2 or 1
+    )
     assert out.dtype == np.uint8 and out.shape == image.shape
     np.testing.assert_array_equal(out, image)
 
@@ -95,9 +100,15 @@ def test_block_invariance(valid_net, rng):
     path = path.replace(".pt", ".onnx")
     image = rng.integers(0, 256, size=(1, 170, 150), dtype=np.uint8)
     tile = spec.nearest_tiles(48 + 2 * spec.margin)[1]
-    outs = [predict_array(image, path, RunConfig(tile=(tile,), dtype="float32", chunk=16, block=b,
-                                                 blend=blend, overlap=16))
-            for blend in ("gaussian", "crop") for b in (tile, 2 * tile, 4 * tile)]
+    outs = [
+        predict_array(
+            image,
+            path,
+            RunConfig(tile=(tile,), dtype="float32", chunk=16, block=b, blend=blend, overlap=16),
+        )
+        for blend in ("gaussian", "crop")
+        for b in (tile, 2 * tile, 4 * tile)
+    ]
     for blend_outs in (outs[:3], outs[3:]):
         for other in blend_outs[1:]:
             np.testing.assert_array_equal(other, blend_outs[0])
@@ -133,8 +144,9 @@ def test_every_tile_runs_exactly_once(block, blend):
     cfg = RunConfig(backend="identity", tile=(32,), overlap=8, blend=blend, block=block, chunk=16)
     image = np.random.default_rng(3).integers(0, 256, (1, 150, 77), dtype=np.uint8)
     plan = make_plan(spec, image.shape[1:], 1, 1, cfg)
-    tasks = make_tasks(plan, image, BackendRef(None, "identity", overrides=(("ndim", 2),)),
-                       spec, 1, cfg, None)
+    tasks = make_tasks(
+        plan, image, BackendRef(None, "identity", overrides=(("ndim", 2),)), spec, 1, cfg, None
+    )
     results = list(run_local(tasks))
     assert sum(r.tiles for r in results) == plan.lattice.n_tiles
     out = np.zeros_like(image)

@@ -25,8 +25,15 @@ VARIANTS = [("same", 2, 3), ("valid", 2, 3), ("same", 3, 2), ("valid", 3, 2)]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def make_net(padding: str = "valid", ndim: int = 2, depth: int = 3, cin: int = 1, classes: int = 2,
-             seed: int = 0, **kw) -> UNet:
+def make_net(
+    padding: str = "valid",
+    ndim: int = 2,
+    depth: int = 3,
+    cin: int = 1,
+    classes: int = 2,
+    seed: int = 0,
+    **kw,
+) -> UNet:
     """A small U-Net with random weights and random BatchNorm statistics."""
     torch.manual_seed(seed)
     net = UNet(cin, classes, base=4, depth=depth, ndim=ndim, padding=padding, **kw)
@@ -97,7 +104,9 @@ def test_default_export_is_the_paper_layout_with_sigmoid(tmp_path: Path) -> None
 
 def test_overrides_win_over_metadata(tmp_path: Path) -> None:
     export_model(tmp_path / "m.onnx", model=make_net(), check=False)
-    spec = read_model_spec(tmp_path / "m.onnx", overrides={"normalize": "none", "activation": "none"})
+    spec = read_model_spec(
+        tmp_path / "m.onnx", overrides={"normalize": "none", "activation": "none"}
+    )
     assert (spec.normalize, spec.activation, spec.margin) == ("none", "none", 44)
     with pytest.raises(ConfigError, match="bogus"):
         read_model_spec(tmp_path / "m.onnx", overrides={"bogus": 1})
@@ -110,8 +119,15 @@ def _foreign_files(tmp_path: Path) -> tuple[UNet, Path, Path]:
         warnings.simplefilter("ignore")
         torch.jit.trace(net, x).save(str(tmp_path / "foreign.pt"))
         axes = {0: "b", 2: "h", 3: "w"}
-        torch.onnx.export(net, (x,), str(tmp_path / "foreign.onnx"), dynamo=False, input_names=["x"],
-                          output_names=["y"], dynamic_axes={"x": axes, "y": axes})
+        torch.onnx.export(
+            net,
+            (x,),
+            str(tmp_path / "foreign.onnx"),
+            dynamo=False,
+            input_names=["x"],
+            output_names=["y"],
+            dynamic_axes={"x": axes, "y": axes},
+        )
     return net, tmp_path / "foreign.pt", tmp_path / "foreign.onnx"
 
 
@@ -136,7 +152,9 @@ def test_foreign_3d_torchscript_is_probed(tmp_path: Path) -> None:
     assert (spec.ndim, spec.classes, spec.margin, spec.step, spec.min_tile) == (3, 1, 20, 4, 44)
 
 
-def test_full_geometry_overrides_skip_the_probe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_full_geometry_overrides_skip_the_probe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _, ts, _ = _foreign_files(tmp_path)
 
     def no_probe(*args: object, **kwargs: object) -> None:
@@ -151,7 +169,13 @@ def test_full_geometry_overrides_skip_the_probe(tmp_path: Path, monkeypatch: pyt
 def test_non_unet_module_is_probed_at_export(tmp_path: Path) -> None:
     net = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Conv2d(3, 1, 3), nn.Sigmoid())
     spec = export_model(tmp_path / "seq.onnx", model=net, in_channels=2, activation="sigmoid")
-    assert (spec.in_channels, spec.classes, spec.margin, spec.step, spec.min_tile) == (2, 1, 2, 1, 5)
+    assert (spec.in_channels, spec.classes, spec.margin, spec.step, spec.min_tile) == (
+        2,
+        1,
+        2,
+        1,
+        5,
+    )
     assert spec.activation == "sigmoid" and spec.extra["architecture"] == "Sequential"
 
 
@@ -240,13 +264,15 @@ def test_backend_that_contradicts_the_content(tmp_path: Path) -> None:
 
 
 def _external_model(folder: Path, location: str) -> Path:
-    weight = onnx.helper.make_tensor("w", onnx.TensorProto.FLOAT, [1, 1, 1, 1],
-                                     np.float32(1).tobytes(), raw=True)
+    weight = onnx.helper.make_tensor(
+        "w", onnx.TensorProto.FLOAT, [1, 1, 1, 1], np.float32(1).tobytes(), raw=True
+    )
     onnx.external_data_helper.set_external_data(weight, location=location)
     weight.ClearField("raw_data")
     node = onnx.helper.make_node("Conv", ["x", "w"], ["y"])
     graph = onnx.helper.make_graph(
-        [node], "g",
+        [node],
+        "g",
         [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["b", 1, "h", "w"])],
         [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["b", 1, "h", "w"])],
         [weight],
@@ -273,8 +299,14 @@ def test_onnx_external_data_beside_the_model_is_accepted(tmp_path: Path) -> None
     proto = onnx.load(str(tmp_path / "m.onnx"))
     folder = tmp_path / "ext"
     folder.mkdir()
-    onnx.save_model(proto, str(folder / "m.onnx"), save_as_external_data=True,
-                    all_tensors_to_one_file=True, location="m.weights", size_threshold=0)
+    onnx.save_model(
+        proto,
+        str(folder / "m.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="m.weights",
+        size_threshold=0,
+    )
     assert (folder / "m.weights").stat().st_size > 0
     x = np.random.default_rng(0).random((1, 1, 92, 100), dtype=np.float32)
     with load_backend(folder / "m.onnx", device="cpu") as backend:
@@ -288,8 +320,10 @@ def test_failed_check_removes_the_file(tmp_path: Path) -> None:
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
-@pytest.mark.parametrize("kwargs", [{"fmt": "tflite"}, {"normalize": "zscore"}, {"padding": "full"},
-                                    {"extra": {"f": object()}}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"fmt": "tflite"}, {"normalize": "zscore"}, {"padding": "full"}, {"extra": {"f": object()}}],
+)
 def test_bad_export_options(tmp_path: Path, kwargs: dict) -> None:
     with pytest.raises(ConfigError):
         export_model(tmp_path / "m.onnx", base=4, depth=2, **kwargs)
@@ -319,8 +353,12 @@ def test_foreign_model_runs_end_to_end_on_a_dask_cluster(tmp_path: Path) -> None
     net, _, onnx_path = _foreign_files(tmp_path)
     image = np.random.default_rng(1).integers(0, 256, (3, 90, 70), dtype=np.uint8)
     tifffile.imwrite(tmp_path / "img.tif", image, photometric="rgb", planarconfig="separate")
-    report = run([str(tmp_path / "img.tif")], tmp_path / "o.zarr", str(onnx_path),
-                 RunConfig(dtype="float32", workers=1, tile=(92 + 16,)))
+    report = run(
+        [str(tmp_path / "img.tif")],
+        tmp_path / "o.zarr",
+        str(onnx_path),
+        RunConfig(dtype="float32", workers=1, tile=(92 + 16,)),
+    )
     assert report.ok, report.inputs[0].message
     got = zarr.open_array(str(tmp_path / "o.zarr" / "img" / "0"), mode="r")[:]
     spec = read_model_spec(onnx_path)

@@ -33,8 +33,6 @@ def smooth_rgb(height: int, width: int) -> np.ndarray:
     return np.stack([yy % 256, (xx // 2 + 40) % 256, ((yy + xx) // 2) % 256], -1).astype(np.uint8)
 
 
-
-
 # --- fixture writers --------------------------------------------------------------------
 
 
@@ -64,12 +62,23 @@ def _mcu_starts(jpeg: bytes) -> list[int]:
 
 def _ndpi_tags(h: int, w: int, data_offset: int, data: bytes, mag: float, mpp: float | None):
     tags = {
-        256: ("I", [w]), 257: ("I", [h]), 258: ("H", [8, 8, 8]), 259: ("H", [7]),
-        262: ("H", [6]), 271: ("s", b"Hamamatsu\0"), 272: ("s", b"C13210\0"),
-        273: ("I", [data_offset]), 277: ("H", [3]), 278: ("I", [h]), 279: ("I", [len(data)]),
-        305: ("s", b"NDP.scan 3.2\0"), 65420: ("I", [1]), 65421: ("f", [mag]),
-        65422: ("I", [0]), 65423: ("I", [0]),
-    }  # fmt: skip
+        256: ("I", [w]),
+        257: ("I", [h]),
+        258: ("H", [8, 8, 8]),
+        259: ("H", [7]),
+        262: ("H", [6]),
+        271: ("s", b"Hamamatsu\0"),
+        272: ("s", b"C13210\0"),
+        273: ("I", [data_offset]),
+        277: ("H", [3]),
+        278: ("I", [h]),
+        279: ("I", [len(data)]),
+        305: ("s", b"NDP.scan 3.2\0"),
+        65420: ("I", [1]),
+        65421: ("f", [mag]),
+        65422: ("I", [0]),
+        65423: ("I", [0]),
+    }
     if mpp:
         per_cm = round(1e4 / mpp * 1000)
         tags.update({282: ("R", [per_cm, 1000]), 283: ("R", [per_cm, 1000]), 296: ("H", [3])})
@@ -77,14 +86,19 @@ def _ndpi_tags(h: int, w: int, data_offset: int, data: bytes, mag: float, mpp: f
 
 
 def write_ndpi(
-    path: Path, levels: list[np.ndarray], mpp: float, magnification: float = 20.0,
+    path: Path,
+    levels: list[np.ndarray],
+    mpp: float,
+    magnification: float = 20.0,
     macro: np.ndarray | None = None,
-) -> None:  # fmt: skip
+) -> None:
     """Write an NDPI-like slide: RGB ``levels`` (finest first) plus an optional macro."""
     types = {"H": (3, 2), "I": (4, 4), "f": (11, 4), "R": (5, 8), "s": (2, 1)}
     out = bytearray(b"II" + struct.pack("<H", 42) + b"\0" * 8)  # NDPI: 8-byte IFD offset
-    pages = [(lv, magnification, mpp * levels[0].shape[1] / lv.shape[1], n == 0)
-             for n, lv in enumerate(levels)]  # fmt: skip
+    pages = [
+        (lv, magnification, mpp * levels[0].shape[1] / lv.shape[1], n == 0)
+        for n, lv in enumerate(levels)
+    ]
     if macro is not None:
         pages.append((macro, -1.0, None, False))
     next_at = 4
@@ -119,26 +133,44 @@ def write_ndpi(
 
 
 def write_qptiff(
-    path: Path, channels: np.ndarray, names: list[str], *, tile: tuple[int, int] | None,
-    mpp: float = 0.5, pyramid: bool = False,
-) -> None:  # fmt: skip
+    path: Path,
+    channels: np.ndarray,
+    names: list[str],
+    *,
+    tile: tuple[int, int] | None,
+    mpp: float = 0.5,
+    pyramid: bool = False,
+) -> None:
     """A QPTIFF-like multiplex file: one page per channel, a thumbnail, optional level 1."""
+
     def description(name: str) -> str:
-        return ("<?xml version='1.0' encoding='utf-8'?><PerkinElmer-QPI-ImageDescription>"
-                f"<ImageType>FullResolution</ImageType><Name>{name}</Name>"
-                f"<Biomarker>{name}</Biomarker></PerkinElmer-QPI-ImageDescription>")  # fmt: skip
+        return (
+            "<?xml version='1.0' encoding='utf-8'?><PerkinElmer-QPI-ImageDescription>"
+            f"<ImageType>FullResolution</ImageType><Name>{name}</Name>"
+            f"<Biomarker>{name}</Biomarker></PerkinElmer-QPI-ImageDescription>"
+        )
 
     common = {"software": "PerkinElmer-QPI", "metadata": None, "resolutionunit": "CENTIMETER"}
     with tifffile.TiffWriter(path) as tif:
         for plane, name in zip(channels, names):
-            tif.write(plane, tile=tile, description=description(name),
-                      resolution=(1e4 / mpp, 1e4 / mpp), **common)  # fmt: skip
+            tif.write(
+                plane,
+                tile=tile,
+                description=description(name),
+                resolution=(1e4 / mpp, 1e4 / mpp),
+                **common,
+            )
         thumb = np.zeros((channels.shape[1] // 8, channels.shape[2] // 8, 3), np.uint8)
         tif.write(thumb, photometric="rgb", description=description("Thumbnail"), **common)
         if pyramid:
             for plane, name in zip(channels, names):
-                tif.write(plane[::2, ::2].copy(), tile=tile, description=description(name),
-                          resolution=(1e4 / (2 * mpp), 1e4 / (2 * mpp)), **common)  # fmt: skip
+                tif.write(
+                    plane[::2, ::2].copy(),
+                    tile=tile,
+                    description=description(name),
+                    resolution=(1e4 / (2 * mpp), 1e4 / (2 * mpp)),
+                    **common,
+                )
 
 
 # --- Hamamatsu NDPI -----------------------------------------------------------------------
@@ -205,8 +237,12 @@ def test_ome_tiff_multiplex_pyramid(tmp_path: Path) -> None:
     planes = np.random.default_rng(1).integers(0, 60000, (3, 256, 192), dtype=np.uint16)
     path = tmp_path / "cycif.ome.tif"
     with tifffile.TiffWriter(path) as tif:
-        meta = {"axes": "CYX", "PhysicalSizeX": 0.325, "PhysicalSizeY": 0.325,
-                "Channel": {"Name": ["DNA", "CD45", "Ki67"]}}  # fmt: skip
+        meta = {
+            "axes": "CYX",
+            "PhysicalSizeX": 0.325,
+            "PhysicalSizeY": 0.325,
+            "Channel": {"Name": ["DNA", "CD45", "Ki67"]},
+        }
         tif.write(planes, subifds=1, tile=(64, 64), compression="zlib", metadata=meta)
         tif.write(planes[:, ::2, ::2].copy(), subfiletype=1, tile=(64, 64), compression="zlib")
     src = open_image(path)
@@ -228,9 +264,16 @@ def test_generic_tiled_pyramid(tmp_path: Path, subifds: bool) -> None:
     with tifffile.TiffWriter(path) as tif:
         for n, level in enumerate(levels):
             kwargs = {"subifds": 2} if subifds and n == 0 else {"subfiletype": 1} if n else {}
-            tif.write(level, tile=(64, 64), compression="zlib", photometric="rgb", metadata=None,
-                      resolution=(1e4 / (0.25 * 2**n),) * 2, resolutionunit="CENTIMETER",
-                      **kwargs)  # fmt: skip
+            tif.write(
+                level,
+                tile=(64, 64),
+                compression="zlib",
+                photometric="rgb",
+                metadata=None,
+                resolution=(1e4 / (0.25 * 2**n),) * 2,
+                resolutionunit="CENTIMETER",
+                **kwargs,
+            )
     info = describe(path)
     main = info["series"][0]
     assert [lv["shape"] for lv in main["levels"]] == [[300, 400, 3], [150, 200, 3], [75, 100, 3]]
@@ -255,8 +298,13 @@ def test_rgba_drops_alpha_and_keeps_it_when_asked(tmp_path: Path) -> None:
 
 def test_gray_alpha_drops_alpha(tmp_path: Path) -> None:
     la = np.random.default_rng(0).integers(0, 255, (20, 30, 2), dtype=np.uint8)
-    tifffile.imwrite(tmp_path / "la.tif", la, photometric="minisblack", planarconfig="contig",
-                     extrasamples=["assocalpha"])  # fmt: skip
+    tifffile.imwrite(
+        tmp_path / "la.tif",
+        la,
+        photometric="minisblack",
+        planarconfig="contig",
+        extrasamples=["assocalpha"],
+    )
     model = open_for_model(tmp_path / "la.tif", ndim=2, in_channels=1)
     np.testing.assert_array_equal(model.array.compute(), la[None, ..., 0])
 
@@ -297,8 +345,13 @@ def test_sample_types_are_kept_for_normalisation(tmp_path: Path, dtype: str) -> 
 def test_one_bit_resampled_becomes_a_fraction(tmp_path: Path) -> None:
     data = np.zeros((8, 8), bool)
     data[:4, :2] = True
-    tifffile.imwrite(tmp_path / "bits.tif", data, photometric="minisblack",
-                     resolution=(1e4, 1e4), resolutionunit="CENTIMETER")  # 1 µm/px
+    tifffile.imwrite(
+        tmp_path / "bits.tif",
+        data,
+        photometric="minisblack",
+        resolution=(1e4, 1e4),
+        resolutionunit="CENTIMETER",
+    )  # 1 µm/px
     model = open_for_model(tmp_path / "bits.tif", ndim=2, in_channels=1, mpp=4.0)
     assert model.array.dtype == np.float32
     np.testing.assert_array_equal(model.array.compute()[0], [[0.5, 0.0], [0.0, 0.0]])
@@ -323,8 +376,13 @@ def test_unsupported_dtype_is_refused(tmp_path: Path) -> None:
     [
         (lambda: (np.zeros((20, 20, 4), np.uint8), {"photometric": "separated"}), "CMYK"),
         (lambda: (np.zeros((20, 20), np.uint8), {}), "--channels 0,0,0"),
-        (lambda: (np.zeros((5, 20, 20), np.uint8), {"photometric": "minisblack",
-                                                    "metadata": {"axes": "CYX"}}), "choose 3"),
+        (
+            lambda: (
+                np.zeros((5, 20, 20), np.uint8),
+                {"photometric": "minisblack", "metadata": {"axes": "CYX"}},
+            ),
+            "choose 3",
+        ),
     ],
     ids=["cmyk", "gray", "five-channel"],
 )

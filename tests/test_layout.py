@@ -18,10 +18,17 @@ from pipeline.io.sources import ImageSource, open_image
 def _source(shape: tuple[int, ...], axes: str, **info) -> ImageSource:
     data = np.arange(int(np.prod(shape)), dtype="uint16").reshape(shape)
     return ImageSource(
-        path="/data/img.tif", format="zarr", array=da.from_array(data, chunks=8), axes=axes,
-        pixel_size={"z": 2.0, "y": 0.5, "x": 0.5}, series=0, level=0, levels=(shape,),
-        dtype="uint16", info=info,
-    )  # fmt: skip
+        path="/data/img.tif",
+        format="zarr",
+        array=da.from_array(data, chunks=8),
+        axes=axes,
+        pixel_size={"z": 2.0, "y": 0.5, "x": 0.5},
+        series=0,
+        level=0,
+        levels=(shape,),
+        dtype="uint16",
+        info=info,
+    )
 
 
 # --- plan_axes -------------------------------------------------------------------------
@@ -134,8 +141,9 @@ def test_rgba_tiff_drops_alpha_for_rgb_model(tmp_path: Path) -> None:
 def test_cmyk_and_4_channel_stacks_are_not_taken_for_rgba(tmp_path: Path) -> None:
     cmyk = np.zeros((40, 30, 4), dtype=np.uint8)
     tifffile.imwrite(tmp_path / "cmyk.tif", cmyk, photometric="separated")
-    zarr.create_array(tmp_path / "four.zarr", shape=(4, 40, 30), dtype="u1",
-                      dimension_names=["c", "y", "x"])  # fmt: skip
+    zarr.create_array(
+        tmp_path / "four.zarr", shape=(4, 40, 30), dtype="u1", dimension_names=["c", "y", "x"]
+    )
     for path in (tmp_path / "cmyk.tif", tmp_path / "four.zarr"):
         with pytest.raises(InputError, match="got 4 channels, model expects 3") as err:
             to_model_layout(open_image(path), ndim=2, in_channels=3)

@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 import zarr
+from test_run import ngff_images
 
 from pipeline.config import RunConfig
 from pipeline.run import run
-from test_run import ngff_images
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +45,9 @@ CASES = [
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("relpath,model,tile,shape,scale", CASES,
-                         ids=[f"{c[0].split('/')[-1]}-{c[1]}" for c in CASES])
+@pytest.mark.parametrize(
+    "relpath,model,tile,shape,scale", CASES, ids=[f"{c[0].split('/')[-1]}-{c[1]}" for c in CASES]
+)
 def test_real_file_end_to_end(data_dir, tmp_path, models, relpath, model, tile, shape, scale):
     out = tmp_path / "out.zarr"
     cfg = RunConfig(tile=tile, workers=1, batch_size=4)
@@ -87,12 +88,22 @@ def test_real_slide_at_a_coarser_mpp(data_dir, tmp_path, relpath, shape, mpp0):
     from pipeline.cli import main
 
     out = tmp_path / "o.zarr"
-    args = ["run", str(data_dir / relpath), "--out", str(out), "--backend", "identity",
-            "--mpp", "2.0", "--no-skip-background"]
+    args = [
+        "run",
+        str(data_dir / relpath),
+        "--out",
+        str(out),
+        "--backend",
+        "identity",
+        "--mpp",
+        "2.0",
+        "--no-skip-background",
+    ]
     if mpp0 is None:
         refused = CliRunner().invoke(main, args)
         assert refused.exit_code == 1 and "missing-pixel-size" in json.dumps(
-            json.loads((out / "report.json").read_text()))
+            json.loads((out / "report.json").read_text())
+        )
         mpp0 = 0.25
         args += ["--mpp-input", str(mpp0)]
     result = CliRunner().invoke(main, args)
@@ -117,12 +128,23 @@ def test_model_declared_training_resolution_is_the_default(data_dir, tmp_path):
     from pipeline.cli import main
 
     model = tmp_path / "m.onnx"
-    result = CliRunner().invoke(main, ["export", str(model), "--in-channels", "3", "--base", "4",
-                                       "--depth", "2", "--mpp", "2.0"])
+    result = CliRunner().invoke(
+        main,
+        ["export", str(model), "--in-channels", "3", "--base", "4", "--depth", "2", "--mpp", "2.0"],
+    )
     assert result.exit_code == 0, result.output
     out = tmp_path / "o.zarr"
-    result = CliRunner().invoke(main, ["run", str(data_dir / "wsi/CMU-1-Small-Region.svs"),
-                                       "--out", str(out), "--model", str(model)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "run",
+            str(data_dir / "wsi/CMU-1-Small-Region.svs"),
+            "--out",
+            str(out),
+            "--model",
+            str(model),
+        ],
+    )
     assert result.exit_code == 0, result.output
     node = next(iter(ngff_images(out).values()))
     assert tuple(node.data[0].shape) == (1, 740, 554)

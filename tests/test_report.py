@@ -17,18 +17,41 @@ def result(path, state, **kw) -> InputResult:
 
 
 def sample() -> RunReport:
-    return RunReport(inputs=[
-        result("/d/a.svs", "done", output="/o.zarr/a", pixels=2_000_000, tiles=30,
-               skipped_tiles=10, tissue_fraction=0.42, seconds=3.25),
-        result("/d/b.tif", "failed", reason="bad-input",
-               message="/d/b.tif: is empty (0 bytes). Hint: the copy or export did not finish"),
-        result("/d/notes.txt", "skipped", reason="not-an-image", message="/d/notes.txt: ..."),
-    ], seconds=4.0)
+    return RunReport(
+        inputs=[
+            result(
+                "/d/a.svs",
+                "done",
+                output="/o.zarr/a",
+                pixels=2_000_000,
+                tiles=30,
+                skipped_tiles=10,
+                tissue_fraction=0.42,
+                seconds=3.25,
+            ),
+            result(
+                "/d/b.tif",
+                "failed",
+                reason="bad-input",
+                message="/d/b.tif: is empty (0 bytes). Hint: the copy or export did not finish",
+            ),
+            result("/d/notes.txt", "skipped", reason="not-an-image", message="/d/notes.txt: ..."),
+        ],
+        seconds=4.0,
+    )
 
 
-@pytest.mark.parametrize("states, ok", [
-    ([], True), (["done"], True), (["done", "skipped"], True), (["skipped"], True),
-    (["done", "failed"], False), (["pending"], False)])
+@pytest.mark.parametrize(
+    "states, ok",
+    [
+        ([], True),
+        (["done"], True),
+        (["done", "skipped"], True),
+        (["skipped"], True),
+        (["done", "failed"], False),
+        (["pending"], False),
+    ],
+)
 def test_ok_means_nothing_failed(states, ok):
     assert RunReport(inputs=[result(f"/{i}.tif", s) for i, s in enumerate(states)]).ok is ok
 
@@ -42,8 +65,17 @@ def test_report_fields():
     assert a["tissue_fraction"] == 0.42 and a["skipped_tiles"] == 10
     assert a["skipped_fraction"] == 0.25 and a["output"] == "/o.zarr/a" and a["seconds"] == 3.25
     assert b["tissue_fraction"] is None and b["skipped_fraction"] == 0.0
-    assert {"path", "name", "state", "reason", "message", "shape", "pixels", "tiles",
-            "blocks"} <= set(a)
+    assert {
+        "path",
+        "name",
+        "state",
+        "reason",
+        "message",
+        "shape",
+        "pixels",
+        "tiles",
+        "blocks",
+    } <= set(a)
 
 
 def test_write_is_atomic_and_leaves_no_temporary_file(tmp_path, monkeypatch):
@@ -94,15 +126,26 @@ def test_summary_table(capsys):
 
 def test_summary_fits_100_columns_whatever_the_names(capsys):
     long = "/slides/" + "very long slide name with many words " * 4 + "[final].svs"
-    report = RunReport(inputs=[
-        result(long, "done", output="/data/projects/x/" + "deep/" * 30 + "out.zarr/name"),
-        result("/s/日本語のスライド名前はとても長いです日本語のスライド.svs", "failed",
-               reason="bad-input", message="x" * 300),
-        result("/s/evil\x1b[2J\nname.tif", "failed", reason="not-found",
-               message="/s/evil\x1b[2J\nname.tif: does not exist"),
-    ], seconds=1.0)
+    report = RunReport(
+        inputs=[
+            result(long, "done", output="/data/projects/x/" + "deep/" * 30 + "out.zarr/name"),
+            result(
+                "/s/日本語のスライド名前はとても長いです日本語のスライド.svs",
+                "failed",
+                reason="bad-input",
+                message="x" * 300,
+            ),
+            result(
+                "/s/evil\x1b[2J\nname.tif",
+                "failed",
+                reason="not-found",
+                message="/s/evil\x1b[2J\nname.tif: does not exist",
+            ),
+        ],
+        seconds=1.0,
+    )
     lines = summary(report, capsys)
-    table = lines[:lines.index("failed:")]
+    table = lines[: lines.index("failed:")]
     assert all(cells(line) <= 100 for line in table), [cells(line) for line in table]
     assert "very long slid…s [final].svs " in table[1]  # a long name loses its middle
     assert table[1].rstrip().endswith("out.zarr/name")  # output path: start cut
@@ -110,9 +153,11 @@ def test_summary_fits_100_columns_whatever_the_names(capsys):
 
 
 def test_many_skipped_inputs_are_counted_per_reason(capsys):
-    report = RunReport(inputs=[result("/s/a.svs", "done", output="/o.zarr/a")] + [
-        result(f"/s/n{i}.txt", "skipped", reason="not-an-image") for i in range(20)] + [
-        result("/s/b.svs", "skipped", reason="duplicate")])
+    report = RunReport(
+        inputs=[result("/s/a.svs", "done", output="/o.zarr/a")]
+        + [result(f"/s/n{i}.txt", "skipped", reason="not-an-image") for i in range(20)]
+        + [result("/s/b.svs", "skipped", reason="duplicate")]
+    )
     lines = summary(report, capsys)
     assert len(lines) == 5  # header, done, one line per skip reason, totals
     assert lines[2].split()[:4] == ["skipped", "20", "inputs", "-"]

@@ -40,8 +40,9 @@ def area_oracle(image: np.ndarray, fy: float, fx: float, shape: tuple[int, int])
 
 
 def plain_zarr(path: Path, data: np.ndarray, chunks: tuple[int, ...], axes: str = "cyx") -> Path:
-    arr = zarr.create_array(path, shape=data.shape, chunks=chunks, dtype=data.dtype,
-                            dimension_names=list(axes))  # fmt: skip
+    arr = zarr.create_array(
+        path, shape=data.shape, chunks=chunks, dtype=data.dtype, dimension_names=list(axes)
+    )
     arr[:] = data
     return path
 
@@ -165,8 +166,11 @@ def test_inconsistent_levels_resample_each_axis(tmp_path: Path) -> None:
     data = np.random.default_rng(5).integers(0, 255, (1, 300, 250), dtype=np.uint8)
     group.create_array("0", data=data, chunks=(1, 64, 64))
     group.create_array("1", data=data[:, ::3, ::2][:, :, :100].copy(), chunks=(1, 64, 64))
-    axes = [{"name": "c", "type": "channel"}, {"name": "y", "type": "space", "unit": "micrometer"},
-            {"name": "x", "type": "space", "unit": "micrometer"}]  # fmt: skip
+    axes = [
+        {"name": "c", "type": "channel"},
+        {"name": "y", "type": "space", "unit": "micrometer"},
+        {"name": "x", "type": "space", "unit": "micrometer"},
+    ]
     datasets = [
         {"path": str(i), "coordinateTransformations": [{"type": "scale", "scale": [1, s, s]}]}
         for i, s in ((0, 0.5), (1, 1.0))
@@ -225,8 +229,9 @@ def test_missing_pixel_size(data_dir: Path) -> None:
 @pytest.mark.parametrize(("per_cm", "shown"), [(1e-3, "1e+07 µm"), (0.0, "inf µm")])
 def test_implausible_pixel_size(tmp_path: Path, per_cm: float, shown: str) -> None:
     path = tmp_path / "odd.tif"
-    tifffile.imwrite(path, np.zeros((32, 32), np.uint8), resolution=(per_cm, per_cm),
-                     resolutionunit="CENTIMETER")  # fmt: skip
+    tifffile.imwrite(
+        path, np.zeros((32, 32), np.uint8), resolution=(per_cm, per_cm), resolutionunit="CENTIMETER"
+    )
     with pytest.raises(InputError) as err:
         open_for_model(path, ndim=2, in_channels=1, mpp=1.0)
     assert err.value.reason == "missing-pixel-size"
@@ -266,8 +271,9 @@ def test_input_ref_rebuilds_the_same_array_elsewhere(data_dir: Path) -> None:
     assert clone == model.ref and clone.open() is model.ref.open()  # cached per process
     assert clone.open().name == model.array.name
     # a fresh process (dask's process pool spawns), with only the pickled ref to go on
-    (got,) = dask.compute(dask.delayed(_read_in_worker)(model.ref), scheduler="processes",
-                          num_workers=1)  # fmt: skip
+    (got,) = dask.compute(
+        dask.delayed(_read_in_worker)(model.ref), scheduler="processes", num_workers=1
+    )
     np.testing.assert_array_equal(got, expected)
 
 

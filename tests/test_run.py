@@ -40,8 +40,21 @@ def ngff_images(out: Path):
 
 def test_identity_run_on_svs_is_pixel_exact_and_valid_ngff(data_dir, tmp_path):
     out = tmp_path / "out.zarr"
-    result = cli("run", data_dir / SVS, "--out", out, "--backend", "identity", "--workers", "2",
-                 "--chunk", "512", "--block", "1024", "--no-skip-background")
+    result = cli(
+        "run",
+        data_dir / SVS,
+        "--out",
+        out,
+        "--backend",
+        "identity",
+        "--workers",
+        "2",
+        "--chunk",
+        "512",
+        "--block",
+        "1024",
+        "--no-skip-background",
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["ok"] and report["inputs"][0]["state"] == "done"
@@ -72,10 +85,16 @@ def test_background_chunks_are_not_stored(tmp_path):
     path = tmp_path / "sparse.tif"
     tifffile.imwrite(path, image, tile=(128, 128))
     out = tmp_path / "o.zarr"
-    report = run([str(path)], out, None, RunConfig(backend="identity", chunk=100, block=100,
-                                                   scheduler="sync"))
+    report = run(
+        [str(path)],
+        out,
+        None,
+        RunConfig(backend="identity", chunk=100, block=100, scheduler="sync"),
+    )
     assert report.ok
-    chunk_files = [p for p in (out / "sparse" / "0").rglob("*") if p.is_file() and p.name != "zarr.json"]
+    chunk_files = [
+        p for p in (out / "sparse" / "0").rglob("*") if p.is_file() and p.name != "zarr.json"
+    ]
     assert len(chunk_files) == 1  # only the chunk with signal, of 9
     arr = zarr.open_array(str(out / "sparse" / "0"), mode="r")
     np.testing.assert_array_equal(arr[0], image)
@@ -86,8 +105,12 @@ def test_one_vs_two_workers_identical(data_dir, tmp_path, valid_model):
     outs = []
     for workers in (1, 2):
         out = tmp_path / f"w{workers}.zarr"
-        report = run([str(image)], out, valid_model, RunConfig(workers=workers, chunk=256,
-                                                               block=256, dtype="float32"))
+        report = run(
+            [str(image)],
+            out,
+            valid_model,
+            RunConfig(workers=workers, chunk=256, block=256, dtype="float32"),
+        )
         assert report.ok, report.inputs[0].message
         outs.append(zarr.open_array(str(out / "train-volume" / "0"), mode="r")[:])
     assert outs[0].shape[1:] == (30, 512, 512)
@@ -128,8 +151,14 @@ def bad_files(folder: Path) -> dict[str, Path]:
 def test_bad_input_refused_clearly_and_others_go_on(tmp_path, kind, data_dir):
     bad = bad_files(tmp_path)[kind]
     good = tmp_path / "good.tif"
-    shutil.copy(data_dir / "nuclei2d" / "bbbc007" / "images" / sorted(
-        p.name for p in (data_dir / "nuclei2d" / "bbbc007" / "images").iterdir())[0], good)
+    shutil.copy(
+        data_dir
+        / "nuclei2d"
+        / "bbbc007"
+        / "images"
+        / sorted(p.name for p in (data_dir / "nuclei2d" / "bbbc007" / "images").iterdir())[0],
+        good,
+    )
     out = tmp_path / "out.zarr"
     result = cli("run", bad, good, "--out", out, "--backend", "identity", "--scheduler", "sync")
     assert result.exit_code == 1
@@ -161,8 +190,9 @@ def test_rgb_image_given_to_one_channel_model(tmp_path, data_dir, valid_model):
 
 
 def test_tile_the_model_cannot_take(tmp_path, data_dir, rgb_model):
-    result = cli("run", data_dir / SVS, "--out", tmp_path / "o.zarr", "--model", rgb_model,
-                 "--tile", "100")
+    result = cli(
+        "run", data_dir / SVS, "--out", tmp_path / "o.zarr", "--model", rgb_model, "--tile", "100"
+    )
     assert result.exit_code in (1, 2)
     assert "tile 100" in result.output and "96" in result.output and "104" in result.output
 
@@ -170,13 +200,29 @@ def test_tile_the_model_cannot_take(tmp_path, data_dir, rgb_model):
 def test_unknown_config_key_and_python_tag_refused(tmp_path, data_dir):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("tile: 256\nbogus: 1\n")
-    result = cli("run", data_dir / SVS, "--out", tmp_path / "o.zarr", "--backend", "identity",
-                 "--config", cfg)
+    result = cli(
+        "run",
+        data_dir / SVS,
+        "--out",
+        tmp_path / "o.zarr",
+        "--backend",
+        "identity",
+        "--config",
+        cfg,
+    )
     assert result.exit_code == 2 and "bogus" in result.output
     marker = tmp_path / "pwned"
     cfg.write_text(f"tile: !!python/object/apply:os.system ['touch {marker}']\n")
-    result = cli("run", data_dir / SVS, "--out", tmp_path / "o.zarr", "--backend", "identity",
-                 "--config", cfg)
+    result = cli(
+        "run",
+        data_dir / SVS,
+        "--out",
+        tmp_path / "o.zarr",
+        "--backend",
+        "identity",
+        "--config",
+        cfg,
+    )
     assert result.exit_code == 2 and not marker.exists()
 
 
@@ -188,8 +234,12 @@ def test_local_cluster_listens_on_loopback_only():
     with dask_client(RunConfig(workers=1)) as client:
         assert client is not None
         procs = [psutil.Process(), *psutil.Process().children(recursive=True)]
-        addrs = [c.laddr.ip for p in procs for c in p.net_connections(kind="inet")
-                 if c.status == psutil.CONN_LISTEN]
+        addrs = [
+            c.laddr.ip
+            for p in procs
+            for c in p.net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN
+        ]
     assert addrs and all(ip in ("127.0.0.1", "::1") for ip in addrs), addrs
 
 
@@ -199,26 +249,35 @@ def test_tissue_skipping_changes_nothing_inside_tissue(data_dir, tmp_path):
     runs = {}
     for skip in (False, True):
         out = tmp_path / f"skip{skip}.zarr"
-        report = run([str(data_dir / SVS)], out, None, RunConfig(
-            backend="identity", skip_background=skip, chunk=256, block=512, scheduler="sync"))
+        report = run(
+            [str(data_dir / SVS)],
+            out,
+            None,
+            RunConfig(
+                backend="identity", skip_background=skip, chunk=256, block=512, scheduler="sync"
+            ),
+        )
         assert report.ok, report.inputs[0].message
         runs[skip] = (report.inputs[0], zarr.open_array(str(out / "CMU-1-Small-Region" / "0"))[:])
     (plain, full), (skipped, masked) = runs[False], runs[True]
     assert 0.2 < skipped.tissue_fraction < 0.95
     assert skipped.skipped_tiles > 0 and skipped.tiles + skipped.skipped_tiles == plain.tiles
+    from pipeline.geometry import Region
     from pipeline.io.sources import open_image
     from pipeline.tissue import detect_tissue
-    from pipeline.geometry import Region
 
     tissue = detect_tissue(open_image(data_dir / SVS), full.shape[1:])
     inside = tissue.upsample(Region.of_shape(full.shape[1:]))
     np.testing.assert_array_equal(masked[:, inside], full[:, inside])
     assert not masked[:, ~inside].any()
     chunk_dir = tmp_path / "skipTrue.zarr" / "CMU-1-Small-Region" / "0" / "c"
-    stored = {tuple(int(v) for v in p.relative_to(chunk_dir).parts[1:])
-              for p in chunk_dir.rglob("*") if p.is_file()}
+    stored = {
+        tuple(int(v) for v in p.relative_to(chunk_dir).parts[1:])
+        for p in chunk_dir.rglob("*")
+        if p.is_file()
+    }
     for cy, cx in stored:
-        assert inside[cy * 256:(cy + 1) * 256, cx * 256:(cx + 1) * 256].any()
+        assert inside[cy * 256 : (cy + 1) * 256, cx * 256 : (cx + 1) * 256].any()
     assert len(stored) < full.shape[1] // 256 * (full.shape[2] // 256)
     labels = ngff_images(tmp_path / "skipTrue.zarr")
     assert labels  # the image still validates with the labels group beside it

@@ -34,8 +34,6 @@ def svs_pixels(data_dir: Path) -> np.ndarray:
     return tifffile.imread(data_dir / SVS)
 
 
-
-
 # --- real whole-slide images -------------------------------------------------------
 
 
@@ -170,9 +168,14 @@ def _pixels(shape: tuple[int, ...], dtype: str = "uint16") -> np.ndarray:
 
 def test_zarr_v2_array(tmp_path: Path) -> None:
     data = _pixels((5, 70, 90))
-    arr = zarr.create_array(tmp_path / "v2.zarr", shape=data.shape, chunks=(1, 32, 32),
-                            dtype=data.dtype, zarr_format=2,
-                            attributes={"_ARRAY_DIMENSIONS": ["z", "y", "x"]})  # fmt: skip
+    arr = zarr.create_array(
+        tmp_path / "v2.zarr",
+        shape=data.shape,
+        chunks=(1, 32, 32),
+        dtype=data.dtype,
+        zarr_format=2,
+        attributes={"_ARRAY_DIMENSIONS": ["z", "y", "x"]},
+    )
     arr[:] = data
     src = open_image(tmp_path / "v2.zarr")
     assert (src.format, src.axes, src.dtype, src.pixel_size) == ("zarr", "zyx", "uint16", {})
@@ -182,9 +185,15 @@ def test_zarr_v2_array(tmp_path: Path) -> None:
 
 def test_zarr_v3_sharded_array(tmp_path: Path) -> None:
     data = _pixels((3, 100, 80), "uint8")
-    arr = zarr.create_array(tmp_path / "v3.zarr", shape=data.shape, chunks=(3, 10, 10),
-                            shards=(3, 50, 40), dtype="uint8", zarr_format=3,
-                            dimension_names=["c", "y", "x"])  # fmt: skip
+    arr = zarr.create_array(
+        tmp_path / "v3.zarr",
+        shape=data.shape,
+        chunks=(3, 10, 10),
+        shards=(3, 50, 40),
+        dtype="uint8",
+        zarr_format=3,
+        dimension_names=["c", "y", "x"],
+    )
     arr[:] = data
     src = open_image(tmp_path / "v3.zarr")
     assert src.axes == "cyx" and src.info["storage_chunks"] == (3, 50, 40)
@@ -192,8 +201,9 @@ def test_zarr_v3_sharded_array(tmp_path: Path) -> None:
 
 
 def test_zarr_without_dimension_names_guesses(tmp_path: Path) -> None:
-    rgb = zarr.create_array(tmp_path / "rgb.zarr", shape=(40, 30, 3), chunks=(16, 16, 3),
-                            dtype="uint8", zarr_format=3)  # fmt: skip
+    rgb = zarr.create_array(
+        tmp_path / "rgb.zarr", shape=(40, 30, 3), chunks=(16, 16, 3), dtype="uint8", zarr_format=3
+    )
     assert open_image(tmp_path / "rgb.zarr").axes == "yxc"
     zarr.create_array(tmp_path / "vol.zarr", shape=(8, 40, 30), chunks=(4, 16, 16), dtype="f4")
     assert open_image(tmp_path / "vol.zarr").axes == "zyx" and rgb.ndim == 3
@@ -205,8 +215,13 @@ def _write_ngff05(root: Path, data: np.ndarray, declared_factor: float) -> None:
     levels = [data, data[:, :, ::2, ::2]]
     datasets = []
     for i, level in enumerate(levels):
-        arr = group.create_array(str(i), shape=level.shape, chunks=(1, 1, 32, 32),
-                                 dtype=level.dtype, dimension_names=list("czyx"))  # fmt: skip
+        arr = group.create_array(
+            str(i),
+            shape=level.shape,
+            chunks=(1, 1, 32, 32),
+            dtype=level.dtype,
+            dimension_names=list("czyx"),
+        )
         arr[:] = level
         factor = 1 if i == 0 else declared_factor
         scale = [1.0, 400.0, 100.0 * factor, 100.0 * factor]
@@ -251,8 +266,15 @@ def test_ngff04_group_written_by_ome_zarr(tmp_path: Path) -> None:
     data = _pixels((3, 64, 48), "uint8")
     group = zarr.open_group(tmp_path / "v04.zarr", mode="w", zarr_format=2)
     mm = {"y": "millimeter", "x": "millimeter"}
-    writer.write_image(data, group, fmt=FormatV04(), axes="cyx", scale_factors=[2],
-                       scale={"y": 0.002, "x": 0.002}, axes_units=mm)  # fmt: skip
+    writer.write_image(
+        data,
+        group,
+        fmt=FormatV04(),
+        axes="cyx",
+        scale_factors=[2],
+        scale={"y": 0.002, "x": 0.002},
+        axes_units=mm,
+    )
     src = open_image(tmp_path / "v04.zarr")
     assert (src.axes, src.shape, src.info["ngff_version"]) == ("cyx", (3, 64, 48), "0.4")
     assert src.pixel_size == pytest.approx({"y": 2.0, "x": 2.0})  # mm → µm

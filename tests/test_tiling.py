@@ -36,8 +36,11 @@ def test_tiles_touching_is_exact(owned):
     lat = Lattice((500, 300), (64, 64), (0, 0), (48, 48))
     block = Region((96, 50), (128, 77))
     got = set(lat.tiles_touching(block, owned=owned))
-    want = {idx for idx in np.ndindex(*lat.counts)
-            if (lat.owned_region(idx) if owned else lat.out_region(idx)).intersects(block)}
+    want = {
+        idx
+        for idx in np.ndindex(*lat.counts)
+        if (lat.owned_region(idx) if owned else lat.out_region(idx)).intersects(block)
+    }
     assert got == want
 
 

@@ -21,7 +21,7 @@ from pipeline.tissue import TissueMask, detect_tissue, load_user_mask
 
 GLASS = (240, 235, 240)
 PINK = (225, 150, 200)
-PALE = (235, 200, 225)   # faint eosin: the hardest tissue to tell from glass
+PALE = (235, 200, 225)  # faint eosin: the hardest tissue to tell from glass
 PURPLE = (110, 60, 150)
 
 
@@ -45,17 +45,22 @@ def _stain(truth, rng, pale=None):
 
 
 def _write_pyramid(path, image, pixel_um, factors=(2, 4, 8)):
-    meta = {"axes": "YXS" if image.ndim == 3 else "YX",
-            "PhysicalSizeX": pixel_um, "PhysicalSizeY": pixel_um}
+    meta = {
+        "axes": "YXS" if image.ndim == 3 else "YX",
+        "PhysicalSizeX": pixel_um,
+        "PhysicalSizeY": pixel_um,
+    }
     photometric = "rgb" if image.ndim == 3 else "minisblack"
     with tifffile.TiffWriter(path) as tif:
-        tif.write(image, tile=(256, 256), subifds=len(factors), photometric=photometric,
-                  metadata=meta)
+        tif.write(
+            image, tile=(256, 256), subifds=len(factors), photometric=photometric, metadata=meta
+        )
         for k in factors:
             h, w = (image.shape[0] // k) * k, (image.shape[1] // k) * k
             small = image[:h, :w].reshape(h // k, k, w // k, k, *image.shape[2:]).mean((1, 3))
-            tif.write(small.astype(image.dtype), tile=(256, 256), subfiletype=1,
-                      photometric=photometric)
+            tif.write(
+                small.astype(image.dtype), tile=(256, 256), subfiletype=1, photometric=photometric
+            )
     return path
 
 
@@ -126,8 +131,9 @@ def test_crop_answers_like_the_whole_mask(slide_mask):
         assert part.mask.size <= (block.shape[0] / 8 + 4) * (block.shape[1] / 8 + 4)
         np.testing.assert_array_equal(part.upsample(block), mask.upsample(block))
         for _ in range(10):
-            sub = Region(np.array(block.offset) + rng.integers(0, block.shape),
-                         rng.integers(1, 64, size=2)).intersect(block)
+            sub = Region(
+                np.array(block.offset) + rng.integers(0, block.shape), rng.integers(1, 64, size=2)
+            ).intersect(block)
             assert part.any_in(sub) == mask.any_in(sub)
 
 
@@ -135,8 +141,8 @@ def test_upsample_zeroes_glass_keeps_tissue(slide_mask):
     mask, truth = slide_mask
     up = mask.upsample(Region.of_shape(truth.shape))
     assert up.shape == truth.shape
-    assert up[truth].mean() > 0.99         # tissue output survives
-    assert (~up[~truth]).mean() > 0.95     # glass output is zeroed
+    assert up[truth].mean() > 0.99  # tissue output survives
+    assert (~up[~truth]).mean() > 0.95  # glass output is zeroed
 
 
 def test_resampled_run_grid_and_given_pixel_size(slide):
@@ -158,8 +164,14 @@ def test_no_background_means_all_tissue(tmp_path, fill):
     rng = np.random.default_rng(4)
     truth = np.full((600, 900), fill == "tissue")
     path = tmp_path / "uniform.tif"
-    tifffile.imwrite(path, _stain(truth, rng), photometric="rgb", tile=(256, 256),
-                     resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")
+    tifffile.imwrite(
+        path,
+        _stain(truth, rng),
+        photometric="rgb",
+        tile=(256, 256),
+        resolution=(1e4 / 0.5, 1e4 / 0.5),
+        resolutionunit="CENTIMETER",
+    )
     source = open_image(path)
     assert len(source.levels) == 1  # single level: averaged down lazily
     mask = detect_tissue(source, (600, 900))
@@ -172,12 +184,17 @@ def test_fluorescence_16bit(tmp_path):
     rng = np.random.default_rng(5)
     shape = (1024, 1024)
     truth = _ellipse(shape, (500, 450), (300, 330))
-    image = 100 + rng.integers(0, 40, size=shape)                     # camera offset + noise
+    image = 100 + rng.integers(0, 40, size=shape)  # camera offset + noise
     cells = np.repeat(np.repeat(rng.random((128, 128)) < 0.3, 8, 0), 8, 1)
-    image[truth] += 500 + 2500 * cells[truth]                          # cytoplasm + nuclei
+    image[truth] += 500 + 2500 * cells[truth]  # cytoplasm + nuclei
     path = tmp_path / "fluo.tif"
-    tifffile.imwrite(path, image.astype(np.uint16), photometric="minisblack",
-                     resolution=(1e4 / 0.65, 1e4 / 0.65), resolutionunit="CENTIMETER")
+    tifffile.imwrite(
+        path,
+        image.astype(np.uint16),
+        photometric="minisblack",
+        resolution=(1e4 / 0.65, 1e4 / 0.65),
+        resolutionunit="CENTIMETER",
+    )
     mask = detect_tissue(open_image(path), shape)
     assert mask.method == "fluorescence-threshold"
     assert mask.fraction == pytest.approx(truth.mean(), abs=0.05)
@@ -210,8 +227,10 @@ def test_bad_kind_and_volumes_are_refused(tmp_path):
 def test_real_slide_fraction(data_dir):
     source = open_image(data_dir / "wsi/CMU-1-Small-Region.svs")
     mask = detect_tissue(source, source.shape[:2])
-    print(f"CMU-1-Small-Region.svs: tissue fraction {mask.fraction:.3f} ({mask.method}, "
-          f"{mask.mask.shape} cells of {mask.scale})")
+    print(
+        f"CMU-1-Small-Region.svs: tissue fraction {mask.fraction:.3f} ({mask.method}, "
+        f"{mask.mask.shape} cells of {mask.scale})"
+    )
     # the section covers a bit less than half of the field (thumbnail checked by eye)
     assert 0.2 < mask.fraction < 0.95
     assert mask.method == "otsu-od" and mask.scale == (16.0, 16.0)  # 0.499 µm -> ~8 µm
@@ -249,8 +268,7 @@ def test_any_in_matches_upsampled_mask_dilated(scale):
         inside = region.intersect(Region.of_shape(shape))
         if not inside.empty and full[inside.to_slices()].any():
             assert mask.any_in(region)
-        np.testing.assert_array_equal(
-            mask.upsample(inside), full[inside.to_slices()])
+        np.testing.assert_array_equal(mask.upsample(inside), full[inside.to_slices()])
 
 
 def test_mask_on_volume_regions_and_outside_the_grid():
@@ -282,15 +300,17 @@ def test_tissue_labels_read_back_with_ome_zarr(tmp_path):
     from ome_zarr.reader import Label, Multiscales, Reader
 
     shape, px = (600, 500), {"y": 0.5, "x": 0.5}
-    writer = sink.create_image(tmp_path / "out.zarr", "slide", (2, *shape), "cyx",
-                               (2, 256, 256), "uint8")
+    writer = sink.create_image(
+        tmp_path / "out.zarr", "slide", (2, *shape), "cyx", (2, 256, 256), "uint8"
+    )
     zarr.open_array(writer.level_path(0), mode="r+")[:] = 7
     levels = sink.write_pyramid(writer, 100)
     sink.write_metadata(writer, levels, px, {})
     cells = np.zeros((38, 32), bool)
     cells[5:20, 4:30] = True
-    mask = TissueMask(cells, (16.0, 16.0), tissue.area_fraction(cells, (16.0, 16.0), shape),
-                      "otsu-od")
+    mask = TissueMask(
+        cells, (16.0, 16.0), tissue.area_fraction(cells, (16.0, 16.0), shape), "otsu-od"
+    )
     # another label already there stays listed
     other = zarr.open_group(str(writer.staging), mode="r+").require_group("labels")
     other.attrs["ome"] = {"version": "0.5", "labels": ["cells"]}
@@ -306,9 +326,9 @@ def test_tissue_labels_read_back_with_ome_zarr(tmp_path):
     np.testing.assert_array_equal(np.asarray(node.data[0])[0], cells.astype(np.uint8))
     for k, level in enumerate(node.data):
         assert level.dtype == np.uint8 and level.shape[0] == 1
-        assert level.shape[1:] == tuple(-(-n // 2 ** k) for n in cells.shape)
+        assert level.shape[1:] == tuple(-(-n // 2**k) for n in cells.shape)
         scale = node.metadata["coordinateTransformations"][k][0]["scale"]
-        assert scale == [1.0, 8.0 * 2 ** k, 8.0 * 2 ** k]  # 0.5 µm x 16 px per cell
+        assert scale == [1.0, 8.0 * 2**k, 8.0 * 2**k]  # 0.5 µm x 16 px per cell
         assert np.asarray(level).max() == 1  # "any" pooling keeps the tissue
     assert set(node.metadata["color"]) == {0, 1}
     labels = zarr.open_group(str(final / "labels"), mode="r").attrs["ome"]
@@ -316,8 +336,11 @@ def test_tissue_labels_read_back_with_ome_zarr(tmp_path):
     attrs = zarr.open_group(str(final / "labels" / "tissue"), mode="r").attrs.asdict()
     assert attrs["ome"]["image-label"]["source"] == {"image": "../../"}
     assert attrs["pipeline"]["tissue"]["method"] == "otsu-od"
-    assert zarr.open_array(str(final / "labels/tissue/0"), mode="r").metadata.dimension_names \
-        == ("c", "y", "x")
+    assert zarr.open_array(str(final / "labels/tissue/0"), mode="r").metadata.dimension_names == (
+        "c",
+        "y",
+        "x",
+    )
 
 
 def test_labels_refuse_a_crop(tmp_path):
@@ -332,7 +355,7 @@ def test_labels_refuse_a_crop(tmp_path):
 
 def _rect_mask(shape, box):
     out = np.zeros(shape, np.uint8)
-    out[box[0]:box[1], box[2]:box[3]] = 255
+    out[box[0] : box[1], box[2] : box[3]] = 255
     return out
 
 
@@ -367,8 +390,9 @@ def test_user_mask_alpha_is_not_tissue(tmp_path):
 def test_user_mask_tiff_and_zarr(tmp_path):
     truth = _rect_mask((600, 400), (0, 300, 0, 200)) > 0
     tifffile.imwrite(tmp_path / "mask.tif", truth.astype(np.uint8))
-    zarr.create_array(str(tmp_path / "mask.zarr"), data=truth.astype(np.uint8),
-                      dimension_names=["y", "x"])
+    zarr.create_array(
+        str(tmp_path / "mask.zarr"), data=truth.astype(np.uint8), dimension_names=["y", "x"]
+    )
     for name in ("mask.tif", "mask.zarr"):
         mask = load_user_mask(tmp_path / name, (600, 400))
         assert mask.scale == (1.0, 1.0)

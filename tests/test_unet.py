@@ -84,7 +84,9 @@ def test_accepted_sizes_are_min_tile_plus_k_step() -> None:
     for padding in ("same", "valid"):
         for depth in (2, 3, 4):
             low, step = min_tile_size(depth, padding), 2**depth
-            accepted = {s for s in range(1, 700) if valid_output_size(s, depth, padding) is not None}
+            accepted = {
+                s for s in range(1, 700) if valid_output_size(s, depth, padding) is not None
+            }
             assert accepted == set(range(low, 700, step))
 
 
@@ -102,7 +104,10 @@ def test_valid_output_size_agrees_with_forward(padding: str, depth: int) -> None
     with torch.no_grad():
         for h, w in zip(sizes, reversed(sizes)):
             y = net(torch.rand(2, 1, h, w))
-            assert y.shape[2:] == (valid_output_size(h, depth, padding), valid_output_size(w, depth, padding))
+            assert y.shape[2:] == (
+                valid_output_size(h, depth, padding),
+                valid_output_size(w, depth, padding),
+            )
             assert y.shape[2] == h - 2 * net.margin
 
 
@@ -157,7 +162,9 @@ def test_activations() -> None:
         forced = UNet(classes=2, base=4, depth=3, activation="sigmoid").eval()(x)
     assert torch.allclose(soft.sum(dim=1), torch.ones(2, 16, 16), atol=1e-5)
     assert sig.min() >= 0 and sig.max() <= 1
-    assert forced.min() >= 0 and forced.max() <= 1 and not torch.allclose(forced.sum(1), torch.ones(1))
+    assert (
+        forced.min() >= 0 and forced.max() <= 1 and not torch.allclose(forced.sum(1), torch.ones(1))
+    )
     assert isinstance(logits.act, nn.Identity) and logits.activation == "none"
 
 

@@ -22,8 +22,9 @@ import os
 import re
 import sys
 import threading
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -42,8 +43,17 @@ from pipeline.backends.identity import IdentityBackend, identity_spec
 from pipeline.errors import ConfigError, DeviceError, ModelError
 
 __all__ = [
-    "BACKENDS", "PRECISIONS", "Backend", "ModelSpec", "check_batch", "check_channels",
-    "check_output", "check_tile", "load_backend", "read_model_spec", "resolve_device",
+    "BACKENDS",
+    "PRECISIONS",
+    "Backend",
+    "ModelSpec",
+    "check_batch",
+    "check_channels",
+    "check_output",
+    "check_tile",
+    "load_backend",
+    "read_model_spec",
+    "resolve_device",
 ]
 
 log = logging.getLogger(__name__)
@@ -77,7 +87,9 @@ def resolve_device(device: str) -> str:
         return "cpu"
     match = re.fullmatch(r"cuda(?::(\d+))?", text)
     if text != "auto" and match is None:
-        raise ConfigError(f"unknown device {device!r}", where="device", hint="use auto, cpu, cuda or cuda:N")
+        raise ConfigError(
+            f"unknown device {device!r}", where="device", hint="use auto, cpu, cuda or cuda:N"
+        )
     if match is None and not _may_have_cuda():
         return "cpu"  # no NVIDIA device: decided without importing torch (seconds)
     import torch
@@ -86,13 +98,15 @@ def resolve_device(device: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if not torch.cuda.is_available():
         raise DeviceError(
-            f"requested {text} but CUDA is not available on this machine", where="device",
+            f"requested {text} but CUDA is not available on this machine",
+            where="device",
             hint="use device 'cpu' (or 'auto'), or check the NVIDIA driver and CUDA_VISIBLE_DEVICES",
         )
     count, index = torch.cuda.device_count(), int(match.group(1) or 0)
     if index >= count:
         raise DeviceError(
-            f"requested {text} but only {count} CUDA device(s) are visible", where="device",
+            f"requested {text} but only {count} CUDA device(s) are visible",
+            where="device",
             hint=f"use cuda:0 ... cuda:{count - 1}, or check CUDA_VISIBLE_DEVICES",
         )
     return text
@@ -102,7 +116,8 @@ def check_channels(spec: ModelSpec, n: int, where: str | os.PathLike | None) -> 
     """Raise ``ModelError(reason="channel-mismatch")`` unless the model takes ``n`` channels."""
     if spec.in_channels and n != spec.in_channels:
         raise ModelError(
-            f"got {n} channels, model expects {spec.in_channels}", where=where,
+            f"got {n} channels, model expects {spec.in_channels}",
+            where=where,
             reason="channel-mismatch",
             hint=f"convert the image to {spec.in_channels} channel(s) or use a model trained on {n}",
         )
@@ -113,20 +128,24 @@ def check_tile(spec: ModelSpec, tile: Sequence[int]) -> None:
     tile = tuple(int(t) for t in tile)
     if len(tile) != spec.ndim:
         raise ConfigError(
-            f"tile {tile} has {len(tile)} axes, the model takes {spec.ndim}", where="tile",
+            f"tile {tile} has {len(tile)} axes, the model takes {spec.ndim}",
+            where="tile",
         )
     for size in tile:
         if size < spec.min_tile:
             raise ConfigError(
                 f"tile {tile} is not accepted by the model: {size} is below its minimum "
-                f"{spec.min_tile}", where="tile",
+                f"{spec.min_tile}",
+                where="tile",
                 hint=f"the smallest accepted size is {spec.min_tile} (then + k * {spec.step})",
             )
         if not spec.accepts_tile(size):
             below, above = spec.nearest_tiles(size)
             raise ConfigError(
                 f"tile {tile} is not accepted by the model: {size} is not {spec.min_tile} + "
-                f"k * {spec.step}", where="tile", hint=f"nearest accepted sizes: {below} or {above}",
+                f"k * {spec.step}",
+                where="tile",
+                hint=f"nearest accepted sizes: {below} or {above}",
             )
 
 
@@ -135,7 +154,8 @@ def check_batch(spec: ModelSpec, batch: np.ndarray) -> None:
     if not isinstance(batch, np.ndarray) or batch.ndim != spec.ndim + 2:
         shape = getattr(batch, "shape", None)
         raise ConfigError(
-            f"expected a (B, C, {spec.ndim} spatial axes) array, got shape {shape}", where="batch",
+            f"expected a (B, C, {spec.ndim} spatial axes) array, got shape {shape}",
+            where="batch",
         )
     check_channels(spec, batch.shape[1], "batch")
     check_tile(spec, batch.shape[2:])
@@ -148,7 +168,8 @@ def check_output(spec: ModelSpec, in_shape: Sequence[int], out_shape: Sequence[i
     if tuple(out_shape) != expected:
         raise ModelError(
             f"model returned shape {tuple(out_shape)} for input {tuple(in_shape)}, expected "
-            f"{expected}", where=spec.path,
+            f"{expected}",
+            where=spec.path,
             hint="the embedded or probed geometry is wrong: pass classes/margin as overrides",
         )
 
@@ -158,7 +179,8 @@ def _check_overrides(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
     unknown = sorted(set(ov) - set(OVERRIDABLE))
     if unknown:
         raise ConfigError(
-            f"unknown model override(s) {unknown}", where="overrides",
+            f"unknown model override(s) {unknown}",
+            where="overrides",
             hint=f"use {', '.join(OVERRIDABLE)}",
         )
     validate_fields(ov, where="overrides", error=ConfigError)
@@ -223,11 +245,17 @@ def read_model_spec(
 
 def _refuse_contradictions(spec: ModelSpec, ov: Mapping[str, Any], p: Path) -> None:
     """Options may fill in what a model file lacks, never contradict what it declares."""
-    clash = [f"{k}={ov[k]} (the file says {getattr(spec, k)})"
-             for k in GEOMETRY if k in ov and ov[k] != getattr(spec, k)]
+    clash = [
+        f"{k}={ov[k]} (the file says {getattr(spec, k)})"
+        for k in GEOMETRY
+        if k in ov and ov[k] != getattr(spec, k)
+    ]
     if clash:
-        raise ConfigError(f"options contradict the model's embedded metadata: {', '.join(clash)}",
-                          where=p, hint="drop these options; they are only for models without metadata")
+        raise ConfigError(
+            f"options contradict the model's embedded metadata: {', '.join(clash)}",
+            where=p,
+            hint="drop these options; they are only for models without metadata",
+        )
 
 
 def _foreign_spec(p: Path, fmt: str, ov: dict[str, Any]) -> ModelSpec:
@@ -263,7 +291,8 @@ def _narrow_onnx(
     """Use what the ONNX input declaration fixes (rank, channels) to skip probe runs."""
     if any(s is not None for s in facts["spatial"]):
         raise ModelError(
-            f"the model's input has fixed spatial sizes {facts['spatial']}", where=p,
+            f"the model's input has fixed spatial sizes {facts['spatial']}",
+            where=p,
             hint="re-export it with dynamic spatial axes (torch.onnx.export dynamic_axes)",
         )
     if facts["rank"] in (4, 5):
@@ -288,7 +317,9 @@ def _check_load_options(
         raise ConfigError(
             f"unknown precision {precision!r}", where="precision", hint=f"use one of {PRECISIONS}"
         )
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+    ):
         raise ConfigError(f"threads must be a positive integer, got {threads!r}", where="threads")
     if backend == "identity" and model is not None:
         raise ConfigError(
@@ -296,7 +327,8 @@ def _check_load_options(
         )
     if backend != "identity" and model is None:
         raise ConfigError(
-            "no model file given", where="model",
+            "no model file given",
+            where="model",
             hint="pass a .pt/.onnx file (make one with `pipeline export`) or use backend 'identity'",
         )
 
@@ -339,7 +371,9 @@ def load_backend(
     if precision != "fp32" and (spec.format != "torchscript" or not dev.startswith("cuda")):
         raise ConfigError(
             f"precision {precision} needs the torchscript backend on a CUDA device (got "
-            f"{spec.format} on {dev})", where="precision", hint="use precision 'fp32' here",
+            f"{spec.format} on {dev})",
+            where="precision",
+            hint="use precision 'fp32' here",
         )
     if spec.format == "torchscript":
         from pipeline.backends.torchscript import TorchScriptBackend

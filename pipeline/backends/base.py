@@ -72,7 +72,7 @@ class ModelSpec:
         value = self.extra.get("mpp", (self.extra.get("extra") or {}).get("mpp"))
         return None if value is None else float(value)
 
-    def with_(self, **changes: Any) -> "ModelSpec":
+    def with_(self, **changes: Any) -> ModelSpec:
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:

@@ -23,8 +23,9 @@ import hashlib
 import json
 import os
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from pipeline.backends.base import ACTIVATIONS, NORMALIZATIONS, ModelSpec
 from pipeline.errors import ModelError
@@ -93,10 +94,14 @@ def sniff_format(path: str | os.PathLike, backend: str = "auto") -> str:
         found = "onnx"  # confirmed or refused when the protobuf is parsed
     if backend == "onnx" and found == "torchscript":
         raise ModelError(
-            "is a TorchScript archive, not ONNX", where=p, hint="use backend 'auto' or 'torchscript'"
+            "is a TorchScript archive, not ONNX",
+            where=p,
+            hint="use backend 'auto' or 'torchscript'",
         )
     if backend == "torchscript" and found == "onnx":
-        raise ModelError("is not a TorchScript archive (no zip container)", where=p, hint=EXPORT_HINT)
+        raise ModelError(
+            "is not a TorchScript archive (no zip container)", where=p, hint=EXPORT_HINT
+        )
     return found
 
 
@@ -117,7 +122,9 @@ def read_torchscript_metadata(path: str | os.PathLike) -> dict[str, Any] | None:
                 if name.endswith(f"/extra/{EXTRA_FILE}"):
                     return _parse_json(zf.read(name), p)
     except (zipfile.BadZipFile, OSError) as exc:
-        raise ModelError(f"cannot read TorchScript archive ({exc})", where=p, hint=EXPORT_HINT) from exc
+        raise ModelError(
+            f"cannot read TorchScript archive ({exc})", where=p, hint=EXPORT_HINT
+        ) from exc
     return None
 
 
@@ -131,7 +138,7 @@ def _parse_json(raw: bytes | str, p: Path) -> dict[str, Any]:
     return meta
 
 
-def load_onnx_proto(path: str | os.PathLike) -> "onnx.ModelProto":
+def load_onnx_proto(path: str | os.PathLike) -> onnx.ModelProto:
     """Parse an ONNX file without its external data, refusing anything that is not a model."""
     import onnx
 
@@ -141,20 +148,22 @@ def load_onnx_proto(path: str | os.PathLike) -> "onnx.ModelProto":
     except Exception as exc:  # protobuf raises DecodeError, RuntimeError, ...
         raise ModelError(
             f"is neither a TorchScript archive nor an ONNX model ({type(exc).__name__})",
-            where=p, hint=EXPORT_HINT,
+            where=p,
+            hint=EXPORT_HINT,
         ) from exc
     graph = proto.graph
     # Random bytes sometimes decode as a protobuf; a real model has IR, a graph and I/O.
     if proto.ir_version <= 0 or not graph.node or not graph.input or not graph.output:
         raise ModelError(
             "is neither a TorchScript archive nor an ONNX model (no graph inside)",
-            where=p, hint=EXPORT_HINT,
+            where=p,
+            hint=EXPORT_HINT,
         )
     check_external_data(proto, p)
     return proto
 
 
-def read_onnx_metadata(proto: "onnx.ModelProto", path: str | os.PathLike) -> dict[str, Any] | None:
+def read_onnx_metadata(proto: onnx.ModelProto, path: str | os.PathLike) -> dict[str, Any] | None:
     for prop in proto.metadata_props:
         if prop.key == METADATA_KEY:
             return _parse_json(prop.value, Path(path))
@@ -178,7 +187,7 @@ def _tensors(graph: Any) -> Iterator[Any]:
                 yield from _tensors(sub)
 
 
-def check_external_data(proto: "onnx.ModelProto", path: str | os.PathLike) -> None:
+def check_external_data(proto: onnx.ModelProto, path: str | os.PathLike) -> None:
     """Refuse external-data references that leave the model's folder (path traversal)."""
     import onnx
 
@@ -200,18 +209,35 @@ def check_external_data(proto: "onnx.ModelProto", path: str | os.PathLike) -> No
 
 
 def build_metadata(
-    *, fmt: str, ndim: int, in_channels: int, classes: int, margin: int, step: int,
-    min_tile: int, activation: str, normalize: str, **info: Any,
+    *,
+    fmt: str,
+    ndim: int,
+    in_channels: int,
+    classes: int,
+    margin: int,
+    step: int,
+    min_tile: int,
+    activation: str,
+    normalize: str,
+    **info: Any,
 ) -> dict[str, Any]:
     """The JSON object embedded in an exported model (see the module docstring)."""
     from pipeline import __version__
 
     meta: dict[str, Any] = {
-        "format_version": FORMAT_VERSION, "producer": "pipeline",
-        "pipeline_version": __version__, "format": fmt,
-        "ndim": ndim, "axes": axes_for(ndim), "in_channels": in_channels, "classes": classes,
-        "margin": margin, "step": step, "min_tile": min_tile,
-        "activation": activation, "normalize": normalize,
+        "format_version": FORMAT_VERSION,
+        "producer": "pipeline",
+        "pipeline_version": __version__,
+        "format": fmt,
+        "ndim": ndim,
+        "axes": axes_for(ndim),
+        "in_channels": in_channels,
+        "classes": classes,
+        "margin": margin,
+        "step": step,
+        "min_tile": min_tile,
+        "activation": activation,
+        "normalize": normalize,
     }
     meta.update(info)
     return meta
@@ -224,7 +250,9 @@ def spec_from_metadata(meta: dict[str, Any], fmt: str, path: str | os.PathLike) 
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ModelError(
             f"metadata format_version {version!r} is not supported (this pipeline reads "
-            f"up to {FORMAT_VERSION})", where=p, hint="upgrade the pipeline or re-export the model",
+            f"up to {FORMAT_VERSION})",
+            where=p,
+            hint="upgrade the pipeline or re-export the model",
         )
     missing = [k for k in GEOMETRY if k not in meta]
     if missing:
@@ -241,7 +269,9 @@ def validate_fields(fields: dict[str, Any], *, where: Any, error: type) -> None:
     for key, value in fields.items():
         if key in minimum:
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum[key]:
-                raise error(f"{key} must be an integer >= {minimum[key]}, got {value!r}", where=where)
+                raise error(
+                    f"{key} must be an integer >= {minimum[key]}, got {value!r}", where=where
+                )
         elif key == "activation" and value not in ACTIVATIONS:
             raise error(f"activation must be one of {ACTIVATIONS}, got {value!r}", where=where)
         elif key == "normalize" and value not in NORMALIZATIONS:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -22,18 +23,27 @@ def identity_spec(overrides: Mapping[str, Any] | None = None) -> ModelSpec:
     if unknown:
         raise ConfigError(
             f"the identity backend has a fixed geometry; cannot override {sorted(unknown)}",
-            where="overrides", hint="only ndim, normalize, in_channels and classes apply",
+            where="overrides",
+            hint="only ndim, normalize, in_channels and classes apply",
         )
     validate_fields(ov, where="overrides", error=ConfigError)
     channels = ov.get("in_channels") or ov.get("classes") or 0
     if ov.get("classes", channels) != channels:
         raise ConfigError(
             f"the identity backend returns its input: classes {ov['classes']} cannot differ "
-            f"from in_channels {channels}", where="overrides",
+            f"from in_channels {channels}",
+            where="overrides",
         )
     return ModelSpec(
-        format="identity", ndim=ov.get("ndim", 2), in_channels=channels, classes=channels,
-        margin=0, step=1, min_tile=1, activation="none", normalize=ov.get("normalize", "dtype"),
+        format="identity",
+        ndim=ov.get("ndim", 2),
+        in_channels=channels,
+        classes=channels,
+        margin=0,
+        step=1,
+        min_tile=1,
+        activation="none",
+        normalize=ov.get("normalize", "dtype"),
     )
 
 
@@ -53,7 +63,7 @@ class IdentityBackend:
     def close(self) -> None:
         """Nothing to release."""
 
-    def __enter__(self) -> "IdentityBackend":
+    def __enter__(self) -> IdentityBackend:
         return self
 
     def __exit__(self, *exc: object) -> None:

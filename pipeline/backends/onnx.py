@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -27,7 +28,8 @@ def _providers(device: str) -> list[Any]:
         raise DeviceError(
             f"requested {device} but onnxruntime has no CUDAExecutionProvider "
             f"(available: {', '.join(available)})",
-            where="device", hint="install onnxruntime-gpu, or use the torchscript backend or cpu",
+            where="device",
+            hint="install onnxruntime-gpu, or use the torchscript backend or cpu",
         )
     index = int(device.split(":", 1)[1]) if ":" in device else 0
     # CPU stays listed for the few ops CUDA lacks (shape arithmetic), as ORT recommends.
@@ -61,7 +63,8 @@ def make_session(
         session = ort.InferenceSession(str(path), options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
         raise ModelError(
-            f"onnxruntime cannot load the model ({str(exc).strip()[:300]})", where=path,
+            f"onnxruntime cannot load the model ({str(exc).strip()[:300]})",
+            where=path,
             hint="check the file with `python -m onnx.checker`, or re-export it",
         ) from exc
     if device.startswith("cuda") and _CUDA_EP not in session.get_providers():
@@ -69,13 +72,15 @@ def make_session(
         raise DeviceError(
             f"requested {device} but onnxruntime could not start CUDA (providers in use: "
             f"{', '.join(session.get_providers())})",
-            where="device", hint="check the CUDA/cuDNN versions onnxruntime-gpu needs",
+            where="device",
+            hint="check the CUDA/cuDNN versions onnxruntime-gpu needs",
         )
     if len(session.get_inputs()) != 1:
         names = [i.name for i in session.get_inputs()]
         raise ModelError(
             f"the model has {len(names)} inputs {names}; the pipeline feeds exactly one",
-            where=path, hint="export a model with a single image input",
+            where=path,
+            hint="export a model with a single image input",
         )
     return session
 
@@ -141,7 +146,8 @@ class OnnxBackend:
         else:
             raise ModelError(
                 f"the model takes batches of exactly {self._batch}, got {x.shape[0]}",
-                where=self.spec.path, hint=f"use a batch size that is a multiple of {self._batch}",
+                where=self.spec.path,
+                hint=f"use a batch size that is a multiple of {self._batch}",
             )
         out = np.asarray(out, dtype=np.float32)
         check_output(self.spec, batch.shape, out.shape)
@@ -151,7 +157,7 @@ class OnnxBackend:
         """Release the session (and its GPU memory arena)."""
         self._session = None
 
-    def __enter__(self) -> "OnnxBackend":
+    def __enter__(self) -> OnnxBackend:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -106,7 +107,9 @@ def probe_geometry(
     if found is None:
         raise ModelError(
             f"the model ran on none of the probe inputs (ndim {list(ndims)}, channels "
-            f"{list(channels)}, sizes {list(sizes)})", where=where, hint=hint,
+            f"{list(channels)}, sizes {list(sizes)})",
+            where=where,
+            hint=hint,
         )
     ndim, c, size, out = found
     classes, margin = out[1], (size - out[2]) // 2
@@ -122,15 +125,21 @@ def probe_geometry(
     if step is None:
         raise ModelError(
             f"output sizes are inconsistent for every step up to {STEPS[-1]} (ran at "
-            f"{size}, margin {margin})", where=where, hint=hint,
+            f"{size}, margin {margin})",
+            where=where,
+            hint=hint,
         )
     ok, bad = 0, (size - 1) // step + 1  # multiples of step below size: ok known, bad assumed
     while bad - ok > 1:
         mid = (ok + bad) // 2
         ok, bad = (mid, bad) if fits(size - mid * step) else (ok, mid)
     geometry = {
-        "ndim": ndim, "in_channels": c, "classes": classes,
-        "margin": margin, "step": step, "min_tile": size - ok * step,
+        "ndim": ndim,
+        "in_channels": c,
+        "classes": classes,
+        "margin": margin,
+        "step": step,
+        "min_tile": size - ok * step,
     }
     log.info(
         "probed %s in %d runs (%.1f s): %s", where, p.calls, time.perf_counter() - started, geometry

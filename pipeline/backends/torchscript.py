@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -28,7 +29,8 @@ def load_module(path: str | Path, device: str = "cpu") -> Any:
     except Exception as exc:  # torch raises RuntimeError/ValueError with long C++ traces
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(
-            f"cannot load as TorchScript ({first[:300]})", where=path,
+            f"cannot load as TorchScript ({first[:300]})",
+            where=path,
             hint="export the model with `pipeline export`, or torch.jit.save a scripted module",
         ) from exc
     module.eval()
@@ -122,7 +124,7 @@ class TorchScriptBackend:
 
             torch.cuda.empty_cache()
 
-    def __enter__(self) -> "TorchScriptBackend":
+    def __enter__(self) -> TorchScriptBackend:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -68,8 +68,7 @@ class Found(NamedTuple):
 
 def is_zarr_dir(path: str | os.PathLike) -> bool:
     """True if ``path`` is a folder with Zarr v2 or v3 metadata at its root."""
-    return os.path.isdir(path) and any(
-        os.path.isfile(os.path.join(path, m)) for m in _ZARR_MARKERS)
+    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, m)) for m in _ZARR_MARKERS)
 
 
 def is_list_file(arg: str | os.PathLike) -> bool:
@@ -77,8 +76,11 @@ def is_list_file(arg: str | os.PathLike) -> bool:
     return os.fspath(arg).lower().endswith(LIST_SUFFIXES) and not os.path.isdir(arg)
 
 
-def find_inputs(args: Sequence[str | os.PathLike], extensions: Iterable[str] = IMAGE_SUFFIXES,
-                exclude: Iterable[str | os.PathLike] = ()) -> Found:
+def find_inputs(
+    args: Sequence[str | os.PathLike],
+    extensions: Iterable[str] = IMAGE_SUFFIXES,
+    exclude: Iterable[str | os.PathLike] = (),
+) -> Found:
     """Expand files, list files and folders into the inputs to run.
 
     Parameters
@@ -102,20 +104,32 @@ def find_inputs(args: Sequence[str | os.PathLike], extensions: Iterable[str] = I
             for line, entry in read_list(arg):
                 listed = f"listed in {os.fspath(arg)} line {line}"
                 if not os.path.lexists(entry):
-                    search.results.append(_result(
-                        entry, "failed", "not-found", f"{entry}: does not exist ({listed}). "
-                        "Hint: check the path; relative paths start at the list's folder"))
+                    search.results.append(
+                        _result(
+                            entry,
+                            "failed",
+                            "not-found",
+                            f"{entry}: does not exist ({listed}). "
+                            "Hint: check the path; relative paths start at the list's folder",
+                        )
+                    )
                 elif is_list_file(entry):
-                    search.skip(entry, "not-an-image", f"is a list file ({listed})",
-                                "lists are not expanded inside lists; name its entries in "
-                                "the first one")
+                    search.skip(
+                        entry,
+                        "not-an-image",
+                        f"is a list file ({listed})",
+                        "lists are not expanded inside lists; name its entries in the first one",
+                    )
                 else:
                     search.add(entry)
         else:
             search.add(os.fspath(arg))
     # a file left out by a search but also named explicitly runs, and is not also "skipped"
-    results = [r for r in search.results
-               if r.reason != "not-an-image" or os.path.realpath(r.path) not in search.seen]
+    results = [
+        r
+        for r in search.results
+        if r.reason != "not-an-image" or os.path.realpath(r.path) not in search.seen
+    ]
     return Found(search.paths, results)
 
 
@@ -126,14 +140,21 @@ def read_list(list_file: str | os.PathLike) -> list[tuple[int, str]]:
     try:
         text = Path(where).read_text(encoding="utf-8-sig")
     except FileNotFoundError:
-        raise InputError("list file does not exist", where=where, hint="check the path",
-                         reason="not-found") from None
+        raise InputError(
+            "list file does not exist", where=where, hint="check the path", reason="not-found"
+        ) from None
     except UnicodeDecodeError as exc:
-        raise InputError(f"list file is not UTF-8 text ({exc.reason} at byte {exc.start})",
-                         where=where, hint="a list file names one input path per line") from None
+        raise InputError(
+            f"list file is not UTF-8 text ({exc.reason} at byte {exc.start})",
+            where=where,
+            hint="a list file names one input path per line",
+        ) from None
     except OSError as exc:
-        raise InputError(f"cannot read the list file ({exc.strerror or exc})", where=where,
-                         hint="check its permissions") from None
+        raise InputError(
+            f"cannot read the list file ({exc.strerror or exc})",
+            where=where,
+            hint="check its permissions",
+        ) from None
     base = os.path.dirname(where)
     entries = []
     for number, line in enumerate(text.splitlines(), 1):
@@ -150,7 +171,7 @@ class _Search:
         self.extensions = extensions
         self.paths: list[str] = []
         self.results: list[InputResult] = []
-        self.seen: dict[str, str] = {}        # real path -> first path naming it
+        self.seen: dict[str, str] = {}  # real path -> first path naming it
         self.searched: set[str] = {os.path.realpath(p) for p in exclude}
         self.excluded = set(self.searched)
 
@@ -166,8 +187,7 @@ class _Search:
         if real in self.excluded:
             self.skip(path, "duplicate", "is the output of this run", "not read as an input")
         elif real in self.seen:
-            self.skip(path, "duplicate", f"is the same file as {self.seen[real]}",
-                      "it runs once")
+            self.skip(path, "duplicate", f"is the same file as {self.seen[real]}", "it runs once")
         else:
             self.seen[real] = path
             self.paths.append(path)
@@ -184,10 +204,15 @@ class _Search:
             with os.scandir(folder) as it:
                 entries = sorted(it, key=lambda e: e.name)
         except OSError as exc:
-            self.results.append(_result(
-                folder, "failed", "unreadable-folder",
-                f"{folder}: cannot list the folder ({exc.strerror or exc}); slides in it were "
-                "not run. Hint: check its permissions"))
+            self.results.append(
+                _result(
+                    folder,
+                    "failed",
+                    "unreadable-folder",
+                    f"{folder}: cannot list the folder ({exc.strerror or exc}); slides in it were "
+                    "not run. Hint: check its permissions",
+                )
+            )
             return
         for entry in entries:
             path = os.path.join(folder, entry.name)
@@ -198,15 +223,22 @@ class _Search:
                 if not entry.name.startswith("."):
                     self.walk(path)
             elif wanted and entry.name.startswith("._"):
-                self.skip(path, "not-an-image", "is a macOS metadata file (AppleDouble), not "
-                          "a slide", "it is made when copying from a Mac; it can be deleted")
+                self.skip(
+                    path,
+                    "not-an-image",
+                    "is a macOS metadata file (AppleDouble), not a slide",
+                    "it is made when copying from a Mac; it can be deleted",
+                )
             elif wanted:
                 self.take(path)
             elif not entry.name.startswith("."):
                 suffix = os.path.splitext(entry.name)[1].lower() or "(none)"
-                self.skip(path, "not-an-image",
-                          f"suffix {suffix} is not searched ({', '.join(self.extensions)})",
-                          "name the file itself, or add its suffix with --extensions")
+                self.skip(
+                    path,
+                    "not-an-image",
+                    f"suffix {suffix} is not searched ({', '.join(self.extensions)})",
+                    "name the file itself, or add its suffix with --extensions",
+                )
 
 
 def _is_dir(entry: os.DirEntry) -> bool:

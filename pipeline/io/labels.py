@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import TYPE_CHECKING, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -32,17 +33,25 @@ __all__ = ["write_tissue_labels", "read_mask", "reduce_blocks", "TISSUE_COLORS"]
 NGFF_VERSION = "0.5"
 
 #: Background transparent, tissue translucent green.
-TISSUE_COLORS = ({"label-value": 0, "rgba": [0, 0, 0, 0]},
-                 {"label-value": 1, "rgba": [0, 200, 83, 110]})
-_PROPERTIES = ({"label-value": 0, "class": "background"},
-               {"label-value": 1, "class": "tissue"})
+TISSUE_COLORS = (
+    {"label-value": 0, "rgba": [0, 0, 0, 0]},
+    {"label-value": 1, "rgba": [0, 200, 83, 110]},
+)
+_PROPERTIES = ({"label-value": 0, "class": "background"}, {"label-value": 1, "class": "tissue"})
 _CHUNK = 1024
 _PICTURES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 
-def write_tissue_labels(image_group_path: str | os.PathLike, mask: "TissueMask",
-                        run_shape: Sequence[int], axes: str, pixel_size: dict[str, float],
-                        *, name: str = "tissue", levels: int | None = None) -> str:
+def write_tissue_labels(
+    image_group_path: str | os.PathLike,
+    mask: TissueMask,
+    run_shape: Sequence[int],
+    axes: str,
+    pixel_size: dict[str, float],
+    *,
+    name: str = "tissue",
+    levels: int | None = None,
+) -> str:
     """Write ``mask`` as the label image ``name`` of an NGFF image group.
 
     Parameters
@@ -97,29 +106,59 @@ def write_tissue_labels(image_group_path: str | os.PathLike, mask: "TissueMask",
             data = _halve(data, [axes.index("y"), axes.index("x")])
         full = tuple(repeat.get(a, n) for a, n in zip(axes, data.shape))
         array = group.create_array(
-            str(level), shape=full, dtype="uint8", fill_value=0,
+            str(level),
+            shape=full,
+            dtype="uint8",
+            fill_value=0,
             chunks=tuple(1 if a in "cz" else min(_CHUNK, n) for a, n in zip(axes, full)),
-            dimension_names=list(axes))
+            dimension_names=list(axes),
+        )
         array[...] = np.broadcast_to(data, full)
-        scale = [1.0 if a == "c" else float(pixel_size.get(a, 1.0)) * cell.get(a, 1.0) *
-                 (2 ** level if a in "yx" else 1) for a in axes]
-        datasets.append({"path": str(level),
-                         "coordinateTransformations": [{"type": "scale", "scale": scale}]})
-    group.attrs.update({
-        "ome": {
-            "version": NGFF_VERSION,
-            "multiscales": [{"name": name, "axes": ngff_axes(axes, pixel_size),
-                             "datasets": datasets, "type": "max"}],
-            "image-label": {"colors": [dict(c) for c in TISSUE_COLORS],
-                            "properties": [dict(p) for p in _PROPERTIES],
-                            "source": {"image": "../../"}},
-        },
-        "pipeline": {"tissue": {"method": mask.method, "fraction": round(mask.fraction, 6),
-                                "cell": [float(s) for s in mask.scale]}},
-    })
+        scale = [
+            1.0
+            if a == "c"
+            else float(pixel_size.get(a, 1.0)) * cell.get(a, 1.0) * (2**level if a in "yx" else 1)
+            for a in axes
+        ]
+        datasets.append(
+            {"path": str(level), "coordinateTransformations": [{"type": "scale", "scale": scale}]}
+        )
+    group.attrs.update(
+        {
+            "ome": {
+                "version": NGFF_VERSION,
+                "multiscales": [
+                    {
+                        "name": name,
+                        "axes": ngff_axes(axes, pixel_size),
+                        "datasets": datasets,
+                        "type": "max",
+                    }
+                ],
+                "image-label": {
+                    "colors": [dict(c) for c in TISSUE_COLORS],
+                    "properties": [dict(p) for p in _PROPERTIES],
+                    "source": {"image": "../../"},
+                },
+            },
+            "pipeline": {
+                "tissue": {
+                    "method": mask.method,
+                    "fraction": round(mask.fraction, 6),
+                    "cell": [float(s) for s in mask.scale],
+                }
+            },
+        }
+    )
     listed = list(labels.attrs.get("ome", {}).get("labels", []))
-    labels.attrs.update({"ome": {"version": NGFF_VERSION,
-                                 "labels": listed + [name] if name not in listed else listed}})
+    labels.attrs.update(
+        {
+            "ome": {
+                "version": NGFF_VERSION,
+                "labels": listed + [name] if name not in listed else listed,
+            }
+        }
+    )
     return os.path.join(os.fspath(image_group_path), "labels", name)
 
 
@@ -134,13 +173,14 @@ def _halve(data: np.ndarray, yx: list[int]) -> np.ndarray:
     pad = [(0, data.shape[i] % 2 if i in yx else 0) for i in range(data.ndim)]
     data = np.pad(data, pad)
     for axis in sorted(yx, reverse=True):
-        shape = data.shape[:axis] + (data.shape[axis] // 2, 2) + data.shape[axis + 1:]
+        shape = data.shape[:axis] + (data.shape[axis] // 2, 2) + data.shape[axis + 1 :]
         data = data.reshape(shape).max(axis=axis + 1)
     return data
 
 
-def read_mask(path: str | os.PathLike, need: int, max_side: int
-              ) -> tuple[np.ndarray, tuple[int, int], int]:
+def read_mask(
+    path: str | os.PathLike, need: int, max_side: int
+) -> tuple[np.ndarray, tuple[int, int], int]:
     """Where a mask file is nonzero, no longer than ``max_side`` cells.
 
     Parameters
@@ -174,8 +214,7 @@ def read_mask(path: str | os.PathLike, need: int, max_side: int
     return reduce_blocks(nonzero, factor, np.any)[0].astype(bool), shape, factor
 
 
-def reduce_blocks(array: "dask.array.Array | np.ndarray", factor: int,
-                  how: Callable) -> np.ndarray:
+def reduce_blocks(array: dask.array.Array | np.ndarray, factor: int, how: Callable) -> np.ndarray:
     """``how`` (``np.mean``, ``np.any``) over ``factor``² blocks of a ``(C, y, x)`` array.
 
     Edges are padded by repeating the last row and column, which only the last cells
@@ -199,24 +238,31 @@ def _read_picture(where: str) -> np.ndarray:
     import imagecodecs
 
     if not os.path.isfile(where):
-        raise InputError("does not exist", where=where, hint="check the mask path",
-                         reason="not-found")
+        raise InputError(
+            "does not exist", where=where, hint="check the mask path", reason="not-found"
+        )
     try:
         data = np.asarray(imagecodecs.imread(where))
     except Exception as exc:  # codecs raise their own types for damaged files
-        raise InputError(f"cannot be read as an image ({type(exc).__name__}: {exc})",
-                         where=where, hint="save the mask as PNG or TIFF") from exc
+        raise InputError(
+            f"cannot be read as an image ({type(exc).__name__}: {exc})",
+            where=where,
+            hint="save the mask as PNG or TIFF",
+        ) from exc
     if data.ndim == 3 and data.shape[-1] in (2, 4):
         data = data[..., :-1]  # drop alpha
     if data.ndim == 3:
         data = data.any(axis=-1)
     if data.ndim != 2:
-        raise InputError(f"is not a 2D mask (shape {data.shape})", where=where,
-                         hint="save the mask as a single-plane image")
+        raise InputError(
+            f"is not a 2D mask (shape {data.shape})",
+            where=where,
+            hint="save the mask as a single-plane image",
+        )
     return data != 0
 
 
-def _open_lazy_mask(where: str, need: int) -> "dask.array.Array":
+def _open_lazy_mask(where: str, need: int) -> dask.array.Array:
     """Lazy ``(1, y, x)`` nonzero of a TIFF/Zarr mask, from the coarsest level ≥ ``need``."""
     from .layout import to_model_layout
     from .sources import open_image
@@ -229,8 +275,11 @@ def _open_lazy_mask(where: str, need: int) -> "dask.array.Array":
         source = open_image(where, series=source.series, level=level)
     array, spatial, _ = to_model_layout(source, 2, 0)
     if spatial != "yx":
-        raise InputError(f"is not a 2D mask (axes {spatial!r})", where=where,
-                         hint="save the mask as a single-plane image")
+        raise InputError(
+            f"is not a 2D mask (axes {spatial!r})",
+            where=where,
+            hint="save the mask as a single-plane image",
+        )
     if array.shape[0] == 4 and str(source.info.get("photometric", "")).upper() == "RGB":
         array = array[:3]  # drop alpha
     return (array != 0).any(axis=0)[None]

@@ -9,8 +9,9 @@ model's ``c`` + spatial order and :func:`choose_channels` the channels it gets;
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import InputError
 
@@ -155,8 +156,8 @@ def model_axes(axes: str, shape: Sequence[int], ndim: int, where: str) -> ModelA
 
 
 def to_model_layout(
-    source: "ImageSource", ndim: int, in_channels: int
-) -> tuple["dask.array.Array", str, dict[str, float]]:
+    source: ImageSource, ndim: int, in_channels: int
+) -> tuple[dask.array.Array, str, dict[str, float]]:
     """Bring an image into the axes a model takes: ``c`` then the spatial axes.
 
     Only rearranges axes and drops an alpha channel; colour conversions, channel
@@ -189,14 +190,23 @@ def to_model_layout(
     plan = model_axes(source.axes, source.array.shape, ndim, source.path)
     channels = dict(zip(source.axes, source.array.shape)).get("c", 1)
     keep = choose_channels(source, channels, in_channels, None)
-    view = ModelView(source, take=plan.take, order=plan.order, spatial=plan.spatial,
-                     keep=keep, colormap=None, invert=False, resample={}, check_finite=False)
+    view = ModelView(
+        source,
+        take=plan.take,
+        order=plan.order,
+        spatial=plan.spatial,
+        keep=keep,
+        colormap=None,
+        invert=False,
+        resample={},
+        check_finite=False,
+    )
     pixel_size = {a: source.pixel_size[a] for a in plan.spatial if a in source.pixel_size}
     return view.to_dask(), plan.spatial, pixel_size
 
 
 def choose_channels(
-    source: "ImageSource",
+    source: ImageSource,
     channels: int,
     in_channels: int,
     selection: Sequence[int] | None,
@@ -245,25 +255,30 @@ def choose_channels(
     return keep
 
 
-def _mismatch_hint(source: "ImageSource", got: int, want: int, spatial: str) -> str:
+def _mismatch_hint(source: ImageSource, got: int, want: int, spatial: str) -> str:
     photometric = str(source.info.get("photometric", "")).upper()
     if photometric == "SEPARATED":
-        return ("the image is CMYK, which needs a colour-managed conversion to RGB; convert "
-                "it (e.g. with ImageMagick or vips) and rerun")  # fmt: skip
+        return (
+            "the image is CMYK, which needs a colour-managed conversion to RGB; convert "
+            "it (e.g. with ImageMagick or vips) and rerun"
+        )
     if got == 1 and want == 3:
         hint = "--channels 0,0,0 feeds the gray channel to all three model inputs"
         if "z" in spatial:
-            hint += ("; a multi-page TIFF without metadata is read as a z stack, so if its "
-                     "pages are channels save it as OME-TIFF (axes CYX) or QPTIFF")  # fmt: skip
+            hint += (
+                "; a multi-page TIFF without metadata is read as a z stack, so if its "
+                "pages are channels save it as OME-TIFF (axes CYX) or QPTIFF"
+            )
         return hint
     if got > want:
-        return (f"choose {want} of the {got} channels with --channels (e.g. --channels "
-                f"{','.join(map(str, range(want)))}), or use a model trained on {got}")  # fmt: skip
-    return (f"use a model trained on {got}-channel images, or convert the image to "
-            f"{want} channels")  # fmt: skip
+        return (
+            f"choose {want} of the {got} channels with --channels (e.g. --channels "
+            f"{','.join(map(str, range(want)))}), or use a model trained on {got}"
+        )
+    return f"use a model trained on {got}-channel images, or convert the image to {want} channels"
 
 
-def alpha_channels(source: "ImageSource", channels: int) -> tuple[int, ...]:
+def alpha_channels(source: ImageSource, channels: int) -> tuple[int, ...]:
     """Indices of alpha (opacity) channels, which carry no image content."""
     extras = [str(e).upper() for e in source.info.get("extrasamples") or ()]
     if extras:  # TIFF names its extra samples; they follow the colour samples

@@ -15,7 +15,8 @@ import functools
 import itertools
 import logging
 import os
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import dask.array as da
 import numpy as np
@@ -218,7 +219,7 @@ class ModelView:
 
     def __init__(
         self,
-        source: "ImageSource",
+        source: ImageSource,
         *,
         take: dict[str, int],
         order: str,
@@ -250,11 +251,22 @@ class ModelView:
         previous = [self.channels]
         for a, n in zip(self.spatial, self.shape[1:]):
             c = self._stored_chunks.get(a, 256)
-            previous.append(max(1, min(n, round(c / self.resample[a].factor)))
-                            if a in self.resample else min(n, c))  # fmt: skip
+            previous.append(
+                max(1, min(n, round(c / self.resample[a].factor)))
+                if a in self.resample
+                else min(n, c)
+            )
         chunks = dask_chunks(self.shape, str(self.dtype), tuple(previous), "c" + self.spatial)
-        name = "model-" + tokenize(self.base.name, self.take, self.order, self.keep, self.invert,
-                                   self.resample, self.colormap, self.check_finite)  # fmt: skip
+        name = "model-" + tokenize(
+            self.base.name,
+            self.take,
+            self.order,
+            self.keep,
+            self.invert,
+            self.resample,
+            self.colormap,
+            self.check_finite,
+        )
         meta = np.empty((0,) * self.ndim, dtype=self.dtype)
         return da.from_array(self, chunks=chunks, name=name, meta=meta)
 
@@ -300,8 +312,10 @@ class ModelView:
     def _read(self, wanted: list[int], spatial: list[tuple[int, int]]) -> np.ndarray:
         raw = [0] if self.colormap is not None else wanted
         r_lo, r_hi = min(raw), max(raw) + 1
-        src = {a: self.resample[a].source_range(lo, hi) if a in self.resample else (lo, hi)
-               for a, (lo, hi) in zip(self.spatial, spatial)}  # fmt: skip
+        src = {
+            a: self.resample[a].source_range(lo, hi) if a in self.resample else (lo, hi)
+            for a, (lo, hi) in zip(self.spatial, spatial)
+        }
         selection = []
         for a in self.axes:
             if a in self.take:

@@ -15,9 +15,10 @@ import re
 import shutil
 import unicodedata
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -25,11 +26,28 @@ from ..errors import OutputError
 
 log = logging.getLogger(__name__)
 
-_SUFFIXES = (".ome.tiff", ".ome.tif", ".ome.zarr", ".tiff", ".tif", ".svs", ".ndpi", ".zarr",
-             ".qptiff", ".btf", ".scn")
+_SUFFIXES = (
+    ".ome.tiff",
+    ".ome.tif",
+    ".ome.zarr",
+    ".tiff",
+    ".tif",
+    ".svs",
+    ".ndpi",
+    ".zarr",
+    ".qptiff",
+    ".btf",
+    ".scn",
+)
 _ARRAY_CONFIG = {"write_empty_chunks": False}
 UNITS = {"micrometer"}
-_WINDOWS_DEVICES = {"CON", "PRN", "AUX", "NUL", *(f"{d}{i}" for d in ("COM", "LPT") for i in range(10))}
+_WINDOWS_DEVICES = {
+    "CON",
+    "PRN",
+    "AUX",
+    "NUL",
+    *(f"{d}{i}" for d in ("COM", "LPT") for i in range(10)),
+}
 #: Suffixes of files the output root holds itself (Zarr metadata, the run report, locks).
 _ROOT_SUFFIXES = {"json", "jsonl", "lock", "tmp", "log"}
 
@@ -100,11 +118,14 @@ def unique_names(paths: Sequence[str | os.PathLike]) -> list[str]:
 
 def _with_folders(paths: Sequence[str | os.PathLike], bases: list[str]) -> list[str]:
     """``bases`` prefixed with the fewest parent folder names that tell ``paths`` apart."""
-    parents = [[_clean(p) for p in reversed(Path(os.path.abspath(path)).parent.parts)]
-               for path in paths]
+    parents = [
+        [_clean(p) for p in reversed(Path(os.path.abspath(path)).parent.parts)] for path in paths
+    ]
     for depth in range(1, max(len(p) for p in parents) + 1):
-        prefixes = ["_".join(reversed([p for p in parts[:depth] if p]))[-60:].lstrip("._-")
-                    for parts in parents]
+        prefixes = [
+            "_".join(reversed([p for p in parts[:depth] if p]))[-60:].lstrip("._-")
+            for parts in parents
+        ]
         names = [f"{prefix}_{base}" if prefix else base for prefix, base in zip(prefixes, bases)]
         if len({n.lower() for n in names}) == len(names):
             return names
@@ -117,17 +138,22 @@ def open_root(out: str | os.PathLike):
 
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise OutputError("output exists and is not a folder", where=out,
-                          hint="choose a new path ending in .zarr")
+        raise OutputError(
+            "output exists and is not a folder", where=out, hint="choose a new path ending in .zarr"
+        )
     try:
         out.mkdir(parents=True, exist_ok=True)
         return zarr.open_group(str(out), mode="a", zarr_format=3)
     except OSError as exc:
-        raise OutputError(f"cannot write the output ({exc.strerror or exc})", where=out,
-                          hint="check permissions and free space") from exc
+        raise OutputError(
+            f"cannot write the output ({exc.strerror or exc})",
+            where=out,
+            hint="check permissions and free space",
+        ) from exc
     except Exception as exc:  # zarr raises its own types for a v2 or broken root
-        raise OutputError(f"not a Zarr v3 group: {exc}", where=out,
-                          hint="choose a new output path") from exc
+        raise OutputError(
+            f"not a Zarr v3 group: {exc}", where=out, hint="choose a new output path"
+        ) from exc
 
 
 def open_level(path: str):
@@ -144,7 +170,7 @@ class ImageWriter:
     root: Path
     name: str
     staging: Path
-    axes: str               # "cyx" or "czyx"
+    axes: str  # "cyx" or "czyx"
     chunks: tuple[int, ...]  # per axis, including c
     dtype: str
 
@@ -156,8 +182,14 @@ class ImageWriter:
         return str(self.staging / str(level))
 
 
-def create_image(root: str | os.PathLike, name: str, shape: Sequence[int], axes: str,
-                 chunks: Sequence[int], dtype: str) -> ImageWriter:
+def create_image(
+    root: str | os.PathLike,
+    name: str,
+    shape: Sequence[int],
+    axes: str,
+    chunks: Sequence[int],
+    dtype: str,
+) -> ImageWriter:
     """Create the staging group of one image with its level-0 array (nothing stored yet)."""
     import zarr
 
@@ -165,8 +197,15 @@ def create_image(root: str | os.PathLike, name: str, shape: Sequence[int], axes:
     staging = root / f".{name}.partial-{uuid.uuid4().hex[:8]}"
     group = zarr.open_group(str(staging), mode="w", zarr_format=3)
     chunks = tuple(min(c, s) for c, s in zip(chunks, shape))
-    group.create_array("0", shape=tuple(shape), chunks=chunks, dtype=dtype, fill_value=0,
-                       dimension_names=list(axes), config=_ARRAY_CONFIG)
+    group.create_array(
+        "0",
+        shape=tuple(shape),
+        chunks=chunks,
+        dtype=dtype,
+        fill_value=0,
+        dimension_names=list(axes),
+        config=_ARRAY_CONFIG,
+    )
     return ImageWriter(root, name, staging, axes, chunks, dtype)
 
 
@@ -195,16 +234,23 @@ def write_pyramid(writer: ImageWriter, min_size: int = 256) -> int:
         else:
             down = down.astype(writer.dtype)
         chunks = tuple(min(c, s) for c, s in zip(writer.chunks, shapes[level]))
-        target = group.create_array(str(level), shape=shapes[level], chunks=chunks,
-                                    dtype=writer.dtype, fill_value=0,
-                                    dimension_names=list(writer.axes), config=_ARRAY_CONFIG)
+        target = group.create_array(
+            str(level),
+            shape=shapes[level],
+            chunks=chunks,
+            dtype=writer.dtype,
+            fill_value=0,
+            dimension_names=list(writer.axes),
+            config=_ARRAY_CONFIG,
+        )
         # chunk-aligned tasks: each output chunk has exactly one writer
         da.store(down.rechunk(chunks), target, lock=False)
     return len(shapes)
 
 
-def write_metadata(writer: ImageWriter, levels: int, pixel_size: dict[str, float],
-                   attrs: dict[str, Any]) -> None:
+def write_metadata(
+    writer: ImageWriter, levels: int, pixel_size: dict[str, float], attrs: dict[str, Any]
+) -> None:
     """NGFF 0.5 multiscales (level 0 first) plus provenance under ``pipeline``."""
     import zarr
 
@@ -214,12 +260,12 @@ def write_metadata(writer: ImageWriter, levels: int, pixel_size: dict[str, float
     for level in range(levels):
         scale = []
         for a in writer.axes:
-            factor = 2 ** level if a in "yx" else 1
+            factor = 2**level if a in "yx" else 1
             scale.append(1.0 if a == "c" else float(pixel_size.get(a, 1.0)) * factor)
-        datasets.append({"path": str(level),
-                         "coordinateTransformations": [{"type": "scale", "scale": scale}]})
-    multiscales = [{"name": writer.name, "axes": axes_meta, "datasets": datasets,
-                    "type": "mean"}]
+        datasets.append(
+            {"path": str(level), "coordinateTransformations": [{"type": "scale", "scale": scale}]}
+        )
+    multiscales = [{"name": writer.name, "axes": axes_meta, "datasets": datasets, "type": "mean"}]
     group.attrs.update({"ome": {"version": "0.5", "multiscales": multiscales}, "pipeline": attrs})
 
 

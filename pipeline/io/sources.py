@@ -51,8 +51,17 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 TIFF_SUFFIXES = (
-    ".tif", ".tiff", ".svs", ".ndpi", ".qptiff", ".btf", ".tf8", ".tf2", ".scn", ".bif",
-)  # fmt: skip
+    ".tif",
+    ".tiff",
+    ".svs",
+    ".ndpi",
+    ".qptiff",
+    ".btf",
+    ".tf8",
+    ".tf2",
+    ".scn",
+    ".bif",
+)
 
 #: A stored tile or strip must be decoded whole to read any pixel of it: one larger than
 #: this (a huge compressed strip, a tile that declares a giant size) is refused, since
@@ -95,7 +104,7 @@ class ImageSource:
 
     path: str
     format: str
-    array: "dask.array.Array"
+    array: dask.array.Array
     axes: str
     pixel_size: dict[str, float]
     series: int
@@ -152,10 +161,17 @@ def open_image(
     stored = chosen.levels[level]
     _check_level(where, chosen, level)
     view = lazy.LazyLevel(
-        file.kind, where, chosen.locators[level], chosen.index_plan,
-        stored.shape, stored.dtype, stamp or lazy.fingerprint(where),
-        f"series {chosen.index} level {level}", chosen.axes, stored.chunks,
-    )  # fmt: skip
+        file.kind,
+        where,
+        chosen.locators[level],
+        chosen.index_plan,
+        stored.shape,
+        stored.dtype,
+        stamp or lazy.fingerprint(where),
+        f"series {chosen.index} level {level}",
+        chosen.axes,
+        stored.chunks,
+    )
     info = {**file.info, **chosen.info, "storage_chunks": stored.chunks}
     return ImageSource(
         path=where,
@@ -188,9 +204,7 @@ def open_image_cached(
 
 
 @functools.lru_cache(maxsize=16)
-def _open_cached(
-    path: str, series: int | None, level: int, stamp: lazy.Fingerprint
-) -> ImageSource:
+def _open_cached(path: str, series: int | None, level: int, stamp: lazy.Fingerprint) -> ImageSource:
     return open_image(path, series=series, level=level)
 
 
@@ -379,8 +393,7 @@ def _detect(where: str) -> str:
         if is_zarr_dir(where):
             return "zarr"
         raise InputError(
-            "is a folder but not a Zarr array or OME-Zarr image (no zarr.json, .zarray "
-            "or .zgroup)",
+            "is a folder but not a Zarr array or OME-Zarr image (no zarr.json, .zarray or .zgroup)",
             where=where,
             hint="pass an image file, or the root folder of a Zarr/OME-Zarr image",
         )

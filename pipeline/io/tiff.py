@@ -20,7 +20,8 @@ import math
 import re
 import threading
 import xml.etree.ElementTree as ET
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import tifffile
@@ -28,7 +29,6 @@ import zarr
 
 from pipeline.errors import InputError
 from pipeline.io.layout import apply_plan, plan_axes
-from pipeline.io.tiff_guard import guard_decoders
 from pipeline.io.meta import (
     FileInfo,
     LevelInfo,
@@ -37,6 +37,7 @@ from pipeline.io.meta import (
     is_plausible_um,
     to_micrometres,
 )
+from pipeline.io.tiff_guard import guard_decoders
 
 logger = logging.getLogger(__name__)
 
@@ -110,9 +111,7 @@ def _watch_tifffile(path: str) -> Iterator[None]:
     finally:
         tifflog.removeHandler(handler)
     if handler.problems:
-        raise InputError(
-            f"is damaged: {handler.problems[0]}", where=path, hint=_DAMAGED_HINT
-        )
+        raise InputError(f"is damaged: {handler.problems[0]}", where=path, hint=_DAMAGED_HINT)
 
 
 def inspect_tiff(path: str) -> FileInfo:
@@ -400,8 +399,7 @@ def _pixel_size(
         candidates.append(("ImageJ", _imagej_pixel_size(tif, axes)))
     candidates.append(("TIFF resolution tags", _resolution_pixel_size(series.keyframe)))
     plausible = [
-        (name, {a: v for a, v in sizes.items() if is_plausible_um(v)})
-        for name, sizes in candidates
+        (name, {a: v for a, v in sizes.items() if is_plausible_um(v)}) for name, sizes in candidates
     ]
     plausible = [(name, sizes) for name, sizes in plausible if sizes]
     if not plausible:
@@ -414,8 +412,14 @@ def _pixel_size(
             if mine and abs(size - mine) / mine > _PIXEL_SIZE_AGREEMENT:
                 logger.warning(
                     "%s: %s says %s pixel size %.6g µm but %s says %.6g µm; using %s",
-                    where, name, axis, mine, other_name, size, name,
-                )  # fmt: skip
+                    where,
+                    name,
+                    axis,
+                    mine,
+                    other_name,
+                    size,
+                    name,
+                )
     return chosen, name
 
 
@@ -442,9 +446,7 @@ def _ome_pixel_size(xml: str, index: int, name: str) -> dict[str, float | None]:
     images = [e for e in root if e.tag.endswith("}Image") or e.tag == "Image"]
     named = [e for e in images if e.get("Name") == name]
     image = named[0] if len(named) == 1 else images[index] if index < len(images) else None
-    pixels = None if image is None else next(
-        (e for e in image if e.tag.endswith("Pixels")), None
-    )
+    pixels = None if image is None else next((e for e in image if e.tag.endswith("Pixels")), None)
     if pixels is None:
         return {}
     return {

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import functools
 import struct
-from typing import Any, Callable
-
-
-
+from collections.abc import Callable
+from typing import Any
 
 #: TIFF compression codes whose tiles are JPEG or JPEG 2000 streams with their own size.
 _JPEG_CODES = frozenset({6, 7, 34892})

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import zarr
 import zarr.errors
@@ -29,8 +30,18 @@ logger = logging.getLogger(__name__)
 
 #: Dimension names seen in plain Zarr arrays (xarray, tifffile) → plan_axes labels.
 _NAME_LABELS = {
-    "time": "t", "channel": "c", "channels": "c", "sample": "s", "samples": "s",
-    "depth": "z", "plane": "z", "row": "y", "col": "x", "column": "x", "i": "i", "q": "i",
+    "time": "t",
+    "channel": "c",
+    "channels": "c",
+    "sample": "s",
+    "samples": "s",
+    "depth": "z",
+    "plane": "z",
+    "row": "y",
+    "col": "x",
+    "column": "x",
+    "i": "i",
+    "q": "i",
 }
 
 #: Axis order guessed for arrays without dimension names, by rank.
@@ -59,8 +70,14 @@ def inspect_zarr(path: str) -> FileInfo:
         return _group(path, node)
     except InputError:
         raise
-    except (zarr.errors.BaseZarrError, ValueError, KeyError, TypeError, AttributeError,
-            OSError) as exc:  # fmt: skip
+    except (
+        zarr.errors.BaseZarrError,
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        OSError,
+    ) as exc:
         raise InputError(
             f"is not a readable Zarr array or OME-Zarr image ({type(exc).__name__}: {exc})",
             where=path,
@@ -82,17 +99,21 @@ def _plain_array(path: str, array: zarr.Array) -> FileInfo:
     )
     fmt_info = {"zarr_format": array.metadata.zarr_format}
     series = SeriesInfo(
-        index=0, name="", axes=axes, index_plan=plan, levels=(level,), pixel_size={},
-        locators=(("",),), info=dict(fmt_info),
-    )  # fmt: skip
+        index=0,
+        name="",
+        axes=axes,
+        index_plan=plan,
+        levels=(level,),
+        pixel_size={},
+        locators=(("",),),
+        info=dict(fmt_info),
+    )
     return FileInfo(path=path, format="zarr", kind="zarr", series=(series,), info=fmt_info)
 
 
 def _plain_labels(path: str, array: zarr.Array) -> list[str]:
     """Axis labels from dimension names (zarr 3, or xarray's attribute), else guessed."""
-    names = getattr(array.metadata, "dimension_names", None) or array.attrs.get(
-        "_ARRAY_DIMENSIONS"
-    )
+    names = getattr(array.metadata, "dimension_names", None) or array.attrs.get("_ARRAY_DIMENSIONS")
     if names and len(names) == array.ndim and all(names):
         labels = [_NAME_LABELS.get(str(n).lower(), str(n).lower()) for n in names]
         if any(label in ("t", "c", "z", "y", "x", "s", "i") for label in labels):

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ import torch
 from pipeline import _compat
 from pipeline.backends import load_backend, read_model_spec
 from pipeline.backends.base import NORMALIZATIONS, ModelSpec
-from pipeline.backends.files import METADATA_KEY, EXTRA_FILE, build_metadata
+from pipeline.backends.files import EXTRA_FILE, METADATA_KEY, build_metadata
 from pipeline.errors import ConfigError, ModelError
 from pipeline.model.unet import UNet
 
@@ -39,12 +40,15 @@ def _resolve_format(out: Path, fmt: str | None) -> str:
         found = _SUFFIXES.get(out.suffix.lower())
         if found is None:
             raise ConfigError(
-                f"cannot tell the model format from the suffix {out.suffix!r}", where=out,
+                f"cannot tell the model format from the suffix {out.suffix!r}",
+                where=out,
                 hint="name the file .pt/.ts (TorchScript) or .onnx, or pass fmt",
             )
         return found
     if fmt not in ("torchscript", "onnx"):
-        raise ConfigError(f"unknown model format {fmt!r}", where="fmt", hint="use 'torchscript' or 'onnx'")
+        raise ConfigError(
+            f"unknown model format {fmt!r}", where="fmt", hint="use 'torchscript' or 'onnx'"
+        )
     return fmt
 
 
@@ -55,7 +59,9 @@ def _state_dict(obj: Any, where: Path) -> dict[str, torch.Tensor]:
             obj = obj[key]
             break
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ModelError("does not contain a state dict (name → tensor)", where=where, hint=_WEIGHTS_HINT)
+        raise ModelError(
+            "does not contain a state dict (name → tensor)", where=where, hint=_WEIGHTS_HINT
+        )
     # nn.DataParallel / DDP checkpoints prefix every name with "module.".
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
@@ -75,13 +81,16 @@ def load_weights(net: torch.nn.Module, weights: str | os.PathLike) -> None:
         obj = _compat.load_weights(p)
     except Exception as exc:  # UnpicklingError for payloads, RuntimeError for junk
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ModelError(f"refused to load weights ({first[:200]})", where=p, hint=_WEIGHTS_HINT) from exc
+        raise ModelError(
+            f"refused to load weights ({first[:200]})", where=p, hint=_WEIGHTS_HINT
+        ) from exc
     state = _state_dict(obj, p)
     try:
         net.load_state_dict(state)
     except RuntimeError as exc:
         raise ModelError(
-            f"weights do not fit the network ({str(exc).strip()[:400]})", where=p,
+            f"weights do not fit the network ({str(exc).strip()[:400]})",
+            where=p,
             hint="match base, depth, ndim, padding, in_channels and classes to the training run",
         ) from exc
 
@@ -90,10 +99,17 @@ def _describe(net: torch.nn.Module, in_channels: int, ndim: int, activation: str
     """Geometry and architecture facts for the metadata (probed for non-UNet modules)."""
     if isinstance(net, UNet):
         return {
-            "ndim": net.ndim, "in_channels": net.in_channels, "classes": net.classes,
-            "margin": net.margin, "step": net.step, "min_tile": net.min_tile,
-            "activation": net.activation, "architecture": "unet", "padding": net.padding,
-            "base": net.base, "depth": net.depth,
+            "ndim": net.ndim,
+            "in_channels": net.in_channels,
+            "classes": net.classes,
+            "margin": net.margin,
+            "step": net.step,
+            "min_tile": net.min_tile,
+            "activation": net.activation,
+            "architecture": "unet",
+            "padding": net.padding,
+            "base": net.base,
+            "depth": net.depth,
         }
     from pipeline.backends.probe import probe_geometry
 
@@ -103,11 +119,14 @@ def _describe(net: torch.nn.Module, in_channels: int, ndim: int, activation: str
 
     # The given ndim/in_channels are tried first; the usual alternatives after them.
     geometry = probe_geometry(
-        run, where=type(net).__name__, ndims=tuple(dict.fromkeys((ndim, 2, 3))),
+        run,
+        where=type(net).__name__,
+        ndims=tuple(dict.fromkeys((ndim, 2, 3))),
         channels=tuple(dict.fromkeys((in_channels, 1, 3))),
     )
     return {
-        **geometry, "activation": "none" if activation == "auto" else activation,
+        **geometry,
+        "activation": "none" if activation == "auto" else activation,
         "architecture": type(net).__name__,
     }
 
@@ -125,14 +144,21 @@ def _write_onnx(net: torch.nn.Module, example: torch.Tensor, path: Path, meta: d
     raw = path.with_name(path.name + ".raw")
     try:
         how = _compat.onnx_export(
-            net, example, raw, input_name=INPUT_NAME, output_name=OUTPUT_NAME,
-            dynamic_axes=axes, opset=ONNX_OPSET,
+            net,
+            example,
+            raw,
+            input_name=INPUT_NAME,
+            output_name=OUTPUT_NAME,
+            dynamic_axes=axes,
+            opset=ONNX_OPSET,
         )
         proto = onnx.load(str(raw))
     finally:
         raw.unlink(missing_ok=True)
     meta["exporter"] = f"torch.onnx.export(dynamo={how == 'dynamo'})"
-    meta["opset"] = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    meta["opset"] = next(
+        (o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None
+    )
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(meta)
     onnx.checker.check_model(proto)
@@ -151,7 +177,8 @@ def _write_atomically(
     except Exception as exc:  # torch/onnx raise many types; report them as one ModelError
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelError(
-            f"{fmt} export failed ({first[:500]})", where=out,
+            f"{fmt} export failed ({first[:500]})",
+            where=out,
             hint="a network that torch.jit.script or torch.onnx.export cannot handle; try the other format",
         ) from exc
     finally:
@@ -174,7 +201,8 @@ def _check_file(net: torch.nn.Module, path: Path, spec: ModelSpec, tolerance: fl
     if not diff <= tolerance:  # also catches NaN
         raise ModelError(
             f"the written model differs from the network by {diff:.3g} (tolerance {tolerance}); "
-            "the file was removed", where=path,
+            "the file was removed",
+            where=path,
             hint="report this with the torch/onnx versions; try the other format meanwhile",
         )
     return diff
@@ -237,7 +265,9 @@ def export_model(
     out = Path(out_path)
     fmt = _resolve_format(out, fmt)
     if normalize not in NORMALIZATIONS:
-        raise ConfigError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}", where="normalize")
+        raise ConfigError(
+            f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}", where="normalize"
+        )
     try:
         user_extra = json.loads(json.dumps(extra or {}))
     except (TypeError, ValueError) as exc:

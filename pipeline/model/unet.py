@@ -160,9 +160,7 @@ class _Level(nn.Module):
     line that both ``torch.jit.script`` and the ONNX exporters handle without unrolling.
     """
 
-    def __init__(
-        self, cin: int, width: int, inner: nn.Module, ndim: int, padding: str
-    ) -> None:
+    def __init__(self, cin: int, width: int, inner: nn.Module, ndim: int, padding: str) -> None:
         super().__init__()
         _, up, pool, _ = _layers(ndim)
         self.crop = padding == "valid"
