@@ -1,0 +1,253 @@
+"""Where an image is written before it is published, how blocks record that they are
+written, and how a finished image replaces the old one without a moment with neither.
+
+Layout inside the output root::
+
+    OUT/.pipeline/staging/<name>-<key12>/
+        owner.json      {"name", "key", "input", "run", "created"}
+        image/          the NGFF image group being written; published as OUT/<name>
+        blocks/<id>     one empty file per block whose chunks are all written
+        complete.json   the image is finished and verified: publish it, never recompute it
+        discarded       its input failed: tasks still running must not write any more
+    OUT/.pipeline/old/<name>    the previous output, only while publishing
+    OUT/.pipeline/trash/        folders being deleted
+
+The staging folder's name holds the run key, so a rerun of the same command finds its
+unfinished work and continues it; work staged under another key is never mixed in.
+
+Publishing ``image`` as ``OUT/<name>``:
+
+1. the old output (if any) is renamed to ``old/<name>``;
+2. ``image`` is renamed to ``OUT/<name>``;
+3. the caller records the input as done (the ledger);
+4. ``old/<name>`` and the staging folder are deleted.
+
+Each step is one rename or deletion, so a crash leaves one of these states, which
+:meth:`StagingArea.repair` resolves on the next start: ``old/<name>`` beside ``OUT/<name>``
+(after step 2 or 3) is deleted; ``old/<name>`` without ``OUT/<name>`` (after step 1) is
+moved back. The staged image, still complete, is then published by the next run of its
+input without being recomputed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import faults
+from ..errors import OutputError
+from . import atomic
+
+KEY_CHARS = 12
+
+
+def block_id(region: Any) -> str:
+    """A file name for a block's write region: ``<offset>+<shape>``, e.g. ``0_512+512_512``.
+    Named by coordinates, not order number, so a different block layout never matches."""
+    return "_".join(map(str, region.offset)) + "+" + "_".join(map(str, region.shape))
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One staged image (see the module docstring for the files)."""
+
+    dir: Path
+
+    @property
+    def image(self) -> Path:
+        return self.dir / "image"
+
+    @property
+    def blocks(self) -> Path:
+        return self.dir / "blocks"
+
+    def owner(self) -> dict[str, Any] | None:
+        owner = atomic.read_json(self.dir / "owner.json")
+        return owner if isinstance(owner, dict) else None
+
+    def done_blocks(self) -> set[str]:
+        """Ids of the blocks recorded as written."""
+        try:
+            return set(os.listdir(self.blocks))
+        except OSError:
+            return set()
+
+    def mark_block_done(self, region: Any) -> bool:
+        """Record that the chunks of the block at ``region`` are written. Creates no
+        folder: a staging folder removed meanwhile stays removed (returns False)."""
+        try:
+            os.close(os.open(self.blocks / block_id(region), os.O_CREAT | os.O_WRONLY, 0o666))
+        except FileNotFoundError:
+            return False
+        return True
+
+    def is_complete(self) -> bool:
+        return (self.dir / "complete.json").is_file() and self.image.is_dir()
+
+    def mark_complete(self, info: dict[str, Any]) -> None:
+        atomic.write_json(self.dir / "complete.json", {**info, "at": time.time()})
+
+    def is_discarded(self) -> bool:
+        return (self.dir / "discarded").exists() or not self.dir.exists()
+
+    def mark_discarded(self) -> None:
+        """From now on tasks of this image write nothing (they check before writing)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.close(os.open(self.dir / "discarded", os.O_CREAT | os.O_WRONLY, 0o666))
+
+
+class StagingArea:
+    """The staging, old and trash folders of one output root."""
+
+    def __init__(self, out: str | os.PathLike, state: str = ".pipeline") -> None:
+        self.out = Path(out)
+        self.root = self.out / state
+        self.staging = self.root / "staging"
+        self.old = self.root / "old"
+        self.trash = self.root / "trash"
+
+    def stage(self, name: str, key: str) -> Stage:
+        return Stage(self.staging / f"{name}-{key[:KEY_CHARS]}")
+
+    def open_stage(self, name: str, key: str, owner: dict[str, Any]) -> tuple[Stage, bool]:
+        """The staging folder of ``name`` under ``key``, created if needed; True when it
+        already held work of this key (to be continued)."""
+        stage = self.stage(name, key)
+        held = stage.owner()
+        reused = held is not None and held.get("key") == key and not stage.is_discarded()
+        if not reused:
+            if stage.dir.exists():
+                self.remove(stage)
+            stage.blocks.mkdir(parents=True)
+            atomic.write_json(
+                stage.dir / "owner.json",
+                {**owner, "name": name, "key": key, "created": time.time()},
+            )
+        return stage, reused
+
+    def stages(self) -> list[Stage]:
+        try:
+            return [Stage(p) for p in sorted(self.staging.iterdir()) if p.is_dir()]
+        except FileNotFoundError:
+            return []
+
+    def remove(self, stage: Stage | Path) -> None:
+        """Delete a staging (or any) folder: renamed into the trash first, so a crash
+        mid-deletion leaves nothing that looks like work to continue."""
+        path = stage.dir if isinstance(stage, Stage) else Path(stage)
+        self.trash.mkdir(parents=True, exist_ok=True)
+        doomed = self.trash / f"{path.name}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.replace(path, doomed)
+        except FileNotFoundError:
+            return
+        shutil.rmtree(doomed, ignore_errors=True)
+
+    def publish(self, stage: Stage, final: Path, recorded: Callable[[], None]) -> Path:
+        """Put ``stage.image`` in place of ``final`` (see the module docstring);
+        ``recorded`` is called once the new output is in place, before the old is deleted."""
+        old = self.old / final.name
+        if old.exists():  # a leftover of a crash that repair did not see
+            if final.exists():
+                self.remove(old)
+            else:
+                os.replace(old, final)
+        if final.exists():
+            self.old.mkdir(parents=True, exist_ok=True)
+            os.replace(final, old)
+            faults.point("publish-aside", final.name)
+        os.replace(stage.image, final)
+        atomic.fsync_dir(self.out)
+        faults.point("publish-moved", final.name)
+        recorded()
+        if old.exists():
+            self.remove(old)
+        self.remove(stage)
+        return final
+
+    def repair(self, names: Iterable[str] | None = None) -> list[str]:
+        """Resolve what a crash while publishing left (names: only these; None: all).
+        Returns one line per action, for the log."""
+        wanted = None if names is None else {n.lower() for n in names}
+        done = []
+        try:
+            olds = sorted(self.old.iterdir())
+        except FileNotFoundError:
+            olds = []
+        for old in olds:
+            if wanted is not None and old.name.lower() not in wanted:
+                continue
+            final = self.out / old.name
+            if final.exists():
+                self.remove(old)
+                done.append(f"{old.name}: removed the previous output left beside the new one")
+                continue
+            os.replace(old, final)
+            done.append(f"{old.name}: restored the previous output")
+        if wanted is None and self.trash.exists():
+            for item in self.trash.iterdir():
+                shutil.rmtree(item, ignore_errors=True)
+        return done
+
+    def sweep(self, keep: Callable[[Stage, dict[str, Any] | None], bool]) -> list[str]:
+        """Remove staging folders ``keep(stage, owner)`` rejects; returns their names."""
+        removed = []
+        for stage in self.stages():
+            if not keep(stage, stage.owner()):
+                self.remove(stage)
+                removed.append(stage.dir.name)
+        return removed
+
+
+FULL_ERRNOS = frozenset((errno.ENOSPC, errno.EDQUOT, errno.EROFS))
+
+
+def output_error(exc: OSError, folder: str | os.PathLike) -> OutputError:
+    """A clear error for a write that failed in ``folder``: what, where, the free space."""
+    folder = Path(folder)
+    free = free_space(folder)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        problem = f"no space left on the device ({free})"
+        hint = "free some space or choose another --out, then rerun the same command: finished blocks are kept"
+        reason = "disk-full"
+    elif exc.errno == errno.EROFS:
+        problem = "the output is on a read-only file system"
+        hint = "choose a writable --out"
+        reason = "output-read-only"
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        problem = "permission denied writing the output"
+        hint = "check the folder's permissions or choose another --out"
+        reason = "output-error"
+    else:
+        problem = f"cannot write the output ({exc.strerror or exc}; {free})"
+        hint = "check the file system and rerun the same command"
+        reason = "output-error"
+    return OutputError(problem, where=folder, hint=hint, reason=reason)
+
+
+def free_space(folder: str | os.PathLike) -> str:
+    """``"free 1.2 MB of 8.0 MB"`` for the file system holding ``folder``."""
+    path = Path(folder)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        usage = shutil.disk_usage(path)
+    except OSError:
+        return "free space unknown"
+    return f"free {_size(usage.free)} of {_size(usage.total)}"
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} PB"
