@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .errors import PipelineError
+from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 

@@ -33,10 +33,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .backends.files import sha256_of
-from .io import atomic
-from .io.sink import unique_names
+from pipeline import __version__, atomic
+from pipeline.backends.files import sha256_of
+from pipeline.io.sink import unique_names
 
 STATE_DIR = ".pipeline"
 #: Bytes hashed at the start, middle and end of an input file.

@@ -35,9 +35,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .errors import OutputError
-from .io import atomic
-from .shard import Shard
+from pipeline import atomic
+from pipeline.errors import OutputError
+from pipeline.shard import Shard
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from .errors import PipelineError
+from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 

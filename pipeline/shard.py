@@ -14,7 +14,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .errors import ConfigError
+from pipeline.errors import ConfigError
 
 
 @dataclass(frozen=True)

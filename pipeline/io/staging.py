@@ -42,9 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import faults
-from ..errors import OutputError
-from . import atomic
+from pipeline import atomic, faults
+from pipeline.errors import OutputError
 
 KEY_CHARS = 12
 
