@@ -29,21 +29,15 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline import __version__, atomic
 from pipeline.backends.files import sha256_of
+from pipeline.io.fingerprint import Fingerprint
 from pipeline.io.sink import unique_names
 
 STATE_DIR = ".pipeline"
-#: Bytes hashed at the start, middle and end of an input file.
-SAMPLE_BYTES = 1 << 20
-#: Chunk files of a Zarr input whose content is sampled.
-ZARR_SAMPLES = 8
-#: Files of a Zarr input listed at most (a larger store is sampled among the first ones).
-ZARR_WALK_LIMIT = 200_000
 #: History entries kept per input.
 HISTORY = 20
 #: Run settings that change output pixels or layout. Options added later that change the
@@ -72,7 +66,6 @@ OUTPUT_FIELDS = (
     "threshold",
     "class_names",
 )
-_ZARR_METADATA = frozenset(("zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata"))
 _INTERNAL_GROUP = {
     "zarr_format": 3,
     "node_type": "group",
@@ -102,65 +95,6 @@ def init_state_dir(out: str | os.PathLike) -> Path:
 def input_id(real: str) -> str:
     """A file-name safe id of an input's real path."""
     return hashlib.sha256(real.encode("utf-8", "surrogateescape")).hexdigest()[:24]
-
-
-@dataclass(frozen=True)
-class Fingerprint:
-    """What an input was, as far as the run key is concerned."""
-
-    path: str  # real path
-    kind: str  # "file" or "zarr"
-    size: int
-    mtime_ns: int
-    sample: str  # SHA-256 of the sampled content
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @property
-    def stamp(self) -> tuple[int, int]:
-        """(size, mtime): what a worker re-checks cheaply before each block."""
-        return self.size, self.mtime_ns
-
-
-def fingerprint(path: str | os.PathLike) -> Fingerprint:
-    """Fingerprint an input file (start, middle and end sampled) or Zarr folder (its
-    metadata files and a few chunk files). Raises ``OSError`` when it cannot be read."""
-    real = os.path.realpath(path)
-    st = os.stat(real)
-    if os.path.isdir(real):
-        return _zarr_fingerprint(real, st)
-    digest = hashlib.sha256()
-    size = st.st_size
-    with open(real, "rb") as f:
-        for offset in sorted(
-            {0, max(0, size // 2 - SAMPLE_BYTES // 2), max(0, size - SAMPLE_BYTES)}
-        ):
-            f.seek(offset)
-            digest.update(f.read(SAMPLE_BYTES))
-    return Fingerprint(real, "file", size, st.st_mtime_ns, digest.hexdigest())
-
-
-def _zarr_fingerprint(real: str, st: os.stat_result) -> Fingerprint:
-    meta, chunks = [], []
-    for folder, dirs, files in os.walk(real):
-        dirs.sort()
-        for name in sorted(files):
-            (meta if name in _ZARR_METADATA else chunks).append(os.path.join(folder, name))
-        if len(meta) + len(chunks) > ZARR_WALK_LIMIT:
-            break
-    picks = {chunks[i * (len(chunks) - 1) // max(1, ZARR_SAMPLES - 1)] for i in range(ZARR_SAMPLES)}
-    digest = hashlib.sha256()
-    size, mtime = 0, st.st_mtime_ns
-    for file in meta + sorted(picks if chunks else ()):
-        fst = os.stat(file)
-        size += fst.st_size
-        mtime = max(mtime, fst.st_mtime_ns)
-        digest.update(os.path.relpath(file, real).encode("utf-8", "surrogateescape") + b"\0")
-        with open(file, "rb") as f:
-            digest.update(f.read(SAMPLE_BYTES))
-    digest.update(f"{len(chunks)} chunk files".encode())
-    return Fingerprint(real, "zarr", size, mtime, digest.hexdigest())
 
 
 def output_settings(cfg: Any) -> dict[str, Any]:

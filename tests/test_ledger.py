@@ -11,9 +11,9 @@ import tifffile
 import zarr
 
 from pipeline.config import RunConfig
+from pipeline.io.fingerprint import fingerprint
 from pipeline.ledger import (
     Ledger,
-    fingerprint,
     init_state_dir,
     output_settings,
     published_key,
