@@ -36,6 +36,7 @@ from pipeline import __version__, atomic
 from pipeline.backends.files import sha256_of
 from pipeline.io.fingerprint import Fingerprint
 from pipeline.io.sink import unique_names
+from pipeline.io.staging import published_attrs, published_key
 
 STATE_DIR = ".pipeline"
 #: History entries kept per input.
@@ -121,22 +122,6 @@ def run_key(
         default=str,
     )
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def published_key(final: str | os.PathLike) -> str | None:
-    """The run key stored in a published image's attributes (None: not one of ours)."""
-    return published_attrs(final).get("run_key")
-
-
-def published_attrs(final: str | os.PathLike) -> dict[str, Any]:
-    """The ``pipeline`` attributes of an image group (Zarr v3 or v2), or ``{}``."""
-    final = Path(final)
-    meta = atomic.read_json(final / "zarr.json")
-    attrs = meta.get("attributes") if isinstance(meta, dict) else None
-    if attrs is None:
-        attrs = atomic.read_json(final / ".zattrs")
-    info = attrs.get("pipeline") if isinstance(attrs, dict) else None
-    return info if isinstance(info, dict) else {}
 
 
 class Ledger:

@@ -12,11 +12,11 @@ import zarr
 
 from pipeline.config import RunConfig
 from pipeline.io.fingerprint import fingerprint
+from pipeline.io.staging import published_key
 from pipeline.ledger import (
     Ledger,
     init_state_dir,
     output_settings,
-    published_key,
     run_key,
 )
 from pipeline.shard import Shard, parse_shard

@@ -88,6 +88,11 @@ class Stage:
             return False
         return True
 
+    def info(self) -> dict[str, Any] | None:
+        """What the run that finished this image recorded (``complete.json``)."""
+        info = atomic.read_json(self.dir / "complete.json")
+        return info if isinstance(info, dict) else None
+
     def is_complete(self) -> bool:
         return (self.dir / "complete.json").is_file() and self.image.is_dir()
 
@@ -116,12 +121,16 @@ class StagingArea:
     def stage(self, name: str, key: str) -> Stage:
         return Stage(self.staging / f"{name}-{key[:KEY_CHARS]}")
 
-    def open_stage(self, name: str, key: str, owner: dict[str, Any]) -> tuple[Stage, bool]:
+    def open_stage(
+        self, name: str, key: str, owner: dict[str, Any], *, fresh: bool = False
+    ) -> tuple[Stage, bool]:
         """The staging folder of ``name`` under ``key``, created if needed; True when it
-        already held work of this key (to be continued)."""
+        already held work of this key (to be continued). ``fresh``: start it over."""
         stage = self.stage(name, key)
         held = stage.owner()
-        reused = held is not None and held.get("key") == key and not stage.is_discarded()
+        reused = (
+            not fresh and held is not None and held.get("key") == key and not stage.is_discarded()
+        )
         if not reused:
             if stage.dir.exists():
                 self.remove(stage)
@@ -250,3 +259,19 @@ def _size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} PB"
+
+
+def published_key(image: str | os.PathLike) -> str | None:
+    """The run key stored in an image's attributes (None: not an image of ours)."""
+    return published_attrs(image).get("run_key")
+
+
+def published_attrs(image: str | os.PathLike) -> dict[str, Any]:
+    """The ``pipeline`` attributes of an image group (Zarr v3 or v2), or ``{}``."""
+    image = Path(image)
+    meta = atomic.read_json(image / "zarr.json")
+    attrs = meta.get("attributes") if isinstance(meta, dict) else None
+    if attrs is None:
+        attrs = atomic.read_json(image / ".zattrs")
+    info = attrs.get("pipeline") if isinstance(attrs, dict) else None
+    return info if isinstance(info, dict) else {}
