@@ -22,8 +22,8 @@ import zarr
 
 from pipeline.errors import InputError
 from pipeline.io import sources
+from pipeline.io.model_input import open_for_model
 from pipeline.io.sources import describe, open_image
-from pipeline.resolution import open_for_model
 
 SVS = "wsi/CMU-1-Small-Region.svs"
 ISBI = "isbi2012/train-volume.tif"

@@ -13,8 +13,9 @@ import tifffile
 import zarr
 
 from pipeline.errors import InputError
-from pipeline.io import lazy
-from pipeline.resolution import AreaAxis, InputRef, open_for_model
+from pipeline.io import lazy, model_view
+from pipeline.io.model_input import InputRef, open_for_model
+from pipeline.io.resample import AreaAxis
 
 SVS = "wsi/CMU-1-Small-Region.svs"
 OME_TIFF = "wsi/CMU-1-Small-Region.pyramid.ome.tif"
@@ -113,7 +114,7 @@ def test_large_factor_reads_in_bands(tmp_path: Path, monkeypatch: pytest.MonkeyP
     data = np.random.default_rng(4).random((1, 200, 120)).astype(np.float32)
     path = plain_zarr(tmp_path / "img.zarr", data, (1, 50, 50))
     expected = open_for_model(path, ndim=2, in_channels=1, mpp=9.7, mpp_input=1.0).array.compute()
-    monkeypatch.setattr(lazy, "RESAMPLE_BAND_BYTES", 2000)  # a few output rows per step
+    monkeypatch.setattr(model_view, "RESAMPLE_BAND_BYTES", 2000)  # a few output rows per step
     banded = open_for_model(path, ndim=2, in_channels=1, mpp=9.7, mpp_input=1.0)
     np.testing.assert_array_equal(banded.array.compute(), expected)
 
