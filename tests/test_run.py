@@ -10,32 +10,12 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
-from click.testing import CliRunner
+from conftest import cli, ngff_images
 
-from pipeline.cli import main
 from pipeline.config import RunConfig
 from pipeline.run import run
 
 SVS = "wsi/CMU-1-Small-Region.svs"
-
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def ngff_images(out: Path):
-    """Read every image in OUT with the ome-zarr reference reader."""
-    from ome_zarr.io import parse_url
-    from ome_zarr.reader import Multiscales, Reader
-
-    images = {}
-    for child in sorted(p for p in out.iterdir() if p.is_dir()):
-        nodes = list(Reader(parse_url(str(child)))())
-        assert nodes, f"ome-zarr found no image in {child}"
-        node = nodes[0]
-        assert any(isinstance(s, Multiscales) for s in node.specs)
-        images[child.name] = node
-    return images
 
 
 def test_identity_run_on_svs_is_pixel_exact_and_valid_ngff(data_dir, tmp_path):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
+from conftest import write_tiff
 
 from pipeline import tissue
 from pipeline.errors import ConfigError, InputError
@@ -165,14 +166,7 @@ def test_no_background_means_all_tissue(tmp_path, fill):
     rng = np.random.default_rng(4)
     truth = np.full((600, 900), fill == "tissue")
     path = tmp_path / "uniform.tif"
-    tifffile.imwrite(
-        path,
-        _stain(truth, rng),
-        photometric="rgb",
-        tile=(256, 256),
-        resolution=(1e4 / 0.5, 1e4 / 0.5),
-        resolutionunit="CENTIMETER",
-    )
+    write_tiff(path, _stain(truth, rng), um=0.5, photometric="rgb", tile=(256, 256))
     source = open_image(path)
     assert len(source.levels) == 1  # single level: averaged down lazily
     mask = detect_tissue(source, (600, 900))
@@ -189,13 +183,7 @@ def test_fluorescence_16bit(tmp_path):
     cells = np.repeat(np.repeat(rng.random((128, 128)) < 0.3, 8, 0), 8, 1)
     image[truth] += 500 + 2500 * cells[truth]  # cytoplasm + nuclei
     path = tmp_path / "fluo.tif"
-    tifffile.imwrite(
-        path,
-        image.astype(np.uint16),
-        photometric="minisblack",
-        resolution=(1e4 / 0.65, 1e4 / 0.65),
-        resolutionunit="CENTIMETER",
-    )
+    write_tiff(path, image.astype(np.uint16), um=0.65, photometric="minisblack")
     mask = detect_tissue(open_image(path), shape)
     assert mask.method == "fluorescence-threshold"
     assert mask.fraction == pytest.approx(truth.mean(), abs=0.05)
@@ -256,19 +244,6 @@ def test_real_slide_without_pixel_size(data_dir):
 # --------------------------------------------------------------------------- model's pixels
 
 
-def _calibrated(path, image, **kwargs):
-    """A tiled TIFF at 1 µm/px (resolution tags)."""
-    tifffile.imwrite(
-        path,
-        image,
-        tile=(256, 256),
-        resolution=(1e4, 1e4),
-        resolutionunit="CENTIMETER",
-        **kwargs,
-    )
-    return path
-
-
 @pytest.fixture(scope="module")
 def colour_models(tmp_path_factory):
     """The same slide three ways: a palette TIFF and the RGB it maps to; and a
@@ -287,11 +262,12 @@ def colour_models(tmp_path_factory):
     cmap = colours.T.astype(np.uint16) * 257  # TIFF colour maps are 16-bit
     bright = (20 + rng.integers(0, 15, size=shape)).astype(np.uint8)  # dark background
     bright[truth] = 150 + rng.integers(0, 60, size=int(truth.sum()))  # bright cells
+    at = {"um": 1.0, "tile": (256, 256)}
     return {
-        "palette": _calibrated(folder / "palette.tif", index, photometric="palette", colormap=cmap),
-        "rgb": _calibrated(folder / "rgb.tif", mapped, photometric="rgb"),
-        "miniswhite": _calibrated(folder / "inv.tif", 255 - bright, photometric="miniswhite"),
-        "gray": _calibrated(folder / "gray.tif", bright, photometric="minisblack"),
+        "palette": write_tiff(folder / "p.tif", index, photometric="palette", colormap=cmap, **at),
+        "rgb": write_tiff(folder / "rgb.tif", mapped, photometric="rgb", **at),
+        "miniswhite": write_tiff(folder / "inv.tif", 255 - bright, photometric="miniswhite", **at),
+        "gray": write_tiff(folder / "gray.tif", bright, photometric="minisblack", **at),
         "truth": truth,
         "mapped": mapped,
         "bright": bright,
