@@ -180,29 +180,12 @@ def test_tile_the_model_cannot_take(tmp_path, data_dir, rgb_model):
 def test_unknown_config_key_and_python_tag_refused(tmp_path, data_dir):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("tile: 256\nbogus: 1\n")
-    result = cli(
-        "run",
-        data_dir / SVS,
-        "--out",
-        tmp_path / "o.zarr",
-        "--backend",
-        "identity",
-        "--config",
-        cfg,
-    )
+    args = ("run", data_dir / SVS, "--out", tmp_path / "o.zarr", "--backend", "identity")
+    result = cli(*args, "--config", cfg)
     assert result.exit_code == 2 and "bogus" in result.output
     marker = tmp_path / "pwned"
     cfg.write_text(f"tile: !!python/object/apply:os.system ['touch {marker}']\n")
-    result = cli(
-        "run",
-        data_dir / SVS,
-        "--out",
-        tmp_path / "o.zarr",
-        "--backend",
-        "identity",
-        "--config",
-        cfg,
-    )
+    result = cli(*args, "--config", cfg)
     assert result.exit_code == 2 and not marker.exists()
 
 

@@ -125,7 +125,9 @@ class Backend(Protocol):
 class CheckedBackend:
     """What every backend shares: the checks around a batch, and a context manager.
 
-    Subclasses set ``spec`` and ``device`` and implement :meth:`run`.
+    Subclasses set ``spec`` (the model's spec; a model file is loaded from
+    ``spec.path``) and ``device`` (a resolved device: ``cpu``, ``cuda`` or ``cuda:N``),
+    and implement :meth:`run`.
     """
 
     spec: ModelSpec

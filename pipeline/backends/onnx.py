@@ -113,10 +113,8 @@ class OnnxBackend(CheckedBackend):
 
     Parameters
     ----------
-    spec
-        The model's spec (``spec.path`` is loaded).
-    device
-        A resolved device: ``cpu``, ``cuda`` or ``cuda:N``.
+    spec, device
+        See :class:`~pipeline.backends.base.CheckedBackend`.
     threads
         ``SessionOptions.intra_op_num_threads`` (None: onnxruntime's default).
     """

@@ -61,10 +61,8 @@ class TorchScriptBackend(CheckedBackend):
 
     Parameters
     ----------
-    spec
-        The model's spec (``spec.path`` is loaded).
-    device
-        A resolved device: ``cpu``, ``cuda`` or ``cuda:N``.
+    spec, device
+        See :class:`~pipeline.backends.base.CheckedBackend`.
     precision
         ``fp32``; ``fp16``/``bf16`` run under autocast and need a CUDA device (checked
         by :func:`pipeline.backends.load_backend`).
