@@ -224,7 +224,8 @@ def open_for_model(
 
 
 @functools.lru_cache(maxsize=16)
-def _open_cached(ref: InputRef, stamp: lazy.Fingerprint) -> ModelInput:
+def _open_cached(ref: InputRef, _stamp: lazy.Fingerprint) -> ModelInput:
+    # _stamp: only part of the cache key, so that a changed file is built again
     return _build(ref)
 
 

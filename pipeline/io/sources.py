@@ -185,7 +185,10 @@ def open_image_cached(
 
 
 @functools.lru_cache(maxsize=16)
-def _open_cached(path: str, series: int | None, level: int, stamp: lazy.Fingerprint) -> ImageSource:
+def _open_cached(
+    path: str, series: int | None, level: int, _stamp: lazy.Fingerprint
+) -> ImageSource:
+    # _stamp: only part of the cache key, so that a changed file is opened again
     return open_image(path, series=series, level=level)
 
 
