@@ -4,17 +4,20 @@ Exit codes of ``pipeline run``:
 
 0
     Every input is ``done`` or ``skipped``. Skipped is left out by design, not a failure:
-    a file in a searched folder whose suffix is not searched (``not-an-image``), the same
+    an output already made from the same input, model and settings (``up-to-date``), a
+    file in a searched folder whose suffix is not searched (``not-an-image``), the same
     file reached twice (``duplicate``).
 1
     At least one input ``failed``; the others were still run. The summary and
     ``OUT/report.json`` give each failure's reason and message.
 2
     A usage or configuration error: a bad option or config file, an unreadable list
-    file, no images found, a model that cannot be loaded, an output that cannot be
-    written. Nothing was run.
+    file, no images found, a model that cannot be loaded; an output that cannot be
+    written (read-only, full: then no input was finished); the output is locked by
+    another run (the message names it). Nothing was finished.
 130
-    Interrupted (Ctrl-C): the input being written was discarded, finished ones stay.
+    Interrupted (Ctrl-C): finished inputs stay published, unfinished ones stay staged
+    and the same command continues them.
 """
 
 from __future__ import annotations
@@ -116,14 +119,28 @@ def main(verbose: int) -> None:
     type=click.Path(dir_okay=False),
     help="YAML file of defaults (see configs/default.yaml).",
 )
-def run(inputs, out, model, config_file, **options) -> None:
-    """Segment INPUTS (files, folders or .txt lists of paths) into OUT, one NGFF image per input."""
+@click.option(
+    "--force", is_flag=True, help="Recompute inputs whose output is up to date (see the ledger)."
+)
+@click.option(
+    "--shard",
+    help="Run share I of N of the inputs, e.g. 2/8 (default inside a Slurm job array: "
+    "its task of the array).",
+)
+def run(inputs, out, model, config_file, force, shard, **options) -> None:
+    """Segment INPUTS (files, folders or .txt lists of paths) into OUT, one NGFF image per input.
+
+    Inputs whose output in OUT was made from the same file, model and settings are skipped
+    (up-to-date); an interrupted run is continued where it stopped by the same command.
+    """
     from pipeline.config import resolve_config
     from pipeline.io.discover import find_inputs
     from pipeline.run import run as run_pipeline
+    from pipeline.shard import parse_shard
 
     try:
         cfg = resolve_config(config_file, options)
+        share = parse_shard(shard)
         found = find_inputs(inputs, cfg.extensions, exclude=[out])
         if not found.paths and all(r.state == "skipped" for r in found.results):
             others = f" ({len(found.results)} other files skipped)" if found.results else ""
@@ -133,15 +150,39 @@ def run(inputs, out, model, config_file, **options) -> None:
                 hint=f"give image files, list files (.txt) or folders with "
                 f"{', '.join(cfg.extensions)} files (see --extensions)",
             )
-        report = run_pipeline(found.paths, out, model, cfg, progress=_Bar(), decided=found.results)
+        report = run_pipeline(
+            found.paths,
+            out,
+            model,
+            cfg,
+            progress=_Bar(),
+            decided=found.results,
+            force=force,
+            shard=share,
+        )
     except PipelineError as exc:
         _fail(exc)
     except KeyboardInterrupt:
-        # the input being written was discarded; finished ones stay published
-        click.echo("\ninterrupted", err=True)
+        # finished inputs stay published; unfinished ones stay staged for the next run
+        click.echo("\ninterrupted: rerun the same command to continue", err=True)
         sys.exit(EXIT_INTERRUPTED)
     _summary(report, out)
-    sys.exit(EXIT_OK if report.ok else EXIT_FAILED_INPUTS)
+    sys.exit(exit_code(report))
+
+
+def exit_code(report) -> int:
+    """0, 1 or 2 (see the module docstring): 2 when the output could not be written and
+    no input was finished."""
+    from pipeline.errors import DISK_FULL, OUTPUT_READ_ONLY
+
+    if report.ok and not report.errors:
+        return EXIT_OK
+    unwritable = report.errors or any(
+        r.reason in (DISK_FULL, OUTPUT_READ_ONLY) for r in report.inputs if r.state == "failed"
+    )
+    if unwritable and not any(r.state == "done" for r in report.inputs):
+        return EXIT_USAGE
+    return EXIT_FAILED_INPUTS
 
 
 WIDTH = 100  # the summary table fits this many columns
@@ -185,11 +226,13 @@ def _summary(report, out) -> None:
                     f"{reason}: {', '.join(names)}",
                 )
             )
-    failed = [r for r in report.inputs if r.state == "failed"]
+    failed = [r for r in report.inputs if r.state in ("failed", "pending")]
     if failed:
         click.echo("failed:")
         for r in failed:
             click.echo(f"  {_printable(r.message or r.reason or '')}")
+    for error in report.errors:
+        click.echo(f"error: {_printable(error)}", err=True)
     counts = ", ".join(f"{n} {state}" for state, n in report.counts.items() if n)
     click.echo(
         f"{counts or 'no inputs'}; {report.pixels / 1e6:.1f} Mpix in "

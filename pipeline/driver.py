@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from pipeline.errors import PipelineError
+from pipeline.errors import WorkerCrashError
 
 log = logging.getLogger(__name__)
 
@@ -268,12 +268,11 @@ def _explain(error: BaseException, kind: str, task: Any) -> BaseException:
     if not isinstance(error, KilledWorker):
         return error
     what = _what(kind, task)
-    return PipelineError(
+    return WorkerCrashError(
         f"{what} killed its worker on every attempt (the worker process died: out of "
         "memory, a crash in the model runtime, or killed from outside)",
         hint="lower --block or memory_budget_mb, or check the worker logs; "
         "the input's other blocks are kept for a rerun",
-        reason="worker-crash",
     )
 
 

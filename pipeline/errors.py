@@ -23,11 +23,16 @@ spells a code::
     │   └── ModelOutputError        model-output-nonfinite
     ├── DeviceError                 device-unavailable (RuntimeError)
     ├── OutputError                 output-error    (OSError)
+    │   ├── DiskFullError           disk-full
+    │   ├── ReadOnlyOutputError     output-read-only
+    │   └── OutputLockedError       output-locked
+    ├── WorkerCrashError            worker-crash    (RuntimeError)
     └── InternalError               internal-error  (RuntimeError)
 
 Inputs are also decided without an error of their own: ``skipped`` with
-:data:`NOT_AN_IMAGE` or :data:`DUPLICATE`, ``failed`` with :data:`UNREADABLE_FOLDER`, or
-with :data:`INTERNAL_ERROR` for any other exception (a bug, caught so the batch goes on).
+:data:`NOT_AN_IMAGE`, :data:`DUPLICATE` or :data:`UP_TO_DATE`, ``failed`` with
+:data:`UNREADABLE_FOLDER`, or with :data:`INTERNAL_ERROR` for any other exception (a bug,
+caught so the batch goes on); ``pending`` with :data:`INTERRUPTED` when the run stopped.
 """
 
 from __future__ import annotations
@@ -52,6 +57,11 @@ MODEL_ERROR = "model-error"
 MODEL_OUTPUT_NONFINITE = "model-output-nonfinite"
 DEVICE_UNAVAILABLE = "device-unavailable"
 OUTPUT_ERROR = "output-error"
+DISK_FULL = "disk-full"
+OUTPUT_READ_ONLY = "output-read-only"
+OUTPUT_LOCKED = "output-locked"
+#: A block (or step) whose worker process died on every attempt.
+WORKER_CRASH = "worker-crash"
 #: A bug: an exception that is not a PipelineError, caught so the batch goes on.
 INTERNAL_ERROR = "internal-error"
 #: Left out by a folder search: not an image suffix, or a macOS metadata file.
@@ -60,6 +70,10 @@ NOT_AN_IMAGE = "not-an-image"
 DUPLICATE = "duplicate"
 #: A folder that cannot be listed: slides in it may have been missed.
 UNREADABLE_FOLDER = "unreadable-folder"
+#: Its published output was made from the same input, model and settings.
+UP_TO_DATE = "up-to-date"
+#: The run was stopped (Ctrl-C) before this input finished; a rerun continues it.
+INTERRUPTED = "interrupted"
 
 
 class PipelineError(Exception):
@@ -217,6 +231,30 @@ class OutputError(PipelineError, OSError):
     """The output location cannot be written."""
 
     reason = OUTPUT_ERROR
+
+
+class DiskFullError(OutputError):
+    """No space left (or quota exceeded) where the output is written."""
+
+    reason = DISK_FULL
+
+
+class ReadOnlyOutputError(OutputError):
+    """The output is on a read-only file system."""
+
+    reason = OUTPUT_READ_ONLY
+
+
+class OutputLockedError(OutputError):
+    """Another run is writing the same output."""
+
+    reason = OUTPUT_LOCKED
+
+
+class WorkerCrashError(PipelineError, RuntimeError):
+    """A worker process died on every attempt at a block (out of memory, a crash)."""
+
+    reason = WORKER_CRASH
 
 
 class InternalError(PipelineError, RuntimeError):

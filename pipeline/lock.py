@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import atomic
-from pipeline.errors import OutputError
+from pipeline.errors import OutputLockedError
 from pipeline.shard import Shard
 
 log = logging.getLogger(__name__)
@@ -48,10 +48,8 @@ STALE_AFTER = 300.0
 _ATTEMPTS = 5
 
 
-class LockedError(OutputError):
-    """The output is being written by another run."""
-
-    reason = "output-locked"
+#: The error a refused run raises (named here for callers of this module).
+LockedError = OutputLockedError
 
 
 class OutputLock:

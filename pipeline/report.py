@@ -9,22 +9,27 @@ Every input ends in exactly one state:
     ``unsupported-format``, ``channel-mismatch``...) and ``message`` names the file, the
     problem and a hint;
 ``skipped``
-    left out by design, not a failure: ``not-an-image`` (a file in a searched folder
-    whose suffix is not searched), ``duplicate`` (the same file reached twice)...
+    left out by design, not a failure: ``up-to-date`` (its output was made from the same
+    input, model and settings), ``not-an-image`` (a file in a searched folder whose suffix
+    is not searched), ``duplicate`` (the same file reached twice)...
+``pending``
+    not finished: the run was interrupted (``interrupted``); a rerun continues it.
 
 A run is ``ok`` when no input failed: skipped inputs do not spoil it.
+
+``OUT/report.json`` describes every input the output holds: this run's inputs, then
+those of earlier runs (or other shards) from the ledger, each as its last run left it.
+Each run also keeps its own report, of its inputs only, in ``OUT/.pipeline/runs``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import uuid
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pipeline import __version__
+from pipeline import __version__, atomic
 
 STATES = ("pending", "done", "failed", "skipped")
 
@@ -55,8 +60,16 @@ class InputResult:
         Fraction 0..1 of the image detected as tissue; None when not measured.
     blocks
         Blocks (units of work) the image was split into.
+    resumed_blocks
+        Blocks an earlier, interrupted run had written already (not computed again).
     seconds
         Wall time spent on this input.
+    key
+        The run key its output was (or is being) made with (see :mod:`pipeline.ledger`).
+    model
+        SHA-256 of the model file (``identity`` for the identity backend).
+    run
+        The id of the run that decided this entry.
     """
 
     path: str
@@ -71,7 +84,11 @@ class InputResult:
     skipped_tiles: int = 0
     tissue_fraction: float | None = None
     blocks: int = 0
+    resumed_blocks: int = 0
     seconds: float = 0.0
+    key: str | None = None
+    model: str | None = None
+    run: str | None = None
 
     @property
     def skipped_fraction(self) -> float:
@@ -90,6 +107,10 @@ class RunReport:
     model: dict | None = None
     config: dict | None = None
     version: str = __version__
+    run: str | None = None
+    shard: str | None = None
+    #: Problems writing the output's records (a full disk at report time...).
+    errors: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -109,38 +130,25 @@ class RunReport:
     def mpix_per_s(self) -> float:
         return self.pixels / 1e6 / self.seconds if self.seconds > 0 else 0.0
 
-    def to_dict(self) -> dict:
+    def to_dict(self, others: Sequence[dict] = ()) -> dict:
+        """This run's report; with ``others`` (entries of inputs this run did not touch,
+        from the ledger), the output's: ``ok`` and ``counts`` then cover every entry."""
+        entries = [r.to_dict() for r in self.inputs] + list(others)
         return {
             "version": self.version,
-            "ok": self.ok,
-            "counts": self.counts,
+            "run": self.run,
+            "shard": self.shard,
+            "ok": all(e.get("state") in ("done", "skipped") for e in entries),
+            "counts": {s: sum(e.get("state") == s for e in entries) for s in STATES},
             "seconds": round(self.seconds, 3),
             "pixels": self.pixels,
             "mpix_per_s": round(self.mpix_per_s, 3),
             "model": self.model,
             "config": self.config,
-            "inputs": [r.to_dict() for r in self.inputs],
+            "inputs": entries,
         }
 
-    def write(self, path: str | os.PathLike) -> Path:
-        """Write the report as JSON, atomically: readers see the old file or the new one.
-
-        The text goes to a temporary file beside ``path``, is flushed to disk, then renamed
-        over ``path``; on any error the temporary file is removed and ``path`` is unchanged.
-        """
-        path = Path(path)
-        text = json.dumps(self.to_dict(), indent=2, default=str) + "\n"
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            # os.open with 0o666 honours the umask (mkstemp would leave the report 0600)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        return path
+    def write(self, path: str | os.PathLike, others: Sequence[dict] = ()) -> Path:
+        """Write the report (see :meth:`to_dict`) as JSON, atomically: readers see the
+        old file or the new one, never a mix (:func:`pipeline.atomic.write_json`)."""
+        return atomic.write_json(path, self.to_dict(others))

@@ -1,45 +1,40 @@
-"""Orchestration: per-input planning, the Dask client, progress and the run report.
+"""Orchestration: which inputs need work, where blocks run, the lock, ledger and reports.
 
-This layer never touches pixels: it builds :class:`~pipeline.stages.BlockJob` values and
-hands them to a Dask cluster (or runs them in-process with ``scheduler="sync"``).
+This layer never touches pixels. :func:`run` takes the output's lock, repairs what an
+earlier crash left, decides per input from the ledger whether its output is up to date,
+and hands the others to the :class:`~pipeline.driver.Driver`, which keeps several inputs
+in flight on a Dask cluster (or runs them in-process: ``scheduler="sync"``, or a single
+block on the default layout). :class:`~pipeline.batch.Batch` publishes and records each
+input as it ends.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import time
-import traceback
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from pipeline import __version__
 from pipeline.backends.base import ModelSpec
+from pipeline.backends.files import sha256_of
+from pipeline.batch import Batch
 from pipeline.config import RunConfig
-from pipeline.errors import INTERNAL_ERROR, ConfigError, PipelineError
+from pipeline.driver import Driver, SyncClient
+from pipeline.errors import UP_TO_DATE, ConfigError, PipelineError
 from pipeline.io import sink
-from pipeline.plan import Plan, make_plan
+from pipeline.io.fingerprint import fingerprint
+from pipeline.io.staging import StagingArea, output_error
+from pipeline.ledger import Ledger, init_state_dir, new_run_id, output_settings, run_key
+from pipeline.lock import OutputLock
+from pipeline.plan import make_plan
 from pipeline.report import InputResult, RunReport
-from pipeline.stages import (
-    BackendRef,
-    BlockJob,
-    BlockResult,
-    Source,
-    forget_sink,
-    predict_shared,
-    process_block,
-)
-from pipeline.tissue_mask import TissueMask
-
-if TYPE_CHECKING:
-    from distributed import Client
-
-    from pipeline.io.model_input import ModelInput
+from pipeline.retry import retrying
+from pipeline.shard import Shard
+from pipeline.stages import BackendRef
+from pipeline.tasks import InputJob, Model, make_tasks, run_local
 
 log = logging.getLogger(__name__)
 
@@ -110,32 +105,6 @@ def dask_client(cfg: RunConfig) -> Iterator[object | None]:
         yield client
 
 
-class Executor:
-    """Where blocks run. The local cluster starts on first need: a run that is a single
-    block on the default layout runs in-process, where the cluster's start and the
-    worker's model load would cost more than they save."""
-
-    def __init__(self, cfg: RunConfig) -> None:
-        self.cfg = cfg
-        self.client = None
-        self._stack = contextlib.ExitStack()
-
-    def client_for(self, blocks: int, more_inputs: bool):
-        cfg = self.cfg
-        if self.client is None and cfg.scheduler != "sync":
-            small = blocks <= 1 and not more_inputs and not cfg.workers and not cfg.scheduler
-            if small:
-                return None
-            self.client = self._stack.enter_context(dask_client(cfg))
-        return self.client
-
-    def __enter__(self) -> Executor:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stack.close()
-
-
 def worker_layout(cfg: RunConfig) -> tuple[int, int]:
     """(worker processes, model threads per worker) for the local cluster."""
     cores = (
@@ -167,50 +136,208 @@ def run(
     *,
     progress: Progress | None = None,
     decided: Sequence[InputResult] = (),
+    force: bool = False,
+    shard: Shard | None = None,
 ) -> RunReport:
     """Segment every input into ``out``; one input's failure never stops the others.
 
     ``decided``: inputs settled before the run (skipped or failed while finding inputs,
-    see :func:`pipeline.io.discover.find_inputs`); they are added to the report as they are.
+    see :func:`pipeline.io.discover.find_inputs`); they are added to the report as they
+    are. ``force``: recompute inputs whose output is up to date. ``shard``: run only this
+    shard's share of the inputs (a job array; see :mod:`pipeline.shard`).
+
+    Raises
+    ------
+    OutputError
+        The output cannot be written, or another run holds its lock (``output-locked``).
+    PipelineError
+        A bad model or configuration, before any input is run.
+    KeyboardInterrupt
+        After writing the reports: unfinished inputs stay staged for the next run.
     """
     t0 = time.perf_counter()
+    out = Path(out)
     sink.open_root(out)  # refuses an output that cannot be a Zarr group before any work
-    spec = resolve_model(model, cfg)
-    report = RunReport(model=spec.to_dict(), config=cfg.to_dict())
-    names = sink.unique_names(inputs)
-    ref = backend_ref(spec, cfg)
-    with Executor(cfg) as executor:
-        for i, (path, name) in enumerate(zip(inputs, names)):
-            result = InputResult(str(path), name)
+    try:
+        state = init_state_dir(out)
+    except OSError as exc:
+        raise output_error(exc, out) from exc
+    run_id = new_run_id()
+    with OutputLock(state / "locks", run_id, shard):
+        if shard is not None:
+            inputs = [p for p in inputs if shard.owns(p)]
+            decided = [r for r in decided if shard.owns(r.path)]
+        report = RunReport(
+            config=cfg.to_dict(), run=run_id, shard=None if shard is None else str(shard)
+        )
+        try:
+            batch, jobs = _plan(inputs, out, model, cfg, report, force, shard)
+        except OSError as exc:
+            if isinstance(exc, PipelineError):
+                raise
+            raise output_error(exc, out) from exc
+        for result in decided:
+            result.run = run_id
             report.inputs.append(result)
-            t1 = time.perf_counter()
-            try:
-                run_one(
-                    path,
-                    Path(out),
-                    spec,
-                    ref,
-                    cfg,
-                    result,
-                    functools.partial(executor.client_for, more_inputs=i < len(inputs) - 1),
-                    progress,
-                )
-                result.state = "done"
-            except PipelineError as exc:
-                _fail(result, exc.reason, exc.message)
-            except Exception as exc:  # an unexpected bug must not stop the batch
-                log.debug("unexpected error on %s", path, exc_info=True)
-                _fail(
-                    result,
-                    INTERNAL_ERROR,
-                    f"{path}: {type(exc).__name__}: {exc} "
-                    f"({traceback.extract_tb(exc.__traceback__)[-1].name})",
-                )
-            result.seconds = round(time.perf_counter() - t1, 3)
-    report.inputs.extend(decided)
-    report.seconds = time.perf_counter() - t0
-    report.write(Path(out) / "report.json")
+        try:
+            if jobs:
+                _execute(batch, jobs, model, cfg, progress)
+        except KeyboardInterrupt:
+            batch.interrupted(jobs)
+            raise
+        finally:
+            report.seconds = time.perf_counter() - t0
+            batch.write_reports(final=True)
     return report
+
+
+def _plan(
+    inputs: Sequence[str],
+    out: Path,
+    model: str | None,
+    cfg: RunConfig,
+    report: RunReport,
+    force: bool,
+    shard: Shard | None,
+) -> tuple[Batch, list[InputJob]]:
+    """Names, repairs, keys; the up-to-date inputs decided; a batch of the others."""
+    ledger = Ledger(out).load()
+    names = ledger.bind_names(inputs)
+    area = StagingArea(out)
+    for line in area.repair(None if shard is None else names):
+        log.warning("repaired %s", line)
+    digest = model_digest(model, cfg)
+    settings = output_settings(cfg)
+    results: dict[str, InputResult] = {}
+    jobs = []
+    for path, name in zip(inputs, names):
+        result = InputResult(str(path), name, run=report.run, model=digest)
+        report.inputs.append(result)
+        results[str(path)] = result
+        try:
+            fp = retrying(fingerprint, path, what=f"reading {path}")
+        except OSError:
+            fp = None  # opening the input will say what is wrong with it
+        key = None if fp is None else run_key(fp, digest, settings)
+        result.key = key
+        if key is not None and not force and ledger.up_to_date(key, name):
+            _up_to_date(result, ledger, out)
+            continue
+        jobs.append(
+            InputJob(
+                str(path),
+                name,
+                str(out),
+                key,
+                "" if fp is None else fp.sample,
+                (0, 0) if fp is None else fp.stamp,
+                report.run,
+            )
+        )
+    _sweep(area, ledger, jobs, names if shard is not None else None)
+    batch = Batch(out, None, ledger, report, results, merge_on_write=shard is not None)
+    for result in results.values():
+        if result.state == "skipped":
+            batch.record_skipped(result)
+    return batch, jobs
+
+
+def _up_to_date(result: InputResult, ledger: Ledger, out: Path) -> None:
+    """An input whose output holds its key: skipped, its last done entry carried over."""
+    before = (ledger.record(os.path.realpath(result.path)) or {}).get("result") or {}
+    if before.get("state") in ("done", "skipped") and before.get("output"):
+        for field in ("shape", "pixels", "tiles", "skipped_tiles", "tissue_fraction", "blocks"):
+            setattr(result, field, before.get(field, getattr(result, field)))
+    result.state, result.reason = "skipped", UP_TO_DATE
+    result.output = str(out / result.name)
+    result.message = (
+        f"{result.path}: its output {result.name} was made from the same input, model and "
+        "settings. Hint: --force recomputes it"
+    )
+
+
+def _sweep(
+    area: StagingArea, ledger: Ledger, jobs: list[InputJob], mine: Sequence[str] | None
+) -> None:
+    """Delete staging no run will continue: work of an input of this run under another
+    key, of an input whose output now holds that key, or of an input that is gone. A shard
+    (``mine``: its names) touches only its own inputs' staging."""
+    current = {j.name: j.key for j in jobs}
+    owned = None if mine is None else set(mine)
+
+    def keep(stage, owner) -> bool:
+        if owner is None or "name" not in owner:
+            return owned is not None  # a half-created stage: whole-output runs remove it
+        name, key = owner["name"], owner.get("key")
+        if owned is not None and name not in owned:
+            return True
+        if name in current:
+            return current[name] == key
+        record = ledger.record(os.path.realpath(owner.get("input", ""))) or {}
+        if record.get("output_key") == key:
+            return False
+        return os.path.exists(owner.get("input", ""))
+
+    for name in area.sweep(keep):
+        log.info("removed stale staging %s", name)
+
+
+def model_digest(model: str | None, cfg: RunConfig) -> str:
+    """SHA-256 of the model file (``identity`` for the identity backend); a model that
+    cannot be read fails as :func:`resolve_model` says."""
+    if cfg.backend == "identity":
+        return "identity"
+    if model is None:
+        resolve_model(model, cfg)  # raises: no model given
+    try:
+        return retrying(sha256_of, model, what=f"reading {model}")
+    except OSError:
+        resolve_model(model, cfg)  # says what is wrong with the file
+        raise
+
+
+def _execute(
+    batch: Batch, jobs: list[InputJob], model: str | None, cfg: RunConfig, progress
+) -> None:
+    """Load the model's geometry, choose where blocks run, run the driver."""
+    spec = resolve_model(model, cfg)
+    batch.report.model = spec.to_dict()
+    batch.model = Model(spec, backend_ref(spec, cfg), cfg)
+    with contextlib.ExitStack() as stack:
+        ready = {}
+        if cfg.scheduler == "sync":
+            client, workers = SyncClient(), 1
+        elif len(jobs) == 1 and not cfg.workers and not cfg.scheduler:
+            # one input: planned here first; a single block runs in-process, where a
+            # cluster's start and the worker's model load would cost more than they save
+            step = batch.prepare(jobs[0])
+            try:
+                ready[0] = step.fn(*step.args)
+            except Exception as exc:
+                batch.failed(jobs[0], exc, "opening and planning")
+                batch.settled(jobs[0], None)
+                return
+            small = sum(not t.done for t in ready[0].tasks) <= 1
+            client = SyncClient() if small else stack.enter_context(dask_client(cfg))
+            workers = 1 if small else worker_layout(cfg)[0]
+        else:
+            client = stack.enter_context(dask_client(cfg))
+            workers = _slots(client, cfg)
+        driver = Driver(
+            client,
+            batch,
+            max_open=workers + 1,
+            max_queued=2 * workers + 1,
+            progress=progress,
+        )
+        driver.run(jobs, ready)
+
+
+def _slots(client, cfg: RunConfig) -> int:
+    """Blocks that run at once: worker threads of the cluster (at least one)."""
+    if cfg.scheduler:
+        return max(1, sum(client.nthreads().values()))
+    return worker_layout(cfg)[0]
 
 
 def backend_ref(spec: ModelSpec, cfg: RunConfig) -> BackendRef:
@@ -240,225 +367,6 @@ def _device(cfg: RunConfig) -> str:
     from pipeline.backends import resolve_device
 
     return resolve_device(cfg.device)
-
-
-def _fail(result: InputResult, reason: str, message: str) -> None:
-    result.state, result.reason, result.message = "failed", reason, message
-    log.info("failed: %s", message)  # the report and the CLI's summary carry it
-
-
-def run_one(
-    path: str,
-    out: Path,
-    spec: ModelSpec,
-    ref: BackendRef,
-    cfg: RunConfig,
-    result: InputResult,
-    client_for: Callable[[int], object | None],
-    progress: Progress | None,
-) -> None:
-    """Plan, run the blocks, build the pyramid and publish one input."""
-    from pipeline.io.model_input import open_for_model
-
-    inp = open_for_model(
-        path,
-        ndim=spec.ndim,
-        in_channels=spec.in_channels,
-        series=cfg.series,
-        level=cfg.level,
-        mpp=cfg.mpp,
-        mpp_input=cfg.mpp_input,
-        channels=cfg.channels,
-        model_mpp=spec.mpp,
-    )
-    array, spatial_axes, pixel_size = inp.array, inp.spatial_axes, inp.pixel_size
-    channels = int(array.shape[0])
-    classes = spec.classes or channels
-    shape = tuple(int(s) for s in array.shape[1:])
-    plan = make_plan(spec, shape, channels, classes, cfg)
-    tissue = find_tissue(inp, shape, cfg)
-    writer = sink.create_image(
-        out, result.name, (classes, *shape), "c" + spatial_axes, (classes, *plan.chunks), cfg.dtype
-    )
-    try:
-        tasks = make_tasks(plan, inp.ref, ref, spec, classes, cfg, writer.level_path(0), tissue)
-        result.shape, result.blocks = [classes, *shape], len(tasks)
-        result.tiles = run_blocks(
-            tasks, client_for(len(tasks)), lambda d, n: progress and progress(result.name, d, n)
-        )
-        if tissue is not None:
-            result.tissue_fraction = round(tissue.fraction, 4)
-            result.skipped_tiles = plan.lattice.n_tiles - result.tiles
-        levels = sink.write_pyramid(writer, cfg.pyramid_min)
-        sink.write_metadata(writer, levels, pixel_size, provenance(spec, plan, cfg, inp, tissue))
-        if tissue is not None:
-            from pipeline.io.labels import write_tissue_labels
-
-            write_tissue_labels(writer.staging, tissue, shape, "c" + spatial_axes, pixel_size)
-        result.output = str(sink.publish(writer))
-        result.pixels = int(array[0].size)
-    except BaseException:
-        sink.discard(writer)
-        raise
-    finally:
-        forget_sink(writer.level_path(0))
-
-
-def find_tissue(inp: ModelInput, shape: tuple[int, ...], cfg: RunConfig) -> TissueMask | None:
-    """The tissue mask for one input: the user's (``--mask``, applied to every input),
-    detected on a low-resolution level read as the model reads the input (2D images), or
-    None (volumes; ``--no-skip-background``)."""
-    from pipeline.tissue import detect_tissue, load_user_mask
-
-    if cfg.mask:
-        return load_user_mask(cfg.mask, shape)
-    if not cfg.skip_background:
-        return None
-    if inp.spatial_axes != "yx":
-        log.info("%s: tissue detection is for 2D images; running the whole volume", inp.ref.path)
-        return None
-    return detect_tissue(inp, shape, pixel_size=inp.pixel_size or None)
-
-
-@dataclass(frozen=True)
-class Task:
-    """A block's job and the blocks whose shared tiles it needs (block order numbers)."""
-
-    job: BlockJob
-    needs: tuple[int, ...]
-
-
-def make_tasks(
-    plan: Plan,
-    source: Source,
-    ref: BackendRef,
-    spec: ModelSpec,
-    classes: int,
-    cfg: RunConfig,
-    sink_path: str | None,
-    tissue: TissueMask | None = None,
-) -> list[Task]:
-    """One task per block, in raster order; a block only needs blocks before it.
-
-    With a tissue mask, each job carries the mask around its block, and blocks where no
-    tile has tissue are left out: their chunks stay unwritten (background, not stored).
-    """
-    normalize = spec.normalize if cfg.normalize == "auto" else cfg.normalize
-    grid = plan.grid()
-    layout = grid.layout()
-    number = {index: i for i, index in enumerate(layout)}
-    tasks = []
-    for index, (touching, own, owners) in layout.items():
-        region = grid.region(index)
-        crop = None if tissue is None else tissue.crop(region.grow(plan.lattice.out_tile))
-        job = BlockJob(
-            index=number[index],
-            write=region,
-            lattice=plan.lattice,
-            blend=plan.blend,
-            classes=classes,
-            model_ndim=plan.model_ndim,
-            source=source,
-            backend=ref,
-            sink=sink_path,
-            batch_size=cfg.batch_size,
-            normalize=normalize,
-            out_dtype=cfg.dtype,
-            tiles=tuple(touching),
-            own=tuple(own),
-            tissue=crop,
-        )
-        if crop is not None and not any(job.runs(t) for t in touching):
-            continue
-        tasks.append(Task(job, tuple(sorted(number[o] for o in owners))))
-    kept = {t.job.index for t in tasks}
-    return [Task(t.job, tuple(i for i in t.needs if i in kept)) for t in tasks]
-
-
-def run_local(tasks: list[Task]) -> Iterator[BlockResult]:
-    """The in-process path: blocks in order, each shared result dropped after its last user."""
-    last_user = {j: t.job.index for t in tasks for j in t.needs}
-    shared: dict[int, dict] = {}
-    for task in tasks:
-        job = task.job
-        shared[job.index] = predict_shared(job) if job.own else {}
-        yield process_block(job, *(shared[i] for i in task.needs))
-        for i in [i for i in shared if last_user.get(i, -1) <= job.index]:
-            del shared[i]
-
-
-def run_blocks(
-    tasks: list[Task], client: Client | None, progress: Callable[[int, int], None]
-) -> int:
-    """Run every block: shared tiles first (one task per owner block), then each block
-    with the shared predictions it needs. In-process when ``client`` is None."""
-    tiles = 0
-    progress(0, len(tasks))
-    if client is None:
-        for done, res in enumerate(run_local(tasks), 1):
-            tiles += res.tiles
-            progress(done, len(tasks))
-        return tiles
-    from distributed import as_completed
-
-    n = len(tasks)
-    firsts, futures = {}, []
-    for task in tasks:  # earlier blocks first, so shared results are short-lived
-        i = task.job.index
-        if task.job.own:
-            firsts[i] = client.submit(
-                predict_shared, task.job, pure=False, retries=1, priority=n - i
-            )
-        deps = [firsts[j] for j in task.needs if j in firsts]
-        futures.append(
-            client.submit(process_block, task.job, *deps, pure=False, retries=1, priority=n - i)
-        )
-    firsts.clear()  # the scheduler keeps each shared result until its last user is done
-    try:
-        for done, (_, res) in enumerate(as_completed(futures, with_results=True), 1):
-            tiles += res.tiles
-            progress(done, n)
-    except BaseException:
-        client.cancel(futures)
-        raise
-    return tiles
-
-
-def provenance(
-    spec: ModelSpec, plan: Plan, cfg: RunConfig, inp: ModelInput, tissue: TissueMask | None = None
-) -> dict:
-    lat = plan.lattice
-    source = inp.source
-    return {
-        "resolution": {
-            "level": inp.level,
-            "pixel_size": inp.pixel_size,
-            "resampled_from_level": inp.factor if inp.factor != 1.0 else None,
-        },
-        "tissue": None
-        if tissue is None
-        else {
-            "method": tissue.method,
-            "fraction": round(tissue.fraction, 4),
-            "cell": list(tissue.scale),
-        },
-        "version": __version__,
-        "model": {"path": spec.path, "sha256": spec.sha256, "format": spec.format},
-        "backend": cfg.backend if cfg.backend != "auto" else spec.format,
-        "tile": list(lat.tile),
-        "overlap": list(lat.overlap),
-        "stride": list(lat.stride),
-        "blend": plan.blend.value,
-        "chunks": list(plan.chunks),
-        "block": list(plan.block),
-        "input": {
-            "path": str(source.path),
-            "series": source.series,
-            "level": source.level,
-            "format": source.format,
-        },
-        "config": cfg.to_dict(),
-    }
 
 
 def predict_array(

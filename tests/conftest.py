@@ -61,13 +61,18 @@ def cli(*args: object):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
+def image_dirs(out: Path) -> list[Path]:
+    """The image groups in OUT, sorted (not the hidden ``.pipeline`` folder of the ledger)."""
+    return sorted(p for p in out.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def ngff_images(out: Path) -> dict:
     """Read every image in OUT with the ome-zarr reference reader: name -> image node."""
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Multiscales, Reader
 
     images = {}
-    for child in sorted(p for p in out.iterdir() if p.is_dir()):
+    for child in image_dirs(out):
         nodes = list(Reader(parse_url(str(child)))())
         assert nodes, f"ome-zarr found no image in {child}"
         node = nodes[0]

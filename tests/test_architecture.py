@@ -27,7 +27,15 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("pipeline.cli",),
     ("pipeline.demo",),
     ("pipeline.run",),
-    ("pipeline.cluster", "pipeline.outputs"),
+    ("pipeline.batch",),
+    (
+        "pipeline.cluster",
+        "pipeline.outputs",
+        "pipeline.driver",
+        "pipeline.ledger",
+        "pipeline.lock",
+        "pipeline.tasks",
+    ),
     ("pipeline.stages", "pipeline.tissue"),
     ("pipeline.plan",),
     ("pipeline.model",),
@@ -36,14 +44,14 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("pipeline.io",),
     ("pipeline.report",),
     ("pipeline.blend", "pipeline.tiling", "pipeline.tissue_mask"),
-    ("pipeline.geometry",),
+    ("pipeline.geometry", "pipeline.retry", "pipeline.shard", "pipeline.faults", "pipeline.atomic"),
     ("pipeline", "pipeline.errors", "pipeline._compat"),
 )
 
 #: Inside ``pipeline.io``, in the order data flows (read path up, write path beside it).
 IO_LAYERS: tuple[tuple[str, ...], ...] = (
     ("pipeline.io.discover", "pipeline.io.masks", "pipeline.io.labels"),
-    ("pipeline.io.model_input", "pipeline.io.sink"),
+    ("pipeline.io.model_input", "pipeline.io.sink", "pipeline.io.staging"),
     ("pipeline.io.model_view", "pipeline.io.channels"),
     ("pipeline.io.sources",),
     ("pipeline.io.lazy",),
@@ -56,6 +64,7 @@ IO_LAYERS: tuple[tuple[str, ...], ...] = (
         "pipeline.io.resample",
         "pipeline.io.ngff",
         "pipeline.io.formats",
+        "pipeline.io.fingerprint",
     ),
 )
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
-from conftest import cli, write_tiff
+from conftest import cli, image_dirs, write_tiff
 
 AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 NUCLEI = "nuclei2d/bbbc007/images"
@@ -66,7 +66,9 @@ def report_of(out: Path) -> dict[str, dict]:
 
 
 def assert_identity(entry: dict, expected: np.ndarray, out: Path) -> None:
-    assert entry["state"] == "done", entry["message"]
+    """``entry`` is done (or up to date) and its output holds ``expected``."""
+    state = (entry["state"], entry["reason"])
+    assert state in (("done", None), ("skipped", "up-to-date")), entry["message"]
     output = Path(entry["output"])
     assert output.parent.resolve() == out.resolve() and output.name == entry["name"]
     level0 = zarr.open_array(str(output / "0"), mode="r")
@@ -103,7 +105,7 @@ def test_folder_with_good_and_broken_slides(tmp_path, data_dir):
     assert report["codec 34999.tif"]["reason"] == "unsupported-format"
     assert report["dangling.svs"]["reason"] == "not-found"
     # one published group per good slide, nothing for the broken ones, no staging left
-    groups = sorted(p.name for p in out.iterdir() if p.is_dir())
+    groups = [p.name for p in image_dirs(out)]
     assert groups == sorted(report[n]["name"] for n in expected)
     assert sorted(p.name for p in out.iterdir() if not p.is_dir()) == ["report.json", "zarr.json"]
 
@@ -154,15 +156,19 @@ def test_real_world_names_get_distinct_safe_outputs_inside_out(tmp_path, monkeyp
     assert {p for p in tree(tmp_path) - before if not p.startswith("out.zarr")} == set()
 
 
-def test_rerun_replaces_outputs_and_keeps_names(tmp_path):
+def test_rerun_keeps_names_and_skips_up_to_date_outputs(tmp_path):
     folder = tmp_path / "in"
     write_slide(folder / "a b.tif", 0)
     write_slide(folder / "c" / "a b.tif", 1)
     out = tmp_path / "out.zarr"
-    for _ in range(2):
-        result = cli("run", folder, "--out", out, "--backend", "identity", "--scheduler", "sync")
+    for run, extra in enumerate([(), (), ("--force",)]):
+        result = cli(
+            "run", folder, "--out", out, "--backend", "identity", "--scheduler", "sync", *extra
+        )
         assert result.exit_code == 0, result.output
-        assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["c_a_b", "in_a_b"]
+        assert [p.name for p in image_dirs(out)] == ["c_a_b", "in_a_b"]
+        states = {(e["state"], e["reason"]) for e in report_of(out).values()}
+        assert states == {("skipped", "up-to-date") if run == 1 else ("done", None)}
 
 
 @pytest.mark.skipif(AS_ROOT, reason="running as root: a chmod 000 file is still readable")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
-from conftest import cli, ngff_images
+from conftest import cli, image_dirs, ngff_images
 
 from pipeline.config import RunConfig
 from pipeline.run import run
@@ -149,7 +149,7 @@ def test_bad_input_refused_clearly_and_others_go_on(tmp_path, kind, data_dir):
     assert states[bad.name]["state"] == "failed" and states[bad.name]["reason"] != "internal-error"
     assert bad.name in states[bad.name]["message"]
     # nothing that looks like an output image for the bad file (no staging left either)
-    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["good"]
+    assert [p.name for p in image_dirs(out)] == ["good"]
 
 
 def test_model_file_that_is_not_a_model(tmp_path, data_dir):
@@ -166,7 +166,7 @@ def test_rgb_image_given_to_one_channel_model(tmp_path, data_dir, valid_model):
     assert result.exit_code == 1
     assert "got 3 channels, model expects 1" in result.output
     assert "CMU-1-Small-Region.svs" in result.output
-    assert not [p for p in out.iterdir() if p.is_dir()]
+    assert not image_dirs(out)
 
 
 def test_tile_the_model_cannot_take(tmp_path, data_dir, rgb_model):

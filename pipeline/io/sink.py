@@ -1,8 +1,8 @@
 """OME-Zarr output: one NGFF image group per input inside the output root.
 
-An image is written under a staging name inside the root and moved to its final name
-only when every level is complete, so nothing that looks complete is left by a failed
-run. Level 0 is written block by block by the workers (one writer per chunk); each
+An image is written under a staging folder (:mod:`pipeline.io.staging`) and moved to its
+final name only when every level is complete, so nothing that looks complete is left by a
+failed run. Level 0 is written block by block by the workers (one writer per chunk); each
 further pyramid level is computed from the previous one with chunk-aligned Dask tasks.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
 import unicodedata
 import uuid
 from collections.abc import Sequence
@@ -174,12 +173,15 @@ def create_image(
     axes: str,
     chunks: Sequence[int],
     dtype: str,
+    *,
+    staging: str | os.PathLike | None = None,
 ) -> ImageWriter:
-    """Create the staging group of one image with its level-0 array (nothing stored yet)."""
+    """Create the staging group of one image with its level-0 array (nothing stored yet),
+    at ``staging`` (default: a new hidden folder in ``root``)."""
     import zarr
 
     root = Path(root)
-    staging = root / f".{name}.partial-{uuid.uuid4().hex[:8]}"
+    staging = Path(staging) if staging else root / f".{name}.partial-{uuid.uuid4().hex[:8]}"
     group = zarr.open_group(str(staging), mode="w", zarr_format=3)
     chunks = tuple(min(c, s) for c, s in zip(chunks, shape))
     group.create_array(
@@ -192,6 +194,21 @@ def create_image(
         config=_ARRAY_CONFIG,
     )
     return ImageWriter(root, name, staging, axes, chunks, dtype)
+
+
+def level_matches(
+    path: str | os.PathLike, shape: Sequence[int], chunks: Sequence[int], dtype: str
+) -> bool:
+    """True if ``path`` is a level array of this shape, chunking and dtype (a staged
+    level 0 that may be continued)."""
+    import zarr
+
+    try:
+        arr = zarr.open_array(str(path), mode="r")
+    except Exception:  # missing or damaged: not continued
+        return False
+    chunks = tuple(min(c, s) for c, s in zip(chunks, shape))
+    return arr.shape == tuple(shape) and arr.chunks == chunks and arr.dtype == np.dtype(dtype)
 
 
 def pyramid_shapes(shape: Sequence[int], axes: str, min_size: int = 256) -> list[tuple[int, ...]]:
@@ -227,6 +244,7 @@ def write_pyramid(writer: ImageWriter, min_size: int = 256) -> int:
             fill_value=0,
             dimension_names=list(writer.axes),
             config=_ARRAY_CONFIG,
+            overwrite=True,  # a level left by a run killed while finishing is redone
         )
         # chunk-aligned tasks: each output chunk has exactly one writer
         da.store(down.rechunk(chunks), target, lock=False)
@@ -243,17 +261,3 @@ def write_metadata(
     group = zarr.open_group(str(writer.staging), mode="r+")
     multiscale = ngff.multiscale(writer.name, writer.axes, pixel_size, levels, "mean")
     group.attrs.update({**ngff.ome({"multiscales": [multiscale]}), "pipeline": attrs})
-
-
-def publish(writer: ImageWriter) -> Path:
-    """Move the finished staging group to its final name (replacing an older result)."""
-    final = writer.final
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(writer.staging, final)
-    return final
-
-
-def discard(writer: ImageWriter) -> None:
-    """Remove a staging group after a failure: nothing that looks complete is left."""
-    shutil.rmtree(writer.staging, ignore_errors=True)

@@ -8,7 +8,10 @@ Layout inside the output root::
         image/          the NGFF image group being written; published as OUT/<name>
         blocks/<id>     one empty file per block whose chunks are all written
         complete.json   the image is finished and verified: publish it, never recompute it
-        discarded       its input failed: tasks still running must not write any more
+        discarded       its input failed: tasks still running write nothing; deleted once
+                        they have settled
+        halted          the same, but the work is kept for the next run to continue (a
+                        full disk, a worker crash): the next run removes the flag
     OUT/.pipeline/old/<name>    the previous output, only while publishing
     OUT/.pipeline/trash/        folders being deleted
 
@@ -43,9 +46,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import atomic, faults
-from pipeline.errors import OutputError
+from pipeline.errors import DiskFullError, OutputError, ReadOnlyOutputError
 
 KEY_CHARS = 12
+_STOP_FLAGS = ("discarded", "halted")
 
 
 def block_id(region: Any) -> str:
@@ -100,12 +104,15 @@ class Stage:
         atomic.write_json(self.dir / "complete.json", {**info, "at": time.time()})
 
     def is_discarded(self) -> bool:
-        return (self.dir / "discarded").exists() or not self.dir.exists()
+        """True when tasks of this image must not write (discarded, halted or gone)."""
+        return any((self.dir / f).exists() for f in _STOP_FLAGS) or not self.dir.exists()
 
-    def mark_discarded(self) -> None:
-        """From now on tasks of this image write nothing (they check before writing)."""
-        with contextlib.suppress(FileNotFoundError):
-            os.close(os.open(self.dir / "discarded", os.O_CREAT | os.O_WRONLY, 0o666))
+    def mark_discarded(self, keep: bool = False) -> None:
+        """From now on tasks of this image write nothing (they check before writing);
+        ``keep``: what is written stays for the next run to continue."""
+        with contextlib.suppress(OSError):  # a full disk still takes an empty file's name
+            flag = self.dir / ("halted" if keep else "discarded")
+            os.close(os.open(flag, os.O_CREAT | os.O_WRONLY, 0o666))
 
 
 class StagingArea:
@@ -223,22 +230,27 @@ def output_error(exc: OSError, folder: str | os.PathLike) -> OutputError:
     folder = Path(folder)
     free = free_space(folder)
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        problem = f"no space left on the device ({free})"
-        hint = "free some space or choose another --out, then rerun the same command: finished blocks are kept"
-        reason = "disk-full"
-    elif exc.errno == errno.EROFS:
-        problem = "the output is on a read-only file system"
-        hint = "choose a writable --out"
-        reason = "output-read-only"
-    elif exc.errno in (errno.EACCES, errno.EPERM):
-        problem = "permission denied writing the output"
-        hint = "check the folder's permissions or choose another --out"
-        reason = "output-error"
-    else:
-        problem = f"cannot write the output ({exc.strerror or exc}; {free})"
-        hint = "check the file system and rerun the same command"
-        reason = "output-error"
-    return OutputError(problem, where=folder, hint=hint, reason=reason)
+        return DiskFullError(
+            f"no space left on the device ({free})",
+            where=folder,
+            hint="free some space or choose another --out, then rerun the same command: "
+            "finished blocks are kept",
+        )
+    if exc.errno == errno.EROFS:
+        return ReadOnlyOutputError(
+            "the output is on a read-only file system", where=folder, hint="choose a writable --out"
+        )
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return OutputError(
+            "permission denied writing the output",
+            where=folder,
+            hint="check the folder's permissions or choose another --out",
+        )
+    return OutputError(
+        f"cannot write the output ({exc.strerror or exc}; {free})",
+        where=folder,
+        hint="check the file system and rerun the same command",
+    )
 
 
 def free_space(folder: str | os.PathLike) -> str:

@@ -1,0 +1,237 @@
+"""The driver's side of a batch: what happens when an input's steps end.
+
+:class:`Batch` is the :class:`~pipeline.driver.Work` of a run: it names the worker steps
+(:mod:`pipeline.tasks`) and, in the driver, publishes each finished input
+(:meth:`~pipeline.io.staging.StagingArea.publish`), records every outcome in the ledger,
+and rewrites ``OUT/report.json`` (every input the output holds) and this run's own
+report after each input.
+
+A failed input's staging is marked so that its tasks still running write nothing; once
+they have settled it is deleted, unless the failure leaves the written blocks valid (a
+full or read-only disk, a worker crash, an I/O error): then they are kept for the next run
+to continue. After a full or read-only disk no further input is started.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from pipeline.driver import Step
+from pipeline.errors import (
+    INTERNAL_ERROR,
+    INTERRUPTED,
+    DiskFullError,
+    OutputError,
+    PipelineError,
+    ReadOnlyOutputError,
+    WorkerCrashError,
+)
+from pipeline.io.staging import StagingArea, output_error
+from pipeline.ledger import Ledger
+from pipeline.report import InputResult, RunReport
+from pipeline.tasks import (
+    InputJob,
+    Model,
+    Prepared,
+    finalize_input,
+    prepare_input,
+    run_block,
+    run_shared,
+)
+
+log = logging.getLogger(__name__)
+
+#: Failures after which an input's written blocks stay valid for the next run.
+_KEEP_WORK = (DiskFullError, ReadOnlyOutputError, WorkerCrashError)
+#: A report rewrite may take at most this share of the run's time (large outputs).
+_REPORT_SHARE = 0.1
+
+
+class Batch:
+    """The inputs of one run and what becomes of them (see the module docstring)."""
+
+    def __init__(
+        self,
+        out: str | os.PathLike,
+        model: Model | None,
+        ledger: Ledger,
+        report: RunReport,
+        results: dict[str, InputResult],
+        *,
+        merge_on_write: bool = False,
+    ) -> None:
+        self.out = Path(out)
+        self.model = model
+        self.ledger = ledger
+        self.area = StagingArea(out)
+        self.report = report
+        self.results = results  # by input path as given
+        self.merge_on_write = merge_on_write  # shards: re-read the others' records
+        self.started: dict[str, float] = {}
+        self.halt: OutputError | None = None
+        self._last_write = self._write_cost = 0.0
+
+    # --- the steps (driver.Work) ------------------------------------------------------
+
+    def name(self, job: InputJob) -> str:
+        return job.name
+
+    def prepare(self, job: InputJob) -> Step:
+        if self.halt is not None:
+            raise self.halt  # the output is full: the input fails without being started
+        self.started[job.path] = time.perf_counter()
+        self._record(self.ledger.start, _real(job.path), job.path, job.name, job.key, job.run)
+        return Step(prepare_input, (job, self.model))
+
+    def shared(self, prepared: Prepared, task: Any) -> Step:
+        return Step(run_shared, (prepared.job, prepared.stage, task.job))
+
+    def block(self, prepared: Prepared, task: Any) -> Step:
+        return Step(run_block, (prepared.job, prepared.stage, task.job))
+
+    def finalize(self, job: InputJob, prepared: Prepared) -> Step:
+        # the blocks' jobs stay here: finishing needs their record names only
+        return Step(finalize_input, (dataclasses.replace(prepared, tasks=[]), self.model))
+
+    # --- what the driver reports ------------------------------------------------------
+
+    def prepared(self, job: InputJob, prepared: Prepared) -> None:
+        result = self.results[job.path]
+        if prepared.complete:
+            log.info("%s: its staged image is finished; publishing it", job.path)
+            return
+        result.shape = list(prepared.shape)
+        result.blocks = len(prepared.tasks)
+        result.resumed_blocks = sum(t.done for t in prepared.tasks)
+
+    def block_done(self, job: InputJob, block: Any) -> None:
+        if block is not None:
+            self.results[job.path].tiles += block.tiles
+
+    def finished(self, job: InputJob, prepared: Prepared, info: dict[str, Any]) -> None:
+        result = self.results[job.path]
+        final = self.out / job.name
+
+        def recorded() -> None:
+            result.state, result.output = "done", str(final)
+            result.shape = info.get("shape", result.shape)
+            result.blocks = info.get("blocks", result.blocks)
+            result.pixels = int(info.get("pixels") or 0)
+            if info.get("tissue_fraction") is not None:
+                result.tissue_fraction = info["tissue_fraction"]
+                result.skipped_tiles = info["tiles_all"] - info["tiles_run"]
+            self._end(job, result, published=True)
+
+        try:
+            self.area.publish(prepared.stage, final, recorded)
+        except OSError as exc:
+            if isinstance(exc, PipelineError):
+                raise
+            raise output_error(exc, self.out) from exc
+
+    def failed(self, job: InputJob, exc: BaseException, what: str) -> None:
+        result = self.results[job.path]
+        result.state = "failed"
+        if isinstance(exc, PipelineError):
+            result.reason, result.message = exc.reason, exc.message
+            if job.path not in result.message:
+                result.message = f"{job.path}: {result.message}"
+        else:  # an unexpected bug must not stop the batch
+            log.debug("unexpected error on %s (%s)", job.path, what, exc_info=exc)
+            frames = traceback.extract_tb(exc.__traceback__)
+            at = f" ({frames[-1].name})" if frames else ""
+            result.reason = INTERNAL_ERROR
+            result.message = f"{job.path}: {type(exc).__name__} while {what}: {exc}{at}"
+        log.info("failed: %s", result.message)  # the report and the CLI's summary carry it
+        if job.key is not None:
+            keep = isinstance(exc, _KEEP_WORK) or (
+                isinstance(exc, OSError) and not isinstance(exc, PipelineError)
+            )
+            self.area.stage(job.name, job.key).mark_discarded(keep=keep)
+        if isinstance(exc, (DiskFullError, ReadOnlyOutputError)):
+            self.halt = exc
+        self._end(job, result, published=False)
+
+    def settled(self, job: InputJob, prepared: Prepared | None) -> None:
+        """The failed input's tasks have all ended: delete its staging, unless kept."""
+        if job.key is None:
+            return
+        stage = self.area.stage(job.name, job.key)
+        if (stage.dir / "discarded").exists():
+            try:
+                self.area.remove(stage)
+            except OSError as exc:
+                log.warning("could not delete %s: %s", stage.dir, exc)
+
+    def record_skipped(self, result: InputResult) -> None:
+        """An input decided before running (up to date): into the ledger."""
+        self._record(
+            self.ledger.finish, _real(result.path), result.to_dict(), result.run, result.key, False
+        )
+
+    def interrupted(self, jobs: list[InputJob]) -> None:
+        """The run stops (Ctrl-C): unfinished inputs stay staged for the next run."""
+        for job in jobs:
+            result = self.results[job.path]
+            if result.state == "pending":
+                result.reason = INTERRUPTED
+                result.message = (
+                    f"{job.path}: the run was interrupted. Hint: rerun the same command "
+                    "to continue it (written blocks are kept)"
+                )
+                self._end(job, result, published=False)
+
+    # --- records and reports ----------------------------------------------------------
+
+    def _end(self, job: InputJob, result: InputResult, published: bool) -> None:
+        t0 = self.started.get(job.path)
+        if t0 is not None:
+            result.seconds = round(time.perf_counter() - t0, 3)
+        self._record(
+            self.ledger.finish, _real(job.path), result.to_dict(), job.run, job.key, published
+        )
+        self.write_reports()
+
+    def write_reports(self, final: bool = False) -> None:
+        """``OUT/report.json`` and this run's report, atomically. Between inputs, a
+        rewrite is skipped when rewriting has taken more than a tenth of the time since
+        the last one (an output of many thousand inputs); never at the end."""
+        now = time.perf_counter()
+        if not final and now - self._last_write < self._write_cost / _REPORT_SHARE:
+            return
+        this_run = {_real(r.path) for r in self.report.inputs}
+        ledger = Ledger(self.out).load() if final or self.merge_on_write else self.ledger
+        try:
+            self.report.write(self.out / "report.json", ledger.entries(exclude=this_run))
+            self.report.write(self.ledger.root / "runs" / f"{self.report.run}.json")
+        except OSError as exc:
+            error = output_error(exc, self.out)
+            note = f"{self.out / 'report.json'}: could not be written: {error.problem}"
+            if note not in self.report.errors:
+                self.report.errors.append(note)
+                log.error("%s", note)
+        self._last_write = time.perf_counter()
+        self._write_cost = self._last_write - now
+        if final:
+            self.report_written()
+
+    def report_written(self) -> None:
+        """The run's last report is written. Outputs made from the report (the run page
+        of issue 8) belong here."""
+
+    def _record(self, fn: Any, *args: Any) -> None:
+        """A ledger write; a full disk must not turn a failure into a crash."""
+        try:
+            fn(*args)
+        except OSError as exc:
+            log.warning("could not update the ledger in %s: %s", self.ledger.root, exc)
+
+
+def _real(path: str) -> str:
+    return os.path.realpath(path)

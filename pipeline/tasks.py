@@ -1,0 +1,441 @@
+"""The worker side of one input: prepare, the two phases of each block, finalize.
+
+These functions run on Dask workers (or in-process, see :mod:`pipeline.driver`). They
+take only picklable values and wrap the stages (:func:`~pipeline.stages.predict_shared`,
+:func:`~pipeline.stages.process_block`, :func:`~pipeline.io.sink.write_pyramid`) with
+what resuming and failing safely need:
+
+* a block records that it is done (:meth:`~pipeline.io.staging.Stage.mark_block_done`)
+  only after :func:`process_block` has written all its chunks;
+* a task whose input's staging is discarded returns at once and writes nothing;
+* before each block the input's stamp (size, mtime) is checked against the one the run
+  key was made with, and at the end its whole fingerprint: a file changed during its run
+  fails as ``input-changed`` instead of ending as a hybrid;
+* transient ``OSError`` is retried with backoff (:mod:`pipeline.retry`); a full or
+  read-only disk becomes an :class:`~pipeline.errors.OutputError` naming the folder and
+  the free space.
+
+Per-input outputs made from the finished image (label images, polygons, previews)
+belong in :func:`finalize_input`, which runs on a worker after the last block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline import __version__, faults
+from pipeline.backends.base import ModelSpec
+from pipeline.config import RunConfig
+from pipeline.errors import InputChangedError, InternalError
+from pipeline.io import sink
+from pipeline.io.fingerprint import fingerprint, stamp
+from pipeline.io.staging import (
+    FULL_ERRNOS,
+    Stage,
+    StagingArea,
+    block_id,
+    output_error,
+    published_key,
+)
+from pipeline.plan import Plan, make_plan
+from pipeline.retry import retrying
+from pipeline.stages import (
+    BackendRef,
+    BlockJob,
+    BlockResult,
+    Source,
+    forget_sink,
+    predict_shared,
+    process_block,
+)
+from pipeline.tissue_mask import TissueMask
+
+if TYPE_CHECKING:
+    from pipeline.io.model_input import ModelInput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A block's job, the blocks whose shared tiles it needs (order numbers), and whether
+    an earlier attempt already wrote it."""
+
+    job: BlockJob
+    needs: tuple[int, ...]
+    done: bool = False
+
+
+@dataclass(frozen=True)
+class Model:
+    """What every input of a run shares: the model and the settings."""
+
+    spec: ModelSpec
+    ref: BackendRef
+    cfg: RunConfig
+
+
+@dataclass(frozen=True)
+class InputJob:
+    """One input as the driver planned it: where it goes and what it must still be."""
+
+    path: str
+    name: str
+    out: str
+    key: str  # the run key
+    sample: str  # its fingerprint's content digest when the key was made
+    stamp: tuple[int, int]  # its (size, mtime) then
+    run: str  # the run id, recorded in the staging's owner
+
+
+@dataclass
+class Prepared:
+    """What preparing an input found: its blocks, and what finishing it needs."""
+
+    job: InputJob
+    stage: Stage
+    tasks: list[Task] = field(default_factory=list)
+    complete: bool = False  # staged, finished and verified by an earlier run: publish it
+    shape: tuple[int, ...] = ()  # (classes, *spatial)
+    axes: str = ""
+    chunks: tuple[int, ...] = ()
+    pixel_size: dict[str, float] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    tissue: TissueMask | None = None
+    run_tiles: int = 0  # lattice tiles that run through the model (all blocks)
+    all_tiles: int = 0
+    pixels: int = 0  # spatial pixels of the image run on
+    block_ids: tuple[str, ...] = ()  # every block's record name (see io.staging.block_id)
+    info: dict[str, Any] = field(default_factory=dict)  # a complete stage's record
+
+
+def find_tissue(inp: ModelInput, shape: tuple[int, ...], cfg: RunConfig) -> TissueMask | None:
+    """The tissue mask for one input: the user's (``--mask``, applied to every input),
+    detected on a low-resolution level read as the model reads the input (2D images), or
+    None (volumes; ``--no-skip-background``)."""
+    from pipeline.tissue import detect_tissue, load_user_mask
+
+    if cfg.mask:
+        return load_user_mask(cfg.mask, shape)
+    if not cfg.skip_background:
+        return None
+    if inp.spatial_axes != "yx":
+        log.info("%s: tissue detection is for 2D images; running the whole volume", inp.ref.path)
+        return None
+    return detect_tissue(inp, shape, pixel_size=inp.pixel_size or None)
+
+
+def make_tasks(
+    plan: Plan,
+    source: Source,
+    ref: BackendRef,
+    spec: ModelSpec,
+    classes: int,
+    cfg: RunConfig,
+    sink_path: str | None,
+    tissue: TissueMask | None = None,
+) -> list[Task]:
+    """One task per block, in raster order; a block only needs blocks before it.
+
+    With a tissue mask, each job carries the mask around its block, and blocks where no
+    tile has tissue are left out: their chunks stay unwritten (background, not stored).
+    """
+    normalize = spec.normalize if cfg.normalize == "auto" else cfg.normalize
+    grid = plan.grid()
+    layout = grid.layout()
+    number = {index: i for i, index in enumerate(layout)}
+    tasks = []
+    for index, (touching, own, owners) in layout.items():
+        region = grid.region(index)
+        crop = None if tissue is None else tissue.crop(region.grow(plan.lattice.out_tile))
+        job = BlockJob(
+            index=number[index],
+            write=region,
+            lattice=plan.lattice,
+            blend=plan.blend,
+            classes=classes,
+            model_ndim=plan.model_ndim,
+            source=source,
+            backend=ref,
+            sink=sink_path,
+            batch_size=cfg.batch_size,
+            normalize=normalize,
+            out_dtype=cfg.dtype,
+            tiles=tuple(touching),
+            own=tuple(own),
+            tissue=crop,
+        )
+        if crop is not None and not any(job.runs(t) for t in touching):
+            continue
+        tasks.append(Task(job, tuple(sorted(number[o] for o in owners))))
+    kept = {t.job.index for t in tasks}
+    return [Task(t.job, tuple(i for i in t.needs if i in kept)) for t in tasks]
+
+
+def run_local(tasks: list[Task]) -> Iterator[BlockResult]:
+    """The in-process path: blocks in order, each shared result dropped after its last user."""
+    last_user = {j: t.job.index for t in tasks for j in t.needs}
+    shared: dict[int, dict] = {}
+    for task in tasks:
+        job = task.job
+        shared[job.index] = predict_shared(job) if job.own else {}
+        yield process_block(job, *(shared[i] for i in task.needs))
+        for i in [i for i in shared if last_user.get(i, -1) <= job.index]:
+            del shared[i]
+
+
+def provenance(
+    spec: ModelSpec, plan: Plan, cfg: RunConfig, inp: ModelInput, tissue: TissueMask | None = None
+) -> dict:
+    lat = plan.lattice
+    source = inp.source
+    return {
+        "resolution": {
+            "level": inp.level,
+            "pixel_size": inp.pixel_size,
+            "resampled_from_level": inp.factor if inp.factor != 1.0 else None,
+        },
+        "tissue": None
+        if tissue is None
+        else {
+            "method": tissue.method,
+            "fraction": round(tissue.fraction, 4),
+            "cell": list(tissue.scale),
+        },
+        "version": __version__,
+        "model": {"path": spec.path, "sha256": spec.sha256, "format": spec.format},
+        "backend": cfg.backend if cfg.backend != "auto" else spec.format,
+        "tile": list(lat.tile),
+        "overlap": list(lat.overlap),
+        "stride": list(lat.stride),
+        "blend": plan.blend.value,
+        "chunks": list(plan.chunks),
+        "block": list(plan.block),
+        "input": {
+            "path": str(source.path),
+            "series": source.series,
+            "level": source.level,
+            "format": source.format,
+        },
+        "config": cfg.to_dict(),
+    }
+
+
+def prepare_input(job: InputJob, model: Model) -> Prepared:
+    """Open and plan an input, detect tissue, open (or continue) its staging."""
+    faults.point("prepare", job.name)
+    area = StagingArea(job.out)
+    if job.key is not None:
+        _check_stamp(job)
+        staged = area.stage(job.name, job.key)
+        if staged.is_complete() and not staged.is_discarded():
+            return Prepared(job, staged, complete=True, info=staged.info() or {})
+    inp = retrying(_open, job, model, what=f"opening {job.path}")
+    if job.key is None:  # its fingerprint could not be taken, yet it opens
+        raise InputChangedError(
+            "could not be read consistently", where=job.path, hint="check the file and rerun"
+        )
+    spec, cfg = model.spec, model.cfg
+    channels = int(inp.array.shape[0])
+    classes = spec.classes or channels
+    shape = tuple(int(s) for s in inp.array.shape[1:])
+    plan = make_plan(spec, shape, channels, classes, cfg)
+    tissue = retrying(find_tissue, inp, shape, cfg, what=f"tissue of {job.path}")
+    axes, chunks = "c" + inp.spatial_axes, (classes, *plan.chunks)
+    try:
+        stage, done = _open_stage(area, job, (classes, *shape), axes, chunks, cfg.dtype)
+        level0 = str(stage.image / "0")
+        tasks = make_tasks(plan, inp.ref, model.ref, spec, classes, cfg, level0, tissue)
+    except OSError as exc:
+        _raise_if_full(exc, job)
+        raise
+    tasks = [replace(t, done=block_id(t.job.write) in done) for t in tasks]
+    resumed = sum(t.done for t in tasks)
+    if resumed:
+        log.info("%s: continuing, %d of %d blocks already written", job.path, resumed, len(tasks))
+    runs = {t for task in tasks for t in task.job.tiles if task.job.runs(t)}
+    return Prepared(
+        job,
+        stage,
+        tasks,
+        block_ids=tuple(block_id(t.job.write) for t in tasks),
+        shape=(classes, *shape),
+        axes=axes,
+        chunks=chunks,
+        pixel_size=inp.pixel_size,
+        provenance={**provenance(spec, plan, cfg, inp, tissue), "run_key": job.key},
+        tissue=tissue,
+        run_tiles=len(runs),
+        all_tiles=plan.lattice.n_tiles,
+        pixels=int(inp.array[0].size),
+    )
+
+
+def _open(job: InputJob, model: Model) -> ModelInput:
+    from pipeline.io.model_input import open_for_model
+
+    spec, cfg = model.spec, model.cfg
+    return open_for_model(
+        job.path,
+        ndim=spec.ndim,
+        in_channels=spec.in_channels,
+        series=cfg.series,
+        level=cfg.level,
+        mpp=cfg.mpp,
+        mpp_input=cfg.mpp_input,
+        channels=cfg.channels,
+        model_mpp=spec.mpp,
+    )
+
+
+def _open_stage(area: StagingArea, job: InputJob, shape, axes, chunks, dtype) -> tuple[Stage, set]:
+    """The input's staging and the blocks written in it: the staged level 0 is continued
+    when it matches this plan, else the stage starts over."""
+    owner = {"input": job.path, "run": job.run}
+    stage, reused = area.open_stage(job.name, job.key, owner)
+    if reused and sink.level_matches(stage.image / "0", shape, chunks, dtype):
+        return stage, stage.done_blocks()
+    if reused:  # same key, other plan (another version's layout): nothing can be trusted
+        stage, _ = area.open_stage(job.name, job.key, owner, fresh=True)
+    sink.create_image(job.out, job.name, shape, axes, chunks, dtype, staging=stage.image)
+    return stage, set()
+
+
+def run_shared(prepared_job: InputJob, stage: Stage, job: BlockJob) -> dict:
+    """First phase of a block (its shared tiles), unless its input is discarded."""
+    if stage.is_discarded():
+        return {}
+
+    def attempt() -> dict:
+        faults.point("shared", job.index)
+        return predict_shared(job)
+
+    return retrying(attempt, what=f"{prepared_job.path} block {job.index}")
+
+
+def run_block(
+    prepared_job: InputJob, stage: Stage, job: BlockJob, *shared: dict
+) -> BlockResult | None:
+    """Second phase of a block: write its chunks, then record it done. None when the
+    input is discarded (nothing written)."""
+    if stage.is_discarded():
+        return None
+    _check_stamp(prepared_job)
+
+    def attempt() -> BlockResult:
+        faults.point("block", job.index)
+        return process_block(job, *shared)
+
+    try:
+        result = retrying(attempt, what=f"{prepared_job.path} block {job.index}")
+    except OSError as exc:
+        _raise_if_full(exc, prepared_job)
+        raise
+    faults.point("block-written", job.index)
+    stage.mark_block_done(job.write)
+    return result
+
+
+def finalize_input(prepared: Prepared, model: Model) -> dict[str, Any]:
+    """Pyramid, metadata and labels of a staged image whose blocks are all written; the
+    input checked unchanged; the stage marked complete. Returns the stage's record."""
+    job, stage = prepared.job, prepared.stage
+    faults.point("finalize", job.name)
+    if prepared.complete:
+        _check_complete(prepared)
+        return prepared.info
+    missing = sorted(set(prepared.block_ids) - stage.done_blocks())
+    if missing:
+        raise InternalError(
+            f"{len(missing)} blocks are not recorded as written (first: {missing[0]})",
+            where=job.path,
+            hint="rerun the same command; this is a bug if it happens again",
+        )
+    writer = sink.ImageWriter(
+        Path(job.out), job.name, stage.image, prepared.axes, prepared.chunks, model.cfg.dtype
+    )
+    try:
+        with _synchronous():
+            levels = sink.write_pyramid(writer, model.cfg.pyramid_min)
+            sink.write_metadata(writer, levels, prepared.pixel_size, prepared.provenance)
+            if prepared.tissue is not None:
+                from pipeline.io.labels import write_tissue_labels
+
+                write_tissue_labels(
+                    stage.image,
+                    prepared.tissue,
+                    prepared.shape[1:],
+                    prepared.axes,
+                    prepared.pixel_size,
+                )
+    except OSError as exc:
+        _raise_if_full(exc, job)
+        raise
+    finally:
+        forget_sink(writer.level_path(0))
+    now = fingerprint(job.path)
+    if (now.sample, now.stamp) != (job.sample, tuple(job.stamp)):
+        raise _changed(job)
+    info = {
+        "key": job.key,
+        "levels": levels,
+        "shape": list(prepared.shape),
+        "blocks": len(prepared.block_ids),
+        "pixels": prepared.pixels,
+        "tiles_run": prepared.run_tiles,
+        "tiles_all": prepared.all_tiles,
+        "tissue_fraction": None if prepared.tissue is None else round(prepared.tissue.fraction, 4),
+    }
+    stage.mark_complete(info)
+    return info
+
+
+def _check_complete(prepared: Prepared) -> None:
+    """A stage an earlier run finished: still the same key, still an image of ours."""
+    if (
+        prepared.info.get("key") != prepared.job.key
+        or published_key(prepared.stage.image) != prepared.job.key
+    ):
+        raise InternalError(
+            "the staged image does not match its record",
+            where=prepared.stage.dir,
+            hint="rerun the same command: the stage is rebuilt",
+        )
+
+
+@contextlib.contextmanager
+def _synchronous():
+    """Dask work inside a task runs in this thread: a worker's single thread must not
+    wait on tasks of its own cluster."""
+    import dask
+
+    with dask.config.set(scheduler="synchronous"):
+        yield
+
+
+def _check_stamp(job: InputJob) -> None:
+    try:
+        now = stamp(job.path)
+    except OSError:
+        return  # opening the input says what is wrong with the path
+    if now != tuple(job.stamp):
+        raise _changed(job)
+
+
+def _changed(job: InputJob) -> InputChangedError:
+    return InputChangedError(
+        "changed on disk during the run",
+        where=job.path,
+        hint="do not modify inputs while a run reads them; the next run recomputes it",
+    )
+
+
+def _raise_if_full(exc: OSError, job: InputJob) -> None:
+    """A full or read-only output is said as such (naming the folder and free space)."""
+    if exc.errno in FULL_ERRNOS:
+        raise output_error(exc, job.out) from exc
