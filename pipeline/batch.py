@@ -22,10 +22,12 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from pipeline import faults
 from pipeline.driver import Step
 from pipeline.errors import (
     INTERNAL_ERROR,
     INTERRUPTED,
+    IO_ERROR,
     DiskFullError,
     OutputError,
     PipelineError,
@@ -35,6 +37,7 @@ from pipeline.errors import (
 from pipeline.io.staging import StagingArea, output_error
 from pipeline.ledger import Ledger
 from pipeline.report import InputResult, RunReport
+from pipeline.retry import ATTEMPTS
 from pipeline.tasks import (
     InputJob,
     Model,
@@ -71,7 +74,7 @@ class Batch:
         self.ledger = ledger
         self.area = StagingArea(out)
         self.report = report
-        self.results = results  # by input path as given
+        self.results = results  # by absolute input path (InputJob.path)
         self.merge_on_write = merge_on_write  # shards: re-read the others' records
         self.started: dict[str, float] = {}
         self.halt: OutputError | None = None
@@ -86,7 +89,8 @@ class Batch:
         if self.halt is not None:
             raise self.halt  # the output is full: the input fails without being started
         self.started[job.path] = time.perf_counter()
-        self._record(self.ledger.start, _real(job.path), job.path, job.name, job.key, job.run)
+        given = self.results[job.path].path
+        self._record(self.ledger.start, _real(job.path), given, job.name, job.key, job.run)
         return Step(prepare_input, (job, self.model))
 
     def shared(self, prepared: Prepared, task: Any) -> Step:
@@ -94,6 +98,9 @@ class Batch:
 
     def block(self, prepared: Prepared, task: Any) -> Step:
         return Step(run_block, (prepared.job, prepared.stage, task.job))
+
+    def deaths(self, prepared: Prepared, kind: str, task: Any) -> int:
+        return prepared.stage.deaths(kind, task.job.write)
 
     def finalize(self, job: InputJob, prepared: Prepared) -> Step:
         # the blocks' jobs stay here: finishing needs their record names only
@@ -140,14 +147,22 @@ class Batch:
         result.state = "failed"
         if isinstance(exc, PipelineError):
             result.reason, result.message = exc.reason, exc.message
-            if job.path not in result.message:
-                result.message = f"{job.path}: {result.message}"
+            if result.message.startswith(f"{job.path}: "):  # name it as the user did
+                result.message = result.path + result.message[len(job.path) :]
+            elif job.path not in result.message and result.path not in result.message:
+                result.message = f"{result.path}: {result.message}"
+        elif isinstance(exc, OSError):  # retried already: the file system keeps failing
+            result.reason = IO_ERROR
+            result.message = (
+                f"{result.path}: I/O error while {what}: {exc} (tried {ATTEMPTS} times). Hint: "
+                "check the disk or network file system, then rerun: written blocks are kept"
+            )
         else:  # an unexpected bug must not stop the batch
             log.debug("unexpected error on %s (%s)", job.path, what, exc_info=exc)
             frames = traceback.extract_tb(exc.__traceback__)
             at = f" ({frames[-1].name})" if frames else ""
             result.reason = INTERNAL_ERROR
-            result.message = f"{job.path}: {type(exc).__name__} while {what}: {exc}{at}"
+            result.message = f"{result.path}: {type(exc).__name__} while {what}: {exc}{at}"
         log.info("failed: %s", result.message)  # the report and the CLI's summary carry it
         if job.key is not None:
             keep = isinstance(exc, _KEEP_WORK) or (
@@ -182,7 +197,7 @@ class Batch:
             if result.state == "pending":
                 result.reason = INTERRUPTED
                 result.message = (
-                    f"{job.path}: the run was interrupted. Hint: rerun the same command "
+                    f"{result.path}: the run was interrupted. Hint: rerun the same command "
                     "to continue it (written blocks are kept)"
                 )
                 self._end(job, result, published=False)
@@ -208,6 +223,7 @@ class Batch:
         this_run = {_real(r.path) for r in self.report.inputs}
         ledger = Ledger(self.out).load() if final or self.merge_on_write else self.ledger
         try:
+            faults.point("report", self.report.run)
             self.report.write(self.out / "report.json", ledger.entries(exclude=this_run))
             self.report.write(self.ledger.root / "runs" / f"{self.report.run}.json")
         except OSError as exc:

@@ -18,8 +18,10 @@ fetches pixels: first-phase results go from worker to worker.
 A failed input stops submitting; its tasks already submitted drain (they check that their
 staging is discarded and return at once) and :meth:`Work.settled` is called when none is
 left running, so its staging can be deleted without a late task recreating it. A block
-that kills its worker on every attempt (Dask's ``KilledWorker``) fails its input as
-``worker-crash`` naming the block.
+that kills its worker on every attempt (Dask's ``KilledWorker``, after
+``distributed.scheduler.allowed-failures`` deaths) is submitted once more, since a dying
+worker also strikes the blocks that were waiting on it; when it kills its workers again
+it fails its input as ``worker-crash`` naming the block.
 
 The same loop runs in-process with :class:`SyncClient` (``scheduler="sync"``, single-block
 runs): each task runs when it is submitted.
@@ -62,6 +64,7 @@ class Work(Protocol):
     def block_done(self, item: Any, result: Any) -> None: ...
     def finished(self, item: Any, prepared: Any, value: Any) -> None: ...
     def failed(self, item: Any, exc: BaseException, what: str) -> None: ...
+    def deaths(self, prepared: Any, kind: str, task: Any) -> int: ...  # see Stage.deaths
     def settled(self, item: Any, prepared: Any) -> None: ...
 
 
@@ -75,6 +78,8 @@ class _Input:
     firsts: dict[int, Any] = field(default_factory=dict)  # first-phase futures still needed
     last_user: dict[int, int] = field(default_factory=dict)
     owners: set[int] = field(default_factory=set)  # first phases that must run
+    by_index: dict[int, Any] = field(default_factory=dict)
+    retried: list[int] = field(default_factory=list)  # blocks resubmitted after KilledWorker
     running: set = field(default_factory=set)  # this input's unfinished futures
     blocks_left: int = 0
     done: int = 0
@@ -135,7 +140,7 @@ class Driver:
         priority = URGENT if kind in ("prepare", "finalize") else -self.seq
         self.seq += 1
         fut = self.client.submit(step.fn, *step.args, *deps, pure=False, priority=priority)
-        self.meta[fut] = (inp, kind, task)
+        self.meta[fut] = (inp, kind, task, step, tuple(deps))
         inp.running.add(fut)
         self.completion.add(fut)
         return fut
@@ -155,6 +160,7 @@ class Driver:
     def _prepared(self, inp: _Input, prepared: Any) -> None:
         inp.prepared = prepared
         tasks = list(prepared.tasks)
+        inp.by_index = {t.job.index: t for t in tasks}
         todo = [t for t in tasks if not t.done]
         inp.total, inp.done, inp.blocks_left = len(tasks), len(tasks) - len(todo), len(todo)
         with_own = {t.job.index for t in tasks if t.job.own}
@@ -175,10 +181,9 @@ class Driver:
                 return
 
     def _submit_block(self, inp: _Input, task: Any) -> None:
-        by_index = {t.job.index: t for t in inp.prepared.tasks}
         for j in task.needs:
             if j in inp.owners and j not in inp.firsts:
-                owner = by_index[j]
+                owner = inp.by_index[j]
                 inp.firsts[j] = self._submit(
                     inp, "shared", self.work.shared(inp.prepared, owner), owner
                 )
@@ -196,11 +201,21 @@ class Driver:
     # --- results -------------------------------------------------------------------------
 
     def _handle(self, fut: Any) -> None:
-        inp, kind, task = self.meta.pop(fut)
+        inp, kind, task, step, deps = self.meta.pop(fut)
         inp.running.discard(fut)
         if kind == "block":
             self.queued -= 1
         error = fut.exception() if fut.status != "finished" else None
+        if error is not None and kind == "block" and not inp.failed and _killed(error):
+            # a dying worker also strikes the blocks assigned to it that were not running:
+            # a block that was not itself running at its workers' deaths tries again
+            if self.work.deaths(inp.prepared, kind, task) < _culprit_deaths() and (
+                inp.retried.count(task.job.index) < _RESUBMIT
+            ):
+                inp.retried.append(task.job.index)
+                self._submit(inp, kind, step, task, deps)
+                self.queued += 1
+                return
         if not inp.failed:
             if error is not None:
                 self._fail(inp, _explain(error, kind, task), _what(kind, task))
@@ -259,13 +274,32 @@ def describe_task(task: Any) -> str:
     return f"block {task.job.index} at {spans}"
 
 
-def _explain(error: BaseException, kind: str, task: Any) -> BaseException:
-    """Dask's ``KilledWorker`` says which task key died; say which block, and why it matters."""
+#: Resubmissions of a block struck by others' worker deaths (its own deaths decide).
+_RESUBMIT = 3
+
+
+def _culprit_deaths() -> int:
+    """Deaths while running it that make a block the culprit: every strike Dask allowed
+    (``allowed-failures`` + 1), at least 1, at most 2 (a worker with several threads may
+    die once with an innocent block running beside the culprit)."""
+    import dask
+
+    allowed = int(dask.config.get("distributed.scheduler.allowed-failures", 3))
+    return max(1, min(2, allowed + 1))
+
+
+def _killed(error: BaseException) -> bool:
+    """True for Dask's ``KilledWorker``: the task's workers died on every attempt."""
     try:
         from distributed import KilledWorker
     except ImportError:  # pragma: no cover - distributed is a dependency
-        return error
-    if not isinstance(error, KilledWorker):
+        return False
+    return isinstance(error, KilledWorker)
+
+
+def _explain(error: BaseException, kind: str, task: Any) -> BaseException:
+    """Dask's ``KilledWorker`` says which task key died; say which block, and why it matters."""
+    if not _killed(error):
         return error
     what = _what(kind, task)
     return WorkerCrashError(

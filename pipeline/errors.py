@@ -60,6 +60,8 @@ OUTPUT_ERROR = "output-error"
 DISK_FULL = "disk-full"
 OUTPUT_READ_ONLY = "output-read-only"
 OUTPUT_LOCKED = "output-locked"
+#: An I/O error that persisted through the retries (a failing disk or network file system).
+IO_ERROR = "io-error"
 #: A block (or step) whose worker process died on every attempt.
 WORKER_CRASH = "worker-crash"
 #: A bug: an exception that is not a PipelineError, caught so the batch goes on.

@@ -7,21 +7,27 @@ unset, a point does nothing. Otherwise the variable lists rules, separated by ``
     POINT[@MATCH]=ACTION[*COUNT]
 
 ``POINT``
-    the point's name: ``block`` (a block task about to run its stages), ``block-written``
-    (a block's chunks written, its done-record not yet), ``shared`` (first-phase task),
-    ``prepare``, ``finalize``, ``publish-aside`` (old output moved aside, new one not yet
-    in), ``publish-moved`` (new output in place, ledger not yet updated).
+    the point's name. On workers: ``prepare`` (about to open an input), ``open`` (opening
+    it, retried), ``shared`` (a block's first phase), ``block`` (a block about to run its
+    stages), ``block-written`` (a block's chunks written, its done-record not yet),
+    ``finalize``. In the driver: ``fingerprint`` (reading an input for its run key,
+    retried), ``publish-aside`` (old output moved aside, new one not yet in),
+    ``publish-moved`` (new output in place, ledger not yet updated), ``report``.
 ``MATCH``
-    the point's subject as text (a block's order number); any subject when left out.
+    the point's subject as text: the output name (``prepare``, ``open``, ``finalize``,
+    ``publish-*``), ``NAME/INDEX`` for blocks (``slide_1/5``), the input path
+    (``fingerprint``); any subject when left out.
 ``ACTION``
     ``kill`` (SIGKILL this process: a worker dies, or the driver when the point runs
-    there), ``oserror`` (raise a transient ``OSError(EIO)``), ``sleep:SECONDS``.
+    there), ``killgroup`` (SIGKILL this process group: the driver and its local workers
+    at once, as ``kill -9 -PGID`` would), ``oserror`` (raise a transient
+    ``OSError(EIO)``), ``enospc`` (raise ``OSError(ENOSPC)``), ``sleep:SECONDS``.
 ``COUNT``
     fire this many times in all, counted across processes in the folder
     ``PIPELINE_FAULTS_DIR`` (required with a count); every time when left out.
 
-Example: ``PIPELINE_FAULTS="block@5=kill*1"`` kills the worker that first runs block 5;
-Dask reruns the block on another worker.
+Example: ``PIPELINE_FAULTS="block@slide_1/5=kill*1"`` kills the worker that first runs
+block 5 of ``slide_1``; Dask reruns the block on another worker.
 """
 
 from __future__ import annotations
@@ -75,8 +81,13 @@ def _act(action: str, where: str) -> None:
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
         time.sleep(60)  # never returns: the signal is delivered first
+    elif action == "killgroup":
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+        time.sleep(60)
     elif action == "oserror":
         raise OSError(errno.EIO, f"injected I/O error at {where}")
+    elif action == "enospc":
+        raise OSError(errno.ENOSPC, f"No space left on device (injected at {where})")
     elif action.startswith("sleep:"):
         time.sleep(float(action[6:]))
     else:

@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+from pipeline import faults
 from pipeline.backends.base import ModelSpec
 from pipeline.backends.files import sha256_of
 from pipeline.batch import Batch
@@ -75,12 +76,13 @@ def dask_client(cfg: RunConfig) -> Iterator[object | None]:
     if cfg.scheduler == "sync":
         yield None
         return
+    import dask
     from distributed import Client, LocalCluster
 
     # distributed logs every cluster event at INFO in this process; keep the terminal
     # for the progress bar unless the user asked for debug output
     if not log.isEnabledFor(logging.DEBUG):
-        logging.getLogger("distributed").setLevel(logging.ERROR)
+        logging.getLogger("distributed").setLevel(logging.CRITICAL)
     if cfg.scheduler:
         with Client(cfg.scheduler) as client:
             yield client
@@ -88,15 +90,20 @@ def dask_client(cfg: RunConfig) -> Iterator[object | None]:
     workers, threads = worker_layout(cfg)
     # the scheduler's HTTP endpoint tries port 8787 first and warns when it is taken
     warnings.filterwarnings("ignore", message="Port .* is already in use", category=UserWarning)
-    # loopback only: a Dask scheduler runs whatever code a client sends it
+    # loopback only: a Dask scheduler runs whatever code a client sends it. One task per
+    # worker thread at a time (no task waits on a worker): a worker that dies then takes
+    # only the block that killed it, and the others keep their attempts (allowed-failures)
     with (
+        dask.config.set({"distributed.scheduler.worker-saturation": 1.0}),
         LocalCluster(
             n_workers=workers,
             threads_per_worker=1,
             processes=True,
             host="127.0.0.1",
             dashboard_address=None,
-            silence_logs=logging.ERROR,
+            # workers' own logs (tracebacks of lost connections when one dies) stay quiet:
+            # what happened to each input is in the summary and the report
+            silence_logs=logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.CRITICAL,
             memory_limit=0,
             env={"OMP_NUM_THREADS": str(threads)},
         ) as cluster,
@@ -213,9 +220,9 @@ def _plan(
     for path, name in zip(inputs, names):
         result = InputResult(str(path), name, run=report.run, model=digest)
         report.inputs.append(result)
-        results[str(path)] = result
+        results[os.path.abspath(path)] = result
         try:
-            fp = retrying(fingerprint, path, what=f"reading {path}")
+            fp = retrying(_fingerprint, path, what=f"reading {path}")
         except OSError:
             fp = None  # opening the input will say what is wrong with it
         key = None if fp is None else run_key(fp, digest, settings)
@@ -225,9 +232,9 @@ def _plan(
             continue
         jobs.append(
             InputJob(
-                str(path),
+                os.path.abspath(path),  # workers may run elsewhere (another cwd, a node)
                 name,
-                str(out),
+                str(out.resolve()),
                 key,
                 "" if fp is None else fp.sample,
                 (0, 0) if fp is None else fp.stamp,
@@ -240,6 +247,11 @@ def _plan(
         if result.state == "skipped":
             batch.record_skipped(result)
     return batch, jobs
+
+
+def _fingerprint(path: str):
+    faults.point("fingerprint", path)
+    return fingerprint(path)
 
 
 def _up_to_date(result: InputResult, ledger: Ledger, out: Path) -> None:

@@ -279,6 +279,7 @@ def prepare_input(job: InputJob, model: Model) -> Prepared:
 def _open(job: InputJob, model: Model) -> ModelInput:
     from pipeline.io.model_input import open_for_model
 
+    faults.point("open", job.name)
     spec, cfg = model.spec, model.cfg
     return open_for_model(
         job.path,
@@ -312,10 +313,11 @@ def run_shared(prepared_job: InputJob, stage: Stage, job: BlockJob) -> dict:
         return {}
 
     def attempt() -> dict:
-        faults.point("shared", job.index)
+        faults.point("shared", f"{prepared_job.name}/{job.index}")
         return predict_shared(job)
 
-    return retrying(attempt, what=f"{prepared_job.path} block {job.index}")
+    with stage.attempt("shared", job.write):
+        return retrying(attempt, what=f"{prepared_job.path} block {job.index}")
 
 
 def run_block(
@@ -328,16 +330,17 @@ def run_block(
     _check_stamp(prepared_job)
 
     def attempt() -> BlockResult:
-        faults.point("block", job.index)
+        faults.point("block", f"{prepared_job.name}/{job.index}")
         return process_block(job, *shared)
 
     try:
-        result = retrying(attempt, what=f"{prepared_job.path} block {job.index}")
+        with stage.attempt("block", job.write):
+            result = retrying(attempt, what=f"{prepared_job.path} block {job.index}")
+            faults.point("block-written", f"{prepared_job.name}/{job.index}")
+            stage.mark_block_done(job.write)
     except OSError as exc:
         _raise_if_full(exc, prepared_job)
         raise
-    faults.point("block-written", job.index)
-    stage.mark_block_done(job.write)
     return result
 
 

@@ -102,3 +102,49 @@ def write_zarr(path: Path, data: np.ndarray, chunks: tuple[int, ...], axes: str 
     )
     array[:] = data
     return path
+
+
+def run_process(*args: object, env: dict | None = None, wait: bool = True, timeout: float = 180):
+    """``pipeline ARGS...`` as a real process in its own process group (so a test can
+    kill the driver and its local workers together, as ``kill -9 -PGID`` does).
+
+    ``env`` is added to the environment (``PIPELINE_FAULTS``...). With ``wait`` the
+    finished ``CompletedProcess`` (text output) is returned, else the ``Popen``.
+    """
+    import subprocess
+    import sys
+
+    full = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    command = [sys.executable, "-m", "pipeline.cli", *map(str, args)]
+    if not wait:
+        return subprocess.Popen(
+            command,
+            env=full,
+            start_new_session=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    return subprocess.run(
+        command, env=full, start_new_session=True, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def image_files(out: Path) -> dict[str, dict[str, bytes]]:
+    """Every file of every image in OUT, by image name and relative path: what must be
+    bit-identical between two runs. The run settings recorded in each group's attributes
+    (``pipeline.config``: workers, scheduler...) are left out of the comparison."""
+    import json
+
+    images = {}
+    for image in image_dirs(out):
+        files = {}
+        for path in sorted(p for p in image.rglob("*") if p.is_file()):
+            data = path.read_bytes()
+            if path.name == "zarr.json":
+                meta = json.loads(data)
+                meta.get("attributes", {}).get("pipeline", {}).pop("config", None)
+                data = json.dumps(meta, sort_keys=True).encode()
+            files[str(path.relative_to(image))] = data
+        images[image.name] = files
+    return images

@@ -99,6 +99,9 @@ class Work:
     def settled(self, item, prepared):
         self.log.append(("settled", item))
 
+    def deaths(self, prepared, kind, task):
+        return 1 if self.kill_on == f"{prepared.name}:{task.job.index}" else 0
+
 
 def events(work, kind):
     return [e[1:] for e in work.log if e[0] == kind]

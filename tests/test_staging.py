@@ -160,3 +160,20 @@ def test_transient_errors_are_retried_and_others_are_not():
     with pytest.raises(FileNotFoundError):
         retrying(missing, delay=0.01)
     assert len(calls) == 1
+
+
+def test_a_halted_stage_is_continued_and_its_attempt_marks_cleared(tmp_path):
+    area = StagingArea(tmp_path)
+    stage, _ = area.open_stage("a", KEY, {})
+    region = Region((0, 0), (8, 8))
+    stage.mark_block_done(region)
+    with stage.attempt("block", region):
+        assert stage.deaths("block", region) == 1  # running: a death now would leave it
+    assert stage.deaths("block", region) == 0
+    (stage.dir / "attempts" / f"block-{block_id(region)}-123-abc").touch()  # a dead worker's
+    assert stage.deaths("block", region) == 1
+    stage.mark_discarded(keep=True)
+    assert stage.is_discarded()  # tasks still running stop writing
+    again, reused = area.open_stage("a", KEY, {})
+    assert reused and not again.is_discarded() and again.done_blocks() == {block_id(region)}
+    assert again.deaths("block", region) == 0

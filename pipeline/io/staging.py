@@ -7,6 +7,8 @@ Layout inside the output root::
         owner.json      {"name", "key", "input", "run", "created"}
         image/          the NGFF image group being written; published as OUT/<name>
         blocks/<id>     one empty file per block whose chunks are all written
+        attempts/       one empty file per block attempt while it runs (``block-<id>-<pid>-…``):
+                        what is left tells which block was running when a worker died
         complete.json   the image is finished and verified: publish it, never recompute it
         discarded       its input failed: tasks still running write nothing; deleted once
                         they have settled
@@ -40,7 +42,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,6 +99,34 @@ class Stage:
         info = atomic.read_json(self.dir / "complete.json")
         return info if isinstance(info, dict) else None
 
+    @contextlib.contextmanager
+    def attempt(self, kind: str, region: Any) -> Iterator[None]:
+        """Mark a block attempt as running while the context is open; a worker that dies
+        inside leaves the mark behind (see :meth:`deaths`)."""
+        mark = (
+            self.dir
+            / "attempts"
+            / f"{kind}-{block_id(region)}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        )
+        try:
+            os.close(os.open(mark, os.O_CREAT | os.O_WRONLY, 0o666))
+        except OSError:  # a stage being removed, or a full disk: no mark, no harm
+            mark = None
+        try:
+            yield
+        finally:
+            if mark is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(mark)
+
+    def deaths(self, kind: str, region: Any) -> int:
+        """Attempts of a block whose process died while running it (this run)."""
+        prefix = f"{kind}-{block_id(region)}-"
+        try:
+            return sum(name.startswith(prefix) for name in os.listdir(self.dir / "attempts"))
+        except OSError:
+            return 0
+
     def is_complete(self) -> bool:
         return (self.dir / "complete.json").is_file() and self.image.is_dir()
 
@@ -136,12 +166,21 @@ class StagingArea:
         stage = self.stage(name, key)
         held = stage.owner()
         reused = (
-            not fresh and held is not None and held.get("key") == key and not stage.is_discarded()
+            not fresh
+            and held is not None
+            and held.get("key") == key
+            and not (stage.dir / "discarded").exists()
         )
-        if not reused:
+        if reused:  # continued: a halted stage goes on; old attempt marks say nothing now
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(stage.dir / "halted")
+            shutil.rmtree(stage.dir / "attempts", ignore_errors=True)
+            (stage.dir / "attempts").mkdir()
+        else:
             if stage.dir.exists():
                 self.remove(stage)
             stage.blocks.mkdir(parents=True)
+            (stage.dir / "attempts").mkdir()
             atomic.write_json(
                 stage.dir / "owner.json",
                 {**owner, "name": name, "key": key, "created": time.time()},
