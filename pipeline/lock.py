@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import atomic
-from pipeline.errors import OutputLockedError
+from pipeline.errors import OutputError, OutputLockedError
+from pipeline.io.staging import output_error
 from pipeline.shard import Shard
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,16 @@ class OutputLock:
         self.release()
 
     def acquire(self) -> None:
-        """Take the lock or raise :class:`LockedError` naming the holder."""
+        """Take the lock or raise :class:`LockedError` naming the holder (an
+        :class:`~pipeline.errors.OutputError` when the folder cannot be written)."""
+        try:
+            self._acquire()
+        except OSError as exc:
+            if isinstance(exc, OutputError):
+                raise
+            raise output_error(exc, self.folder.parent.parent) from exc
+
+    def _acquire(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         for attempt in range(_ATTEMPTS):
             holder = self._try_once()
