@@ -29,7 +29,9 @@ Behaviour
   (``KeyboardInterrupt``) or on SIGTERM (raised as ``SystemExit(143)`` while the context is
   open, when no other SIGTERM handler is installed). Teardown is not interrupted by further
   signals (they are handled once it is done); job ids the cluster submitted that are still
-  queued or running afterwards are cancelled with ``scancel``.
+  queued or running afterwards are cancelled with ``scancel``. A driver killed with SIGKILL
+  cancels nothing; its workers lose the scheduler and end their jobs by themselves (about
+  30 s here, distributed's connect timeout).
 * Before any job is submitted the job script is checked with ``sbatch --test-only``, so a
   bad partition, account, GPU request or size is a :class:`ConfigError`, not a silent hang.
 """
