@@ -13,7 +13,8 @@ import platform
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -147,33 +148,48 @@ def _texture(tile: int, channels: int, seed: int) -> np.ndarray:
 
 def write_tiled_tiff(
     path: str | os.PathLike,
-    size: int,
+    size: int | tuple[int, int],
     *,
     channels: int = 3,
     tile: int = 256,
     compression: str = "jpeg",
     variants: int = 16,
 ) -> Path:
-    """Write a ``size`` × ``size`` uint8 tiled TIFF tile by tile (the writer stays small).
+    """Write a ``size`` × ``size`` (or ``(height, width)``) uint8 tiled TIFF tile by tile
+    (the writer stays small).
 
     Tiles cycle through ``variants`` precomputed textures, shifted in brightness per tile
     so neighbouring tiles differ.
     """
-    import tifffile
-
-    path = Path(path)
     bank = [_texture(tile, channels, seed) for seed in range(variants)]
     if channels == 1:
         bank = [b[..., 0] for b in bank]
-    ny, nx = -(-size // tile), -(-size // tile)
 
-    def tiles() -> Iterator[np.ndarray]:
+    def tiles(ny: int, nx: int) -> Iterator[np.ndarray]:
         for iy in range(ny):
             for ix in range(nx):
                 t = bank[(iy * 7 + ix) % variants]
                 yield t if (iy + ix) % 3 else (255 - t)
 
-    shape = (size, size, channels) if channels > 1 else (size, size)
+    return _write_tiles(path, size, tiles, channels=channels, tile=tile, compression=compression)
+
+
+def _write_tiles(
+    path: str | os.PathLike,
+    size: int | tuple[int, int],
+    tiles: Callable[[int, int], Iterator[np.ndarray]],
+    *,
+    channels: int,
+    tile: int,
+    compression: str,
+) -> Path:
+    """Write the tiles ``tiles(rows, columns)`` yields (row by row) as one tiled TIFF."""
+    import tifffile
+
+    path = Path(path)
+    height, width = (size, size) if isinstance(size, int) else size
+    ny, nx = -(-height // tile), -(-width // tile)
+    shape = (height, width, channels) if channels > 1 else (height, width)
     kwargs: dict[str, Any] = {}
     if compression == "jpeg":
         kwargs["compressionargs"] = {"level": 90}
@@ -181,17 +197,101 @@ def write_tiled_tiff(
         compression, kwargs["compressionargs"] = "zlib", {"level": 1}
     tifffile.imwrite(
         path,
-        tiles(),
+        tiles(ny, nx),
         shape=shape,
         dtype=np.uint8,
         tile=(tile, tile),
         photometric="rgb" if channels == 3 else "minisblack",
         compression=None if compression == "none" else compression,
-        bigtiff=size * size * channels > 2**31,
+        bigtiff=height * width * channels > 2**31,
         metadata=None,
         **kwargs,
     )
     return path
+
+
+# optical density per unit stain (RGB), Ruifrok & Johnston (2001)
+_STAINS = np.array([[0.650, 0.704, 0.286], [0.072, 0.990, 0.105]], dtype=np.float32)
+
+
+def _smooth(shape: tuple[int, int], cells: int, rng: np.random.Generator) -> np.ndarray:
+    """Smooth noise, mean 0 and std about 1: a ``cells``-wide random grid, cubic zoom."""
+    from scipy import ndimage
+
+    grid = rng.standard_normal((cells + 3, cells + 3)).astype(np.float32)
+    big = ndimage.zoom(grid, (shape[0] + 8) / (cells + 3), order=3)
+    return big[4 : 4 + shape[0], 4 : 4 + shape[1]] / big.std()
+
+
+def slide_patch(size: int = 2048, seed: int = 0) -> np.ndarray:
+    """An H&E-like brightfield RGB uint8 image: glass, pink stroma, textured nuclei.
+
+    Stain concentrations go through Beer-Lambert (``255 * exp(-optical density)``), so
+    the colours, the share of near-white glass and the fine texture compress like a
+    scanned slide (a flat or noise image would decode much faster or slower).
+    """
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    shape = (size, size)
+    tissue = (_smooth(shape, max(2, size // 512), rng) > -0.4).astype(np.float32)
+    tissue = ndimage.gaussian_filter(tissue, 3)
+    # nuclei: impulses blurred into soft round blobs of three sizes, then clipped flat
+    nuclei = np.zeros(shape, np.float32)
+    for sigma in (2.5, 4.0, 6.0):
+        spots = np.zeros(shape, np.float32)
+        n = int(size * size / 6000)
+        spots[rng.integers(0, size, n), rng.integers(0, size, n)] = rng.uniform(0.8, 1.6, n)
+        blob = ndimage.gaussian_filter(spots, sigma) * (2 * np.pi * sigma**2)
+        np.maximum(nuclei, np.clip(blob * 1.8, 0, 1.6), out=nuclei)
+    grain = 0.75 + 0.25 * ndimage.gaussian_filter(rng.standard_normal(shape, np.float32), 1.0)
+    haem = 0.02 + tissue * nuclei * grain
+    fibres = ndimage.gaussian_filter(rng.standard_normal(shape, np.float32), (1.0, 4.0))
+    eosin = 0.02 + tissue * (0.25 + 0.12 * _smooth(shape, size // 64, rng) + 0.2 * fibres)
+    density = haem[..., None] * _STAINS[0] + np.clip(eosin, 0, None)[..., None] * _STAINS[1]
+    rgb = 255.0 * np.exp(-density) + rng.normal(0.0, 3.0, (*shape, 3)).astype(np.float32)
+    return np.clip(rgb, 0, 255).astype(np.uint8)
+
+
+def write_slide_tiff(
+    path: str | os.PathLike,
+    size: int | tuple[int, int],
+    *,
+    tile: int = 256,
+    compression: str = "jpeg",
+    seed: int = 0,
+) -> Path:
+    """Write a slide-like RGB tiled TIFF: every tile a different window of one
+    :func:`slide_patch`, at a random place, turned and flipped at random."""
+    patch = slide_patch(min(2048, max(4 * tile, 512)), seed)
+    rng = np.random.default_rng(seed + 1)
+    room = patch.shape[0] - tile
+
+    def tiles(ny: int, nx: int) -> Iterator[np.ndarray]:
+        for _ in range(ny * nx):
+            y, x = rng.integers(0, room + 1, 2)
+            t = np.rot90(patch[y : y + tile, x : x + tile], int(rng.integers(4)))
+            yield np.ascontiguousarray(t[:, ::-1] if rng.integers(2) else t)
+
+    return _write_tiles(path, size, tiles, channels=3, tile=tile, compression=compression)
+
+
+def cached(path: str | os.PathLike, make: Callable[[Path], Any]) -> tuple[Path, float | None]:
+    """``path``, made by ``make(partial_path)`` unless it exists; and the seconds spent
+    making it (None: reused). Written under another name and renamed, so a file that is
+    there is always complete."""
+    path = Path(path)
+    if path.exists():
+        return path, None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(path.name + f".{os.getpid()}.part")
+    t0 = time.perf_counter()
+    try:
+        make(part)
+        part.replace(path)
+    finally:
+        part.unlink(missing_ok=True)
+    return path, time.perf_counter() - t0
 
 
 def work_folder(workdir: str | None, prefix: str):

@@ -51,7 +51,38 @@ def test_throughput_quick(tmp_path):
     for key in ("a_total", "a_blocks", "b_bare", "c_monai", "ratio_a_b", "ratio_a_c"):
         assert _positive(rates[key]), (key, rates)
     assert record["figures"]["a"]["tiles"] == record["figures"]["b"]["tiles_in_blocks"]
-    assert {"size", "base", "tile", "overlap", "repeat", "device"} <= record["params"].keys()
+    # issue 6's bare loop (decode, cut, normalise, batches) runs the same lattice tiles
+    assert _positive(rates["b_full"]) and _positive(rates["ratio_a_bfull"]), rates
+    assert record["figures"]["b_full"]["tiles"] == record["figures"]["b"]["tiles"]
+    assert {"size", "shape", "base", "tile", "overlap", "repeat", "device"} <= record[
+        "params"
+    ].keys()
+
+
+def test_host_quick(tmp_path):
+    record = _run(
+        "bench_host.py",
+        tmp_path / "history.jsonl",
+        "--workdir",
+        str(tmp_path / "work"),
+        "--cli",
+        "--profile",
+    )
+    assert record["benchmark"] == "host"
+    assert not record["errors"], record["errors"]
+    rates = record["mpix_per_s"]
+    for key in ("decode", "decode_threads", "decode_one_thread", "pipeline_default", "cli"):
+        assert _positive(rates[key]), (key, rates)
+    assert rates["ratio_pipeline_default"] == pytest.approx(
+        rates["pipeline_default"] / rates["decode"], rel=0.01
+    )
+    figures = record["figures"]
+    assert figures["decode"]["tiles"] == 16  # 1024² in 256² tiles, every one decoded
+    assert figures["pipeline_default"]["pixels"] == 1024 * 1024
+    # the profile names the package's own functions, by cumulative time
+    assert any(r["function"].startswith("pipeline/") for r in figures["profile"]["by_cumtime"])
+    assert {"size", "tile", "overlap", "layouts"} <= record["params"].keys()
+    assert record["params"]["size"] == 1024
 
 
 def test_memory_quick(tmp_path):
