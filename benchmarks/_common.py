@@ -6,6 +6,7 @@ source tree beside them when it is not installed.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -31,6 +32,28 @@ def use_source_tree() -> None:
     parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     if str(ROOT) not in parts:
         os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *parts])
+
+
+def run_process(
+    cmd: list[str], timeout: float | None, cwd: str | os.PathLike = ROOT
+) -> subprocess.CompletedProcess:
+    """Run ``cmd`` with its output captured. On a timeout (``TimeoutExpired``) or any
+    interruption the process and all its descendants (a Dask cluster's nannies and
+    workers) are killed first, by process id, so nothing outlives the benchmark."""
+    import psutil
+
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    child.kill()
+        proc.kill()
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def git_commit() -> str | None:
@@ -83,6 +106,51 @@ def _gpu_name() -> str | None:
     except Exception:
         pass
     return None
+
+
+def gpu_info() -> dict[str, Any]:
+    """The GPU(s), driver and the runtime versions GPU figures depend on (what is known)."""
+    info: dict[str, Any] = {"cuda_available": False}
+    try:
+        import torch
+
+        info.update(
+            torch=torch.__version__,
+            torch_cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+            cuda_available=torch.cuda.is_available(),
+        )
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(0)
+            info.update(
+                gpu=props.name,
+                gpus=torch.cuda.device_count(),
+                capability=f"{props.major}.{props.minor}",
+                memory_gb=round(props.total_memory / 2**30, 1),
+                multiprocessors=props.multi_processor_count,
+            )
+    except Exception as exc:  # a benchmark must still record what it can
+        info["torch_error"] = f"{type(exc).__name__}: {exc}"
+    try:
+        smi = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        if smi.returncode == 0 and smi.stdout.strip():
+            info["driver"] = smi.stdout.strip().splitlines()[0].split(",")[-1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        import onnxruntime as ort
+
+        info["onnxruntime"] = ort.__version__
+        info["onnxruntime_providers"] = ort.get_available_providers()
+    except Exception:
+        info["onnxruntime"] = None
+    info["monai"] = _version("monai")
+    return info
 
 
 def machine_info() -> dict[str, Any]:
@@ -144,6 +212,24 @@ def _texture(tile: int, channels: int, seed: int) -> np.ndarray:
         up = (np.roll(up, 1, 1) + 2 * up + np.roll(up, -1, 1)) / 4
     up += rng.normal(0, 12, size=up.shape)
     return np.clip(up, 0, 255).astype(np.uint8)
+
+
+def seeded_weights(path: str | os.PathLike, **arch: Any) -> Path:
+    """Save the state dict of a seeded ``pipeline.model.UNet(**arch)`` whose BatchNorm
+    layers have non-trivial statistics (so folding them at export is exercised)."""
+    import torch
+
+    from pipeline.model import UNet
+
+    torch.manual_seed(0)
+    net = UNet(**arch)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    torch.save(net.state_dict(), path)
+    return Path(path)
 
 
 def write_tiled_tiff(
@@ -274,6 +360,18 @@ def write_slide_tiff(
             yield np.ascontiguousarray(t[:, ::-1] if rng.integers(2) else t)
 
     return _write_tiles(path, size, tiles, channels=3, tile=tile, compression=compression)
+
+
+def tile_starts(n: int, tile: int, stride: int) -> list[int]:
+    """Tile origins along one axis as the pipeline places them for a padded network:
+    ``stride`` apart from 0, the last one flush with the border (one tile if ``n <= tile``).
+    """
+    return [0] if n <= tile else [*range(0, n - tile, stride), n - tile]
+
+
+def same_stride(tile: int, overlap: int, step: int) -> int:
+    """The pipeline's stride: the largest multiple of ``step`` leaving ``overlap``."""
+    return (tile - overlap) // step * step
 
 
 def cached(path: str | os.PathLike, make: Callable[[Path], Any]) -> tuple[Path, float | None]:

@@ -45,6 +45,7 @@ from _common import (  # noqa: E402
     append_history,
     cached,
     fmt,
+    run_process,
     use_source_tree,
     write_slide_tiff,
 )
@@ -186,9 +187,6 @@ def _short(file: str) -> str:
     return norm
 
 
-CHILDREN = {"decode", "run", "profile"}
-
-
 def child_main(argv: list[str]) -> int:
     kind, *rest = argv
     if kind == "decode":
@@ -206,9 +204,7 @@ def child_main(argv: list[str]) -> int:
 
 def _spawn(cmd: list[str], timeout: float) -> tuple[float, str]:
     t0 = time.perf_counter()
-    proc = subprocess.run(
-        cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=os.environ.copy()
-    )
+    proc = run_process(cmd, timeout)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(

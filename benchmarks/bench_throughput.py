@@ -46,6 +46,9 @@ from _common import (  # noqa: E402
     DEFAULT_HISTORY,
     append_history,
     fmt,
+    same_stride,
+    seeded_weights,
+    tile_starts,
     use_source_tree,
     work_folder,
     write_tiled_tiff,
@@ -107,32 +110,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_models(work: Path, base: int) -> tuple[Path, Path, Path]:
     """One set of U-Net weights, exported to ONNX and TorchScript; returns (onnx, ts, weights)."""
-    import torch
+    from pipeline.model import export_model
 
-    from pipeline.model.export import export_model
-    from pipeline.model.unet import UNet
-
-    torch.manual_seed(0)
-    net = UNet(in_channels=IN_CHANNELS, classes=CLASSES, base=base, depth=DEPTH, padding="same")
-    # non-trivial BatchNorm statistics so folding them at export is exercised
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    weights = work / "weights.pt"
-    torch.save(net.state_dict(), weights)
+    arch = dict(in_channels=IN_CHANNELS, classes=CLASSES, base=base, depth=DEPTH)
+    weights = seeded_weights(work / "weights.pt", **arch, padding="same")
     paths = []
     for name in ("model.onnx", "model.pt"):
-        export_model(
-            str(work / name),
-            weights=str(weights),
-            in_channels=IN_CHANNELS,
-            classes=CLASSES,
-            base=base,
-            depth=DEPTH,
-            padding="same",
-        )
+        export_model(str(work / name), weights=str(weights), **arch, padding="same")
         paths.append(work / name)
     return paths[0], paths[1], weights
 
@@ -396,13 +380,6 @@ def bare(args, tiff: Path, onnx: Path):
             backend.close()
 
 
-def tile_starts(n: int, tile: int, stride: int) -> list[int]:
-    """Tile origins along one axis as the pipeline places them for a padded network:
-    ``stride`` apart from 0, the last one flush with the border (one tile if ``n <= tile``).
-    """
-    return [0] if n <= tile else [*range(0, n - tile, stride), n - tile]
-
-
 @contextlib.contextmanager
 def bare_full(args, tiff: Path, onnx: Path):
     """(b_full) issue 6's bare loop, all timed: decode, cut, normalise, batch, backend.
@@ -416,8 +393,7 @@ def bare_full(args, tiff: Path, onnx: Path):
     from pipeline.backends import load_backend
 
     backend = load_backend(str(onnx), backend="onnx", threads=args.threads, device=args.device)
-    step = 2**DEPTH
-    stride = (args.tile - args.overlap) // step * step
+    stride = same_stride(args.tile, args.overlap, 2**DEPTH)
     starts = [tile_starts(n, args.tile, stride) for n in args.shape]
     tiles = list(itertools.product(*starts))
     pad = [(0, max(0, args.tile - n)) for n in args.shape]
@@ -462,7 +438,7 @@ def monai_peer(args, tiff: Path, weights: Path, work: Path):
     import zarr
     from monai.inferers import sliding_window_inference
 
-    from pipeline.model.unet import UNet
+    from pipeline.model import UNet
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

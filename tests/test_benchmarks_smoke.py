@@ -7,6 +7,7 @@ machines make timings meaningless there).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -93,3 +94,48 @@ def test_memory_quick(tmp_path):
         assert _positive(figures[key]), (key, figures)
     assert record["run"]["returncode"] == 0
     assert record["run"]["report"]["ok"]
+
+
+def test_gpu_check_cpu_mode(tmp_path):
+    """``gpu_check.sh`` without a GPU: the tiny CPU version of every step, results in OUT."""
+    pytest.importorskip("monai")
+    out = tmp_path / "out"
+    env = {**os.environ, "GPU_CHECK_MODE": "cpu", "TMPDIR": str(tmp_path)}
+    proc = subprocess.run(
+        ["bash", str(BENCH / "gpu_check.sh"), str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert {p.name for p in out.iterdir()} == {
+        "gpu_check.json",
+        "gpu_check.log",
+        "history.jsonl",
+        "pytest_gpu.xml",
+    }
+    summary = json.loads((out / "gpu_check.json").read_text())
+    assert {"mode", "ok", "total_s", "steps", "tests", "gpu_env", "models", "headline"} <= (
+        summary.keys()
+    )
+    assert summary["mode"] == "cpu" and summary["ok"]
+    assert set(summary["steps"]) == {"tests", "bench_b64", "bench_b32", "bench_3d32"}
+    assert all(s["rc"] == 0 and s["seconds"] > 0 for s in summary["steps"].values())
+    assert summary["tests"]["tests"] >= 3 and summary["tests"]["failures"] == 0
+    assert {"torch", "cudnn", "onnxruntime", "cuda_available"} <= summary["gpu_env"].keys()
+    assert set(summary["models"]) == {"b64", "b32", "3d32"}
+    for name, model in summary["models"].items():
+        rates = model["mpix_per_s"]
+        for key in ("e2e", "e2e_cold", "network_only", "net_module", "monai", "ratio_e2e_network"):
+            assert _positive(rates[key]), (name, key, rates)
+        assert model["errors"] == {}, (name, model["errors"])
+    assert summary["models"]["3d32"]["params"]["ndim"] == 3
+    assert summary["headline"]["b64_e2e_mpix_s"] == summary["models"]["b64"]["mpix_per_s"]["e2e"]
+    lines = [json.loads(ln) for ln in (out / "history.jsonl").read_text().splitlines()]
+    assert [r["model"] for r in lines] == ["b64", "b32", "3d32"]
+    assert all(COMMON <= r.keys() and r["benchmark"] == "gpu" for r in lines)
+    assert "bench_3d32" in (out / "gpu_check.log").read_text()
+    # the tiny run leaves nothing behind in its scratch folder
+    assert not list(tmp_path.glob("gpu_check.*"))
