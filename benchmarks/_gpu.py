@@ -3,7 +3,6 @@ alone and the MONAI peer (one model per call; ``args`` is bench_gpu's namespace)
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import shutil
@@ -36,27 +35,34 @@ def write_volume(path: Path, shape: tuple[int, ...], seed: int = 0) -> Path:
     return path
 
 
-def make_input(args: argparse.Namespace, mp: dict, work: Path) -> tuple[Path, tuple[int, ...]]:
+def make_input(mp: dict, shape: tuple[int, ...], work: Path) -> Path:
+    """The input of ``shape`` for a model (kept in ``work``): a slide-like RGB JPEG TIFF
+    for 2D, a uint8 Zarr volume for 3D."""
     if mp["ndim"] == 2:
-        shape = (args.size, args.size)
+        height, width = shape
         path, _ = cached(
-            work / f"gpu_slide_{args.size}_t256_jpeg90.tif",
-            lambda part: write_slide_tiff(part, args.size, tile=256),
+            work / f"gpu_slide_{height}x{width}_t256_jpeg90.tif",
+            lambda part: write_slide_tiff(part, (height, width), tile=256),
         )
-        return path, shape
-    shape = tuple(args.volume)
-    name = "gpu_volume_" + "x".join(map(str, shape)) + ".zarr"
-    if not (work / name / "zarr.json").exists():
-        shutil.rmtree(work / name, ignore_errors=True)
-        write_volume(work / name, shape)
-    return work / name, shape
+        return path
+    path = work / ("gpu_volume_" + "x".join(map(str, shape)) + ".zarr")
+    if not (path / "zarr.json").exists():
+        shutil.rmtree(path, ignore_errors=True)
+        write_volume(path, shape)
+    return path
 
 
-def copies(src: Path, folder: Path, n: int) -> list[Path]:
-    """``n`` copies under different names (the pipeline refuses one file twice)."""
+def warmup_shape(mp: dict, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A quarter of each side (at least a tile): the first input of the end-to-end run,
+    which pays for the cluster's start, the model's load and cuDNN's tuning."""
+    return tuple(min(n, max(mp["tile"], n // 4)) for n in shape)
+
+
+def copies(sources: list[Path], folder: Path) -> list[Path]:
+    """The sources copied under distinct names, in order (a run refuses one file twice)."""
     folder.mkdir(parents=True, exist_ok=True)
     out = []
-    for i in range(n):
+    for i, src in enumerate(sources):
         dst = folder / f"in{i}{''.join(src.suffixes)}"
         (shutil.copytree if src.is_dir() else shutil.copyfile)(src, dst)
         out.append(dst)

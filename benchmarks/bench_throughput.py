@@ -8,7 +8,8 @@ Figures (Mpix/s of *image* pixels, best of ``--repeat``):
 a. ``pipeline.run.run`` on a tiled TIFF with the ONNX backend:
    ``a_total``   wall time of ``run`` (LocalCluster start, model load, blocks, pyramid,
                  metadata); the ratios use this one.
-   ``a_blocks``  the report's per-input seconds (steady state: no cluster start-up).
+   ``a_blocks``  the report's per-input seconds (the cluster starts inside the first
+                 input when the image is several blocks: then close to a_total).
    ``a_warm``    ``run`` on an already started cluster whose worker has the model loaded.
    ``a_sync``    ``run`` in-process (``scheduler="sync"``), with the per-block
                  read / predict / write seconds and the model's own share of predict.

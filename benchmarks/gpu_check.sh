@@ -85,7 +85,7 @@ echo "== gpu_check: mode $MODE, budget $BUDGET s, output $OUT, python $("$PY" -c
 if [ "$MODE" = gpu ]; then
     step env 30 nvidia-smi
     BENCH_ARGS=(--device cuda --size "${GPU_CHECK_SIZE:-8192}" --volume "${GPU_CHECK_VOLUME:-128,512,512}")
-    LIMITS=(b64:130 b32:90 3d32:80)
+    LIMITS=(b64:150 b32:90 3d32:80)
 else
     BENCH_ARGS=(--device cpu --tiny)
     LIMITS=(b64:60 b32:60 3d32:60)

@@ -23,11 +23,10 @@ TOL = {"fp32": 5e-3, "bf16": 5e-2}
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, str]:
-    """One seeded U-Net (non-trivial BatchNorm statistics) as TorchScript and ONNX."""
-    from pipeline.model import UNet, export_model
+def weights(tmp_path_factory):
+    """A seeded U-Net's weights, with non-trivial BatchNorm statistics."""
+    from pipeline.model import UNet
 
-    folder = tmp_path_factory.mktemp("gpu_models")
     torch.manual_seed(0)
     net = UNet(**ARCH)
     with torch.no_grad():
@@ -35,13 +34,23 @@ def models(tmp_path_factory) -> dict[str, str]:
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.running_mean.uniform_(-0.2, 0.2)
                 m.running_var.uniform_(0.5, 1.5)
-    weights = folder / "weights.pt"
-    torch.save(net.state_dict(), weights)
-    out = {}
-    for name in ("model.pt", "model.onnx"):
-        export_model(str(folder / name), weights=str(weights), **ARCH)
-        out[name.split(".")[1]] = str(folder / name)
-    return out
+    path = tmp_path_factory.mktemp("gpu_models") / "weights.pt"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def _export(weights, suffix: str) -> str:
+    from pipeline.model import export_model
+
+    path = weights.with_name("model" + suffix)
+    if not path.exists():
+        export_model(str(path), weights=str(weights), **ARCH)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def torchscript(weights) -> str:
+    return _export(weights, ".pt")
 
 
 def _batch(n: int = 4, size: int = 64) -> np.ndarray:
@@ -50,13 +59,13 @@ def _batch(n: int = 4, size: int = 64) -> np.ndarray:
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_torchscript_on_cuda_matches_cpu_fp32(models, precision):
+def test_torchscript_on_cuda_matches_cpu_fp32(torchscript, precision):
     from pipeline.backends import load_backend
 
     batch = _batch()
-    with load_backend(models["pt"], device="cpu") as cpu:
+    with load_backend(torchscript, device="cpu") as cpu:
         ref = cpu.predict(batch)
-    with load_backend(models["pt"], device="cuda", precision=precision) as gpu:
+    with load_backend(torchscript, device="cuda", precision=precision) as gpu:
         got = gpu.predict(batch)
     assert got.dtype == np.float32 and got.shape == ref.shape == (4, 1, 64, 64)
     diff = np.abs(got - ref)
@@ -66,16 +75,17 @@ def test_torchscript_on_cuda_matches_cpu_fp32(models, precision):
     assert ref.std() > 0.01  # the outputs vary: agreement is not between two constants
 
 
-def test_onnxruntime_cuda_provider_matches_cpu(models):
+def test_onnxruntime_cuda_provider_matches_cpu(weights):
     ort = pytest.importorskip("onnxruntime")
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip(f"onnxruntime has no CUDA provider ({ort.get_available_providers()})")
     from pipeline.backends import load_backend
 
+    onnx = _export(weights, ".onnx")
     batch = _batch()
-    with load_backend(models["onnx"], backend="onnx", device="cpu") as cpu:
+    with load_backend(onnx, backend="onnx", device="cpu") as cpu:
         ref = cpu.predict(batch)
-    with load_backend(models["onnx"], backend="onnx", device="cuda") as gpu:
+    with load_backend(onnx, backend="onnx", device="cuda") as gpu:
         got = gpu.predict(batch)
     assert got.shape == ref.shape
     assert np.abs(got - ref).max() < TOL["fp32"]
@@ -95,7 +105,7 @@ def _slide(path, height: int = 128, width: int = 256) -> str:
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_two_block_run_on_cuda_equals_cpu(models, tmp_path, precision):
+def test_two_block_run_on_cuda_equals_cpu(torchscript, tmp_path, precision):
     import zarr
 
     from pipeline.config import RunConfig
@@ -115,7 +125,7 @@ def test_two_block_run_on_cuda_equals_cpu(models, tmp_path, precision):
             scheduler="sync",
             skip_background=False,
         )
-        report = run([slide], tmp_path / f"out_{device}", models["pt"], cfg)
+        report = run([slide], tmp_path / f"out_{device}", torchscript, cfg)
         assert report.ok, report.inputs[0].message
         assert report.inputs[0].blocks == 2
         outputs[device] = zarr.open_array(str(tmp_path / f"out_{device}" / "slide" / "0"))[...]
