@@ -290,8 +290,13 @@ def main(argv: list[str] | None = None) -> int:
     # its cluster are killed (run_process) rather than left holding the GPU
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     from pipeline.backends import resolve_device
+    from pipeline.errors import PipelineError
 
-    args.device = resolve_device(args.device)
+    try:
+        args.device = resolve_device(args.device)
+    except PipelineError as exc:
+        print(f"bench_gpu: {exc}", file=sys.stderr)
+        return 2
     cuda = args.device.startswith("cuda")
     args.precision = args.precision or ("bf16" if cuda else "fp32")
     env = gpu_info()
