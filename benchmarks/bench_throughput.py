@@ -630,9 +630,7 @@ def report(record: dict) -> None:
         f"{record['machine']['cores']} cores)"
     )
     print(f"  a  pipeline run, total      {fmt(r['a_total'])} Mpix/s   (ratios use this one)")
-    print(
-        f"     pipeline run, blocks     {fmt(r['a_blocks'])} Mpix/s   (per-input seconds: steady state)"
-    )
+    print(f"     pipeline run, blocks     {fmt(r['a_blocks'])} Mpix/s   (per-input seconds)")
     print(f"     pipeline run, warm       {fmt(r['a_warm'])} Mpix/s   (cluster up, model loaded)")
     print(f"     pipeline run, in-process {fmt(r['a_sync'])} Mpix/s   (scheduler=sync)")
     print(
