@@ -174,7 +174,9 @@ def bench_model(args, name: str, work: Path, deadline: float) -> dict[str, Any]:
     from pipeline.config import RunConfig
 
     mp = model_params(name, args.tiny)
-    batch = args.batch_size or RunConfig().batch_size
+    # the network alone runs the batches the pipeline would; 8 if its default ever
+    # becomes "chosen at run time" (then pass --batch-size to compare like with like)
+    batch = args.batch_size or RunConfig().batch_size or 8
     shape = (args.size, args.size) if mp["ndim"] == 2 else tuple(args.volume)
     figures: dict[str, Any] = {}
     errors: dict[str, str] = {}

@@ -1,7 +1,8 @@
 """Host ceiling: the pipeline with the identity backend against tifffile's own decode.
 
     python benchmarks/bench_host.py [--size 8192] [--repeat 3] [--decode-rounds 3]
-        [--workers default,2] [--cli] [--profile] [--workdir DIR] [--quick]
+        [--workers default,2] [--content slide|texture] [--cli] [--profile]
+        [--workdir DIR] [--quick]
         [--out benchmarks/results/history.jsonl]
 
 One slide-like RGB JPEG TIFF (256² tiles, q90; made once and kept in the work folder),
@@ -48,6 +49,7 @@ from _common import (  # noqa: E402
     run_process,
     use_source_tree,
     write_slide_tiff,
+    write_tiled_tiff,
 )
 
 TARGET = 0.4
@@ -64,6 +66,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="default",
         help="comma list of layouts to run: 'default' (the pipeline's own) and/or worker "
         "counts, e.g. default,2",
+    )
+    p.add_argument(
+        "--content",
+        choices=("slide", "texture"),
+        default="slide",
+        help="slide: H&E-like (compresses like a scanned slide); texture: the older "
+        "benchmarks' noisy texture (2.5x the bytes, decodes about 1.6x slower)",
     )
     p.add_argument("--cli", action="store_true", help="also time `pipeline run` (imports in)")
     p.add_argument("--profile", action="store_true", help="also one in-process cProfile run")
@@ -316,9 +325,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     load_start = [round(v, 2) for v in os.getloadavg()]
     work = Path(args.workdir)
+    write = write_slide_tiff if args.content == "slide" else write_tiled_tiff
     tiff, made_s = cached(
-        work / f"host_slide_{args.size}_t{TILE}_jpeg90.tif",
-        lambda part: write_slide_tiff(part, args.size, tile=TILE),
+        work / f"host_{args.content}_{args.size}_t{TILE}_jpeg90.tif",
+        lambda part: write(part, args.size, tile=TILE),
     )
     print(
         f"slide {tiff} ({tiff.stat().st_size / 1e6:.1f} MB, "
@@ -344,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         "layouts": args.layouts,
         "cli": args.cli,
         "profile": args.profile,
+        "content": args.content,
         "quick": args.quick,
         "tile": TILE,
         "overlap": OVERLAP,
