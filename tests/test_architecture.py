@@ -36,7 +36,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "pipeline.lock",
         "pipeline.tasks",
     ),
-    ("pipeline.stages", "pipeline.tissue"),
+    ("pipeline.stages", "pipeline.tissue", "pipeline.slurm"),
     ("pipeline.plan",),
     ("pipeline.model",),
     ("pipeline.backends",),
