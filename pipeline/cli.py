@@ -35,6 +35,7 @@ from pipeline.config import (
     ACTIVATIONS,
     BACKENDS,
     BLENDS,
+    CLUSTERS,
     DTYPES,
     MODEL_FORMATS,
     NORMALIZATIONS,
@@ -95,6 +96,13 @@ def main(verbose: int) -> None:
 @click.option("--workers", type=int, help="Local Dask worker processes.")
 @click.option("--threads-per-worker", type=int)
 @click.option("--scheduler", help="Address of an existing Dask scheduler ('sync': in-process).")
+@click.option(
+    "--cluster",
+    type=click.Choice(CLUSTERS),
+    help="Where blocks run: local (a Dask cluster here) or slurm (workers as Slurm jobs, "
+    "configured by dask-jobqueue's jobqueue.yaml and the config's slurm: section).",
+)
+@click.option("--jobs", type=int, help="Slurm jobs at most at once (--cluster slurm; default 1).")
 @click.option("--chunk", type=int, help="Output chunk size (y and x).")
 @click.option("--block", type=int, help="Block side in pixels (a multiple of --chunk).")
 @click.option("--in-channels", type=int, help="Input channels of a model without metadata.")

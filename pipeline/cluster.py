@@ -1,4 +1,12 @@
-"""Where blocks run: Dask workers as Slurm jobs, through dask-jobqueue.
+"""Where blocks run: a local Dask cluster, an existing scheduler, or Dask workers as Slurm
+jobs through dask-jobqueue (:func:`open_cluster` picks by ``RunConfig.cluster``).
+
+A local cluster (:func:`dask_client`) has one worker process per GPU (or ``--workers``),
+each with one task thread and ``--threads-per-worker`` model threads, and listens on
+loopback only: a Dask scheduler runs whatever code a client sends it.
+
+Slurm
+-----
 
 HPC users already describe their site in dask-jobqueue's configuration: ``jobqueue.slurm``
 in ``~/.config/dask/jobqueue.yaml`` (or any Dask config file) and the matching
@@ -42,20 +50,141 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import shutil
 import signal
 import subprocess
 import tempfile
 import threading
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
+from pipeline.config import RunConfig
 from pipeline.errors import ConfigError
 from pipeline.slurm import SlurmSettings, cluster_kwargs, import_jobqueue
 
-__all__ = ["SlurmSettings", "slurm_client", "make_cluster", "check_job_script", "cancel_leftovers"]
+__all__ = [
+    "SlurmSettings",
+    "open_cluster",
+    "dask_client",
+    "worker_layout",
+    "slurm_client",
+    "make_cluster",
+    "check_job_script",
+    "cancel_leftovers",
+]
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def open_cluster(cfg: RunConfig) -> Iterator[tuple[Any, int]]:
+    """``(client, slots)``: a client where ``cfg`` says blocks run, and how many blocks
+    run at once there (the driver keeps about twice as many queued)."""
+    if cfg.cluster == "slurm":
+        settings = slurm_settings(cfg)
+        processes, _ = slurm_layout(settings)
+        with slurm_client(settings, cfg.jobs or 1) as client:
+            yield client, (cfg.jobs or 1) * processes
+        return
+    with dask_client(cfg) as client:
+        slots = sum(client.nthreads().values()) if cfg.scheduler else worker_layout(cfg)[0]
+        yield client, max(1, slots)
+
+
+def slurm_settings(cfg: RunConfig) -> SlurmSettings:
+    """Our ``slurm:`` section, validated (a :class:`ConfigError` names a bad key or value)."""
+    return SlurmSettings.from_mapping(cfg.slurm)
+
+
+def slurm_layout(settings: SlurmSettings) -> tuple[int, int]:
+    """(worker processes, cores each) of one Slurm job, from the site's configuration and
+    ours; a :class:`ConfigError` when cores or memory per job are set nowhere."""
+    import_jobqueue()
+    kwargs = cluster_kwargs(settings)
+    processes = int(kwargs.get("processes") or 1)
+    return processes, max(1, int(kwargs["cores"]) // processes)
+
+
+def model_threads(cfg: RunConfig) -> int:
+    """Threads each worker's model may use: its share of the cores where it runs."""
+    if cfg.cluster == "slurm":
+        return cfg.threads_per_worker or slurm_layout(slurm_settings(cfg))[1]
+    return worker_layout(cfg)[1]
+
+
+@contextlib.contextmanager
+def dask_client(cfg: RunConfig) -> Iterator[Any]:
+    """A client on ``cfg.scheduler``, or on a loopback-only LocalCluster."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    # distributed logs every cluster event at INFO in this process; keep the terminal
+    # for the progress bar unless the user asked for debug output
+    if not log.isEnabledFor(logging.DEBUG):
+        logging.getLogger("distributed").setLevel(logging.CRITICAL)
+    if cfg.scheduler:
+        with Client(cfg.scheduler) as client:
+            yield client
+        return
+    workers, threads = worker_layout(cfg)
+    # the scheduler's HTTP endpoint tries port 8787 first and warns when it is taken
+    warnings.filterwarnings("ignore", message="Port .* is already in use", category=UserWarning)
+    # loopback only: a Dask scheduler runs whatever code a client sends it. One task per
+    # worker thread at a time (no task waits on a worker): a worker that dies then takes
+    # only the block that killed it, and the others keep their attempts (allowed-failures)
+    with (
+        dask.config.set({"distributed.scheduler.worker-saturation": 1.0}),
+        LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+            # workers' own logs (tracebacks of lost connections when one dies) stay quiet:
+            # what happened to each input is in the summary and the report
+            silence_logs=logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.CRITICAL,
+            memory_limit=0,
+            env={"OMP_NUM_THREADS": str(threads)},
+            preload=[__name__],  # dask_setup below: Ctrl-C is the driver's to handle
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client
+
+
+def dask_setup(worker: Any) -> None:
+    """Worker preload (``--preload pipeline.cluster``): a local worker ignores SIGINT.
+
+    Ctrl-C in a terminal reaches every process of the foreground group; the driver then
+    stops the run and closes the cluster, while workers that took the signal themselves
+    would only print tracebacks."""
+    if _main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def worker_layout(cfg: RunConfig) -> tuple[int, int]:
+    """(worker processes, model threads per worker) for the local cluster."""
+    cores = (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    )
+    workers = cfg.workers or _gpu_count(cfg) or 1
+    threads = cfg.threads_per_worker or max(1, cores // workers)
+    return workers, threads
+
+
+def _gpu_count(cfg: RunConfig) -> int:
+    """One worker per GPU when the device is ``cuda`` (or ``auto`` finds CUDA)."""
+    from pipeline.backends import resolve_device
+
+    if not cfg.device.startswith(("cuda", "auto")) or ":" in cfg.device:
+        return 0
+    if resolve_device(cfg.device) == "cpu":
+        return 0
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def make_cluster(settings: SlurmSettings, **extra: Any) -> Any:

@@ -39,6 +39,8 @@ NORMALIZE = ("auto", *NORMALIZATIONS)
 ACTIVATIONS = ("sigmoid", "softmax", "none")
 #: U-Net convolutions (``pipeline export --padding``).
 PADDINGS = ("same", "valid")
+#: Where blocks run: a local Dask cluster (or ``scheduler``), or Slurm jobs (dask-jobqueue).
+CLUSTERS = ("local", "slurm")
 
 
 @dataclass(frozen=True)
@@ -75,8 +77,20 @@ class RunConfig:
     mask: str | None = None
     extensions: tuple[str, ...] = SEARCHED_SUFFIXES
     memory_budget_mb: int = 512
+    cluster: str = "local"
+    jobs: int | None = None
+    #: The ``slurm:`` section (partition, account, walltime, cores, memory, processes,
+    #: gpus...), validated by :class:`pipeline.slurm.SlurmSettings` when a run starts.
+    slurm: Mapping[str, Any] | None = dataclasses.field(default=None, hash=False)
 
     def __post_init__(self) -> None:
+        _check_choice("cluster", self.cluster, CLUSTERS)
+        if self.slurm is not None and not isinstance(self.slurm, Mapping):
+            raise ConfigError(
+                f"slurm must be a mapping of settings, got {self.slurm!r}",
+                where="option slurm",
+                hint="e.g. slurm: {partition: gpu, walltime: '02:00:00', cores: 8, memory: 32GB}",
+            )
         _check_choice("blend", self.blend, BLENDS)
         _check_choice("backend", self.backend, BACKENDS)
         _check_choice("dtype", self.dtype, DTYPES)
@@ -92,6 +106,7 @@ class RunConfig:
             "in_channels",
             "classes",
             "memory_budget_mb",
+            "jobs",
         ):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):

@@ -14,14 +14,14 @@ import contextlib
 import logging
 import os
 import time
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pipeline import faults
 from pipeline.backends.base import ModelSpec
 from pipeline.backends.files import sha256_of
 from pipeline.batch import Batch
+from pipeline.cluster import model_threads, open_cluster, slurm_layout, slurm_settings
 from pipeline.config import RunConfig
 from pipeline.driver import Driver, SyncClient
 from pipeline.errors import UP_TO_DATE, ConfigError, PipelineError
@@ -70,71 +70,6 @@ def _overrides(cfg: RunConfig) -> dict:
     return out
 
 
-@contextlib.contextmanager
-def dask_client(cfg: RunConfig) -> Iterator[object | None]:
-    """A client on ``cfg.scheduler``, or a loopback-only LocalCluster; None for ``sync``."""
-    if cfg.scheduler == "sync":
-        yield None
-        return
-    import dask
-    from distributed import Client, LocalCluster
-
-    # distributed logs every cluster event at INFO in this process; keep the terminal
-    # for the progress bar unless the user asked for debug output
-    if not log.isEnabledFor(logging.DEBUG):
-        logging.getLogger("distributed").setLevel(logging.CRITICAL)
-    if cfg.scheduler:
-        with Client(cfg.scheduler) as client:
-            yield client
-        return
-    workers, threads = worker_layout(cfg)
-    # the scheduler's HTTP endpoint tries port 8787 first and warns when it is taken
-    warnings.filterwarnings("ignore", message="Port .* is already in use", category=UserWarning)
-    # loopback only: a Dask scheduler runs whatever code a client sends it. One task per
-    # worker thread at a time (no task waits on a worker): a worker that dies then takes
-    # only the block that killed it, and the others keep their attempts (allowed-failures)
-    with (
-        dask.config.set({"distributed.scheduler.worker-saturation": 1.0}),
-        LocalCluster(
-            n_workers=workers,
-            threads_per_worker=1,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address=None,
-            # workers' own logs (tracebacks of lost connections when one dies) stay quiet:
-            # what happened to each input is in the summary and the report
-            silence_logs=logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.CRITICAL,
-            memory_limit=0,
-            env={"OMP_NUM_THREADS": str(threads)},
-        ) as cluster,
-        Client(cluster) as client,
-    ):
-        yield client
-
-
-def worker_layout(cfg: RunConfig) -> tuple[int, int]:
-    """(worker processes, model threads per worker) for the local cluster."""
-    cores = (
-        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    )
-    workers = cfg.workers or _gpu_count(cfg) or 1
-    threads = cfg.threads_per_worker or max(1, cores // workers)
-    return workers, threads
-
-
-def _gpu_count(cfg: RunConfig) -> int:
-    """One worker per GPU when the device is ``cuda`` (or ``auto`` finds CUDA)."""
-    from pipeline.backends import resolve_device
-
-    if not cfg.device.startswith(("cuda", "auto")) or ":" in cfg.device:
-        return 0
-    if resolve_device(cfg.device) == "cpu":
-        return 0
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
 def run(
     inputs: Sequence[str],
     out: str | os.PathLike,
@@ -163,6 +98,8 @@ def run(
         After writing the reports: unfinished inputs stay staged for the next run.
     """
     t0 = time.perf_counter()
+    if cfg.cluster == "slurm":
+        slurm_layout(slurm_settings(cfg))  # a bad slurm: section is a usage error, now
     out = Path(out)
     sink.open_root(out)  # refuses an output that cannot be a Zarr group before any work
     try:
@@ -318,8 +255,8 @@ def _execute(
     with contextlib.ExitStack() as stack:
         ready = {}
         if cfg.scheduler == "sync":
-            client, workers = SyncClient(), 1
-        elif len(jobs) == 1 and not cfg.workers and not cfg.scheduler:
+            client, slots = SyncClient(), 1
+        elif len(jobs) == 1 and cfg.cluster == "local" and not cfg.workers and not cfg.scheduler:
             # one input: planned here first; a single block runs in-process, where a
             # cluster's start and the worker's model load would cost more than they save
             step = batch.prepare(jobs[0])
@@ -329,27 +266,16 @@ def _execute(
                 batch.failed(jobs[0], exc, "opening and planning")
                 batch.settled(jobs[0], None)
                 return
-            small = sum(not t.done for t in ready[0].tasks) <= 1
-            client = SyncClient() if small else stack.enter_context(dask_client(cfg))
-            workers = 1 if small else worker_layout(cfg)[0]
+            if sum(not t.done for t in ready[0].tasks) <= 1:
+                client, slots = SyncClient(), 1
+            else:
+                client, slots = stack.enter_context(open_cluster(cfg))
         else:
-            client = stack.enter_context(dask_client(cfg))
-            workers = _slots(client, cfg)
+            client, slots = stack.enter_context(open_cluster(cfg))
         driver = Driver(
-            client,
-            batch,
-            max_open=workers + 1,
-            max_queued=2 * workers + 1,
-            progress=progress,
+            client, batch, max_open=slots + 1, max_queued=2 * slots + 1, progress=progress
         )
         driver.run(jobs, ready)
-
-
-def _slots(client, cfg: RunConfig) -> int:
-    """Blocks that run at once: worker threads of the cluster (at least one)."""
-    if cfg.scheduler:
-        return max(1, sum(client.nthreads().values()))
-    return worker_layout(cfg)[0]
 
 
 def backend_ref(spec: ModelSpec, cfg: RunConfig) -> BackendRef:
@@ -371,7 +297,7 @@ def backend_ref(spec: ModelSpec, cfg: RunConfig) -> BackendRef:
         _device(cfg),
         cfg.precision,
         tuple(sorted(overrides.items())),
-        worker_layout(cfg)[1],
+        model_threads(cfg),
     )
 
 

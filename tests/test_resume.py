@@ -213,3 +213,29 @@ def test_block_that_kills_its_worker_every_time(reference, tmp_path):
     assert again.returncode == 0, again.stderr
     assert_same(out, expected)
     assert entries(out)["s2"]["resumed_blocks"] > 0
+
+
+def test_ctrl_c_keeps_finished_work_and_writes_the_report(reference, tmp_path):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it): exit 130, report.json
+    says which inputs were interrupted, the same command continues them."""
+    slides, expected = reference
+    out = tmp_path / "out.zarr"
+    args = ("run", slides, "--out", out, "--workers", "2", *ARGS)
+    proc = run_process(*args, env={"PIPELINE_FAULTS": "block=sleep:0.1"}, wait=False)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(out.glob(".pipeline/staging/*/blocks/*"))) < 8:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "rerun the same command to continue" in stderr
+    report = entries(out)
+    interrupted = [e for e in report.values() if e["reason"] == "interrupted"]
+    assert interrupted and all(e["state"] == "pending" for e in interrupted)
+    assert not list((out / ".pipeline" / "locks").glob("*.lock"))  # released
+
+    again = run_process(*args)
+
+    assert again.returncode == 0, again.stderr
+    assert_same(out, expected)
+    assert sum(e["resumed_blocks"] for e in entries(out).values()) > 0

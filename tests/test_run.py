@@ -192,7 +192,7 @@ def test_unknown_config_key_and_python_tag_refused(tmp_path, data_dir):
 def test_local_cluster_listens_on_loopback_only():
     import psutil
 
-    from pipeline.run import dask_client
+    from pipeline.cluster import dask_client
 
     with dask_client(RunConfig(workers=1)) as client:
         assert client is not None
