@@ -20,7 +20,11 @@ def test_default_config_matches_the_code_defaults():
     assert resolve_config(ROOT / "configs" / "default.yaml") == RunConfig()
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "workflows").glob("*.sh")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path",
+    sorted((ROOT / "workflows").glob("*.sh")) + sorted((ROOT / "workflows").glob("*.sbatch")),
+    ids=lambda p: p.name,
+)
 def test_workflow_scripts_parse_and_refuse_missing_arguments(path):
     subprocess.run(["bash", "-n", str(path)], check=True)
     result = subprocess.run(["bash", str(path)], capture_output=True, text=True)
