@@ -140,3 +140,23 @@ def test_gpu_check_cpu_mode(tmp_path):
     assert "bench_3d32" in (out / "gpu_check.log").read_text()
     # the tiny run leaves nothing behind in its scratch folder
     assert not list(tmp_path.glob("gpu_check.*"))
+
+
+def test_batch_quick(tmp_path):
+    """The batch benchmark's correctness figures hold even in its quick mode (its timings
+    are judged on an idle machine only)."""
+    record = _run("bench_batch.py", tmp_path / "history.jsonl", "--workdir", str(tmp_path / "w"))
+    assert record["benchmark"] == "batch" and not record["errors"], record["errors"]
+    figures = record["figures"]
+    kills = figures["kills"]
+    assert kills["identical"] and [a["returncode"] for a in kills["attempts"]][-1] == 0
+    assert _positive(kills["ratio"]) and len(kills["attempts"]) == 4
+    nightly = figures["nightly"]
+    assert nightly["rewritten_files"] == 0 and len(nightly["new_images"]) == 2
+    assert nightly["recomputed_after_replacing"] == ["slide00"] and nightly["replaced_equals_fresh"]
+    assert nightly["report_inputs"] == record["params"]["slides"] + 2
+    assert _positive(figures["scaling"]["ratio"])
+    lock = figures["lock"]
+    assert lock["second_returncode"] != 0 and lock["second_says_locked"]
+    assert lock["second_s"] < 15 and lock["first_returncode"] == 0
+    assert lock["first_images"] == lock["slides"]
