@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke mode: tiny slides and model")
     args = p.parse_args(argv)
     if args.quick:
-        args.size, args.slides, args.block, args.base, args.scale_size = 256, 3, 128, 4, 512
+        args.size, args.slides, args.block, args.base, args.scale_size = 256, 2, 128, 4, 512
     args.parts = [s for s in args.parts.split(",") if s]
     unknown = set(args.parts) - set(PARTS)
     if unknown:

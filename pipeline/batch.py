@@ -14,6 +14,7 @@ to continue. After a full or read-only disk no further input is started.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -52,6 +53,8 @@ log = logging.getLogger(__name__)
 
 #: Failures after which an input's written blocks stay valid for the next run.
 _KEEP_WORK = (DiskFullError, ReadOnlyOutputError, WorkerCrashError)
+#: Reports of this many runs are kept in ``OUT/.pipeline/runs``.
+RUNS_KEPT = 365
 #: A report rewrite may take at most this share of the run's time (large outputs).
 _REPORT_SHARE = 0.1
 
@@ -235,7 +238,15 @@ class Batch:
         self._last_write = time.perf_counter()
         self._write_cost = self._last_write - now
         if final:
+            self._prune_runs()
             self.report_written()
+
+    def _prune_runs(self) -> None:
+        """Keep the reports of the last :data:`RUNS_KEPT` runs (run ids sort by time)."""
+        runs = sorted((self.ledger.root / "runs").glob("*.json"))
+        for old in runs[:-RUNS_KEPT]:
+            with contextlib.suppress(OSError):
+                old.unlink()
 
     def report_written(self) -> None:
         """The run's last report is written. Outputs made from the report (the run page

@@ -82,6 +82,7 @@ log = logging.getLogger(__name__)
 def open_cluster(cfg: RunConfig) -> Iterator[tuple[Any, int]]:
     """``(client, slots)``: a client where ``cfg`` says blocks run, and how many blocks
     run at once there (the driver keeps about twice as many queued)."""
+    _quiet_distributed()
     if cfg.cluster == "slurm":
         settings = slurm_settings(cfg)
         processes, _ = slurm_layout(settings)
@@ -91,6 +92,14 @@ def open_cluster(cfg: RunConfig) -> Iterator[tuple[Any, int]]:
     with dask_client(cfg) as client:
         slots = sum(client.nthreads().values()) if cfg.scheduler else worker_layout(cfg)[0]
         yield client, max(1, slots)
+
+
+def _quiet_distributed() -> None:
+    """distributed logs every cluster event (and, on Ctrl-C, tracebacks of the connections
+    it closes) in this process: the terminal is the progress bar's and the summary's,
+    unless the user asked for debug output (``-vv``)."""
+    if not log.isEnabledFor(logging.DEBUG):
+        logging.getLogger("distributed").setLevel(logging.CRITICAL)
 
 
 def slurm_settings(cfg: RunConfig) -> SlurmSettings:
@@ -120,10 +129,7 @@ def dask_client(cfg: RunConfig) -> Iterator[Any]:
     import dask
     from distributed import Client, LocalCluster
 
-    # distributed logs every cluster event at INFO in this process; keep the terminal
-    # for the progress bar unless the user asked for debug output
-    if not log.isEnabledFor(logging.DEBUG):
-        logging.getLogger("distributed").setLevel(logging.CRITICAL)
+    _quiet_distributed()
     if cfg.scheduler:
         with Client(cfg.scheduler) as client:
             yield client

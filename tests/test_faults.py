@@ -280,6 +280,9 @@ def test_corrupt_tile_fails_its_input_at_once_without_retries(tmp_path):
     assert "tile at y 0:32, x 96:128" in entry["message"] and "bad.tif" in entry["message"]
     assert "retrying" not in done.stderr
     assert entries(out)["s1"]["state"] == "done"
+    # its other blocks, still queued or running when it failed, wrote nothing afterwards:
+    # its staging is gone and was not made again by a late block
+    assert not list((out / ".pipeline" / "staging").glob("bad-*"))
 
 
 def test_model_emitting_nan_fails_that_input_naming_the_block(tmp_path):
