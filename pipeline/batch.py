@@ -31,6 +31,7 @@ from pipeline.errors import (
     IO_ERROR,
     DiskFullError,
     OutputError,
+    OutputLockedError,
     PipelineError,
     ReadOnlyOutputError,
     WorkerCrashError,
@@ -81,6 +82,7 @@ class Batch:
         self.merge_on_write = merge_on_write  # shards: re-read the others' records
         self.started: dict[str, float] = {}
         self.halt: OutputError | None = None
+        self.lock: Any = None  # the run's OutputLock: no input starts once it is lost
         self._last_write = self._write_cost = 0.0
 
     # --- the steps (driver.Work) ------------------------------------------------------
@@ -89,8 +91,15 @@ class Batch:
         return job.name
 
     def prepare(self, job: InputJob) -> Step:
+        if self.lock is not None and self.lock.lost and self.halt is None:
+            self.halt = OutputLockedError(
+                "another run took over this run's lock (its heartbeat stalled); no further "
+                "input is started here",
+                where=self.out,
+                hint="check that one run at a time writes this output",
+            )
         if self.halt is not None:
-            raise self.halt  # the output is full: the input fails without being started
+            raise self.halt  # the output is full, or not ours: the input is not started
         self.started[job.path] = time.perf_counter()
         given = self.results[job.path].path
         self._record(self.ledger.start, _real(job.path), given, job.name, job.key, job.run)

@@ -107,7 +107,7 @@ def run(
     except OSError as exc:
         raise output_error(exc, out) from exc
     run_id = new_run_id()
-    with OutputLock(state / "locks", run_id, shard):
+    with OutputLock(state / "locks", run_id, shard) as lock:
         if shard is not None:
             inputs = [p for p in inputs if shard.owns(p)]
             decided = [r for r in decided if shard.owns(r.path)]
@@ -123,6 +123,7 @@ def run(
         for result in decided:
             result.run = run_id
             report.inputs.append(result)
+        batch.lock = lock
         try:
             if jobs:
                 _execute(batch, jobs, model, cfg, progress)

@@ -136,3 +136,27 @@ def test_two_processes_starting_together_one_wins(tmp_path, second):
     ]
     results = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
     assert results == ["held", "refused"]
+
+
+def test_a_run_whose_lock_was_taken_over_starts_no_further_input(tmp_path):
+    from pipeline.batch import Batch
+    from pipeline.errors import OutputLockedError
+    from pipeline.ledger import Ledger, init_state_dir
+    from pipeline.report import InputResult, RunReport
+    from pipeline.tasks import InputJob
+
+    out = tmp_path / "out.zarr"
+    init_state_dir(out)
+    job = InputJob(str(tmp_path / "a.tif"), "a", str(out), "k" * 64, "", (0, 0), "mine")
+    batch = Batch(
+        out, None, Ledger(out).load(), RunReport(run="mine"), {job.path: InputResult(job.path, "a")}
+    )
+    batch.lock = OutputLock(out / ".pipeline" / "locks", "mine", heartbeat=0.05)
+    batch.lock.acquire()
+    try:
+        plant(batch.lock.folder, "run.lock", run="thief")
+        time.sleep(0.3)
+        with pytest.raises(OutputLockedError, match="took over this run's lock"):
+            batch.prepare(job)
+    finally:
+        batch.lock.release()
