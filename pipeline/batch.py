@@ -176,7 +176,7 @@ class Batch:
             result.reason = INTERNAL_ERROR
             result.message = f"{result.path}: {type(exc).__name__} while {what}: {exc}{at}"
         log.info("failed: %s", result.message)  # the report and the CLI's summary carry it
-        if job.key is not None:
+        if job.key is not None and job.path in self.started:  # else its stage is not ours
             keep = isinstance(exc, _KEEP_WORK) or (
                 isinstance(exc, OSError) and not isinstance(exc, PipelineError)
             )
@@ -187,7 +187,7 @@ class Batch:
 
     def settled(self, job: InputJob, prepared: Prepared | None) -> None:
         """The failed input's tasks have all ended: delete its staging, unless kept."""
-        if job.key is None:
+        if job.key is None or job.path not in self.started:
             return
         stage = self.area.stage(job.name, job.key)
         if (stage.dir / "discarded").exists():

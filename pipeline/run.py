@@ -129,11 +129,21 @@ def run(
                 _execute(batch, jobs, model, cfg, progress)
         except KeyboardInterrupt:
             batch.interrupted(jobs)
+            _finish(batch, t0)
             raise
-        finally:
-            report.seconds = time.perf_counter() - t0
-            batch.write_reports(final=True)
+        except PipelineError:
+            # the model or the cluster refused before any input started: a usage error
+            # (exit 2); nothing ran, so nothing is reported
+            if batch.started:
+                _finish(batch, t0)
+            raise
+        _finish(batch, t0)
     return report
+
+
+def _finish(batch: Batch, t0: float) -> None:
+    batch.report.seconds = time.perf_counter() - t0
+    batch.write_reports(final=True)
 
 
 def _plan(

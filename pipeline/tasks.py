@@ -381,7 +381,10 @@ def finalize_input(prepared: Prepared, model: Model) -> dict[str, Any]:
         raise
     finally:
         forget_sink(writer.level_path(0))
-    now = fingerprint(job.path)
+    try:  # the pixels read are the pixels the key was made from (not a mix)
+        now = retrying(fingerprint, job.path, what=f"reading {job.path}")
+    except OSError:
+        raise _changed(job) from None  # gone, or unreadable, since the run began
     if (now.sample, now.stamp) != (job.sample, tuple(job.stamp)):
         raise _changed(job)
     info = {
