@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .errors import ConfigError
+from pipeline.errors import ConfigError
 
 __all__ = [
     "BACKGROUND",

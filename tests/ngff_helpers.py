@@ -8,7 +8,7 @@ import numpy as np
 import zarr
 
 from pipeline.classes import label_colors
-from pipeline.io.ngff_format import get_format, omero_channels
+from pipeline.io.ngff import get_format, omero_channels
 
 CHUNK = 64
 
@@ -30,22 +30,14 @@ def write_image(path: Path, level0: np.ndarray, version: str, pixel_size=0.5) ->
             break
         h, w = data.shape[1] // 2, data.shape[2] // 2
         data = data[:, : 2 * h : 2, : 2 * w : 2]
-    axes = [{"name": "c", "type": "channel"}] + [
-        {"name": a, "type": "space", "unit": "micrometer"} for a in "yx"
-    ]
-    datasets = [
-        {
-            "path": str(i),
-            "coordinateTransformations": [
-                {"type": "scale", "scale": [1.0, pixel_size * 2**i, pixel_size * 2**i]}
-            ],
-        }
-        for i in range(len(shapes))
-    ]
     names = [f"class {i}" for i in range(level0.shape[0])]
     colors = [c[:3] for c in label_colors(level0.shape[0] + 1)[1:]]
     content = {
-        "multiscales": [fmt.multiscale(path.name, axes, datasets, "mean")],
+        "multiscales": [
+            fmt.multiscale(
+                path.name, "cyx", {"y": pixel_size, "x": pixel_size}, len(shapes), "mean"
+            )
+        ],
         "omero": omero_channels(names, colors, (0, 255)),
     }
     group.attrs.put(fmt.wrap(content))

@@ -20,7 +20,7 @@ from pipeline.io.class_labels import (
     open_label_level,
     write_label_block,
 )
-from pipeline.io.ngff_format import (
+from pipeline.io.ngff import (
     DEFAULT_VERSION,
     FORMATS,
     detect_format,
@@ -161,7 +161,7 @@ def test_formats_own_their_versions():
     assert DEFAULT_VERSION == "0.4" and set(FORMATS) == {"0.4", "0.5"}
     v4, v5 = FORMATS["0.4"], FORMATS["0.5"]
     assert (v4.zarr_format, v5.zarr_format) == (2, 3)
-    content = {"multiscales": [v4.multiscale("a", [], [], "mean")]}
+    content = {"multiscales": [v4.multiscale("a", "cyx", {}, 1, "mean")]}
     assert detect_format(v4.wrap(content)) is v4
     assert detect_format(v5.wrap({"labels": ["x"]})) is v5
     assert detect_format({"something": 1}) is None

@@ -22,7 +22,7 @@ from pipeline.io.collection import (
     root_format,
     write_collection,
 )
-from pipeline.io.ngff_format import get_format
+from pipeline.io.ngff import get_format
 
 NAMES = ["CMU-1-Small-Region", "slide_2"]
 

@@ -28,8 +28,14 @@ from typing import Any
 
 import numpy as np
 
-from ..classes import DEFAULT_THRESHOLD, class_labels, label_colors, label_dtype, label_names
-from .ngff_format import NgffFormat, get_format
+from pipeline.classes import (
+    DEFAULT_THRESHOLD,
+    class_labels,
+    label_colors,
+    label_dtype,
+    label_names,
+)
+from pipeline.io.ngff import NgffFormat, get_format
 
 __all__ = [
     "LABEL_NAME",
@@ -87,7 +93,7 @@ def create_class_labels(
     threshold
         Probability at which a one-class pixel is foreground.
     fmt
-        NGFF version (default: :data:`~pipeline.io.ngff_format.DEFAULT_VERSION`).
+        NGFF version (default: :data:`~pipeline.io.ngff.DEFAULT_VERSION`).
     """
     import zarr
 
@@ -210,12 +216,7 @@ def finish_class_labels(
     all_names = label_names(labels.classes, names)
     content = {
         "multiscales": [
-            fmt.multiscale(
-                LABEL_NAME,
-                _axes(labels.axes, pixel_size),
-                _datasets(labels.axes, pixel_size, len(level_shapes)),
-                "nearest",
-            )
+            fmt.multiscale(LABEL_NAME, labels.axes, pixel_size, len(level_shapes), "nearest")
         ],
         "image-label": fmt.image_label(label_colors(len(all_names)), all_names),
     }
@@ -239,35 +240,3 @@ def add_label_name(labels_group: str | os.PathLike, name: str, fmt: NgffFormat |
     if name not in listed:
         listed.append(name)
     group.attrs.put(fmt.wrap(fmt.labels(listed)))
-
-
-def _axes(axes: str, pixel_size: Mapping[str, float]) -> list[dict[str, str]]:
-    # TODO(i9): replace with pipeline.io.ngff.axes_metadata once the restructure lands
-    out = []
-    for a in axes:
-        entry = {"name": a, "type": "channel" if a == "c" else "space"}
-        if a != "c" and a in pixel_size:
-            entry["unit"] = "micrometer"
-        out.append(entry)
-    return out
-
-
-def _datasets(axes: str, pixel_size: Mapping[str, float], levels: int) -> list[dict[str, Any]]:
-    # TODO(i9): replace with pipeline.io.ngff.datasets once the restructure lands
-    return [
-        {
-            "path": str(level),
-            "coordinateTransformations": [
-                {
-                    "type": "scale",
-                    "scale": [
-                        1.0
-                        if a == "c"
-                        else float(pixel_size.get(a, 1.0)) * (2**level if a in "yx" else 1)
-                        for a in axes
-                    ],
-                }
-            ],
-        }
-        for level in range(levels)
-    ]

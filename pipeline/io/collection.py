@@ -38,7 +38,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .ngff_format import COLLECTION_GROUP, COLLECTION_KEY, FORMATS, NgffFormat, detect_format
+from pipeline.io.ngff import COLLECTION_GROUP, COLLECTION_KEY, FORMATS, NgffFormat, detect_format
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ __all__ = [
     "RESERVED_NAMES",
     "drop_consolidated",
     "find_images",
+    "group_content",
     "image_summary",
     "read_collection",
     "root_format",
@@ -79,13 +80,13 @@ def find_images(out: str | os.PathLike, zarr_format: int) -> list[str]:
         for entry in entries:
             if entry.name.startswith(".") or not entry.is_dir():
                 continue
-            content = _ngff_content(Path(entry.path), zarr_format)
+            content = group_content(Path(entry.path), zarr_format)
             if content is not None and content.get("multiscales"):
                 names.append(entry.name)
     return sorted(names)
 
 
-def _ngff_content(folder: Path, zarr_format: int) -> dict[str, Any] | None:
+def group_content(folder: Path, zarr_format: int) -> dict[str, Any] | None:
     """The NGFF content of a group folder's attributes, or None if it is not a group."""
     try:
         if zarr_format == 3:
@@ -114,10 +115,10 @@ def read_collection(out: str | os.PathLike) -> list[str] | None:
     zarr_format = root_format(out)
     if zarr_format is None:
         return None
-    root = _ngff_content(out, zarr_format) or {}
+    root = group_content(out, zarr_format) or {}
     if root.get(COLLECTION_KEY) is None:
         return None
-    group = _ngff_content(out / COLLECTION_GROUP, zarr_format) or {}
+    group = group_content(out / COLLECTION_GROUP, zarr_format) or {}
     series = group.get("series")
     return [str(s) for s in series] if isinstance(series, list) else None
 
