@@ -22,8 +22,9 @@ from pipeline import __version__
 from pipeline.backends.base import ModelSpec
 from pipeline.config import RunConfig
 from pipeline.errors import INTERNAL_ERROR, ConfigError, PipelineError
-from pipeline.io import sink
-from pipeline.plan import Plan, make_plan
+from pipeline.io import ngff, sink
+from pipeline.io.collection import write_collection
+from pipeline.plan import Plan, check_options, make_plan
 from pipeline.report import InputResult, RunReport
 from pipeline.stages import (
     BackendRef,
@@ -174,8 +175,12 @@ def run(
     see :func:`pipeline.io.discover.find_inputs`); they are added to the report as they are.
     """
     t0 = time.perf_counter()
-    sink.open_root(out)  # refuses an output that cannot be a Zarr group before any work
+    fmt = ngff.get_format(cfg.ngff)
+    sink.check_root(out, fmt)  # a file, or an output of the other NGFF version
     spec = resolve_model(model, cfg)
+    check_options(spec, cfg)
+    # usage errors (exit 2) are all raised above: OUT is created only now
+    sink.open_root(out, fmt)
     report = RunReport(model=spec.to_dict(), config=cfg.to_dict())
     names = sink.unique_names(inputs)
     ref = backend_ref(spec, cfg)
@@ -209,6 +214,7 @@ def run(
             result.seconds = round(time.perf_counter() - t1, 3)
     report.inputs.extend(decided)
     report.seconds = time.perf_counter() - t0
+    write_collection(out, fmt)  # the root lists its images; listing it raises no warnings
     report.write(Path(out) / "report.json")
     return report
 
@@ -277,8 +283,9 @@ def run_one(
     shape = tuple(int(s) for s in array.shape[1:])
     plan = make_plan(spec, shape, channels, classes, cfg)
     tissue = find_tissue(inp, shape, cfg)
+    axes = "c" + spatial_axes
     writer = sink.create_image(
-        out, result.name, (classes, *shape), "c" + spatial_axes, (classes, *plan.chunks), cfg.dtype
+        out, result.name, (classes, *shape), axes, (classes, *plan.chunks), cfg.dtype, cfg.ngff
     )
     try:
         tasks = make_tasks(plan, inp.ref, ref, spec, classes, cfg, writer.level_path(0), tissue)
@@ -290,11 +297,17 @@ def run_one(
             result.tissue_fraction = round(tissue.fraction, 4)
             result.skipped_tiles = plan.lattice.n_tiles - result.tiles
         levels = sink.write_pyramid(writer, cfg.pyramid_min)
-        sink.write_metadata(writer, levels, pixel_size, provenance(spec, plan, cfg, inp, tissue))
+        sink.write_metadata(
+            writer,
+            levels,
+            pixel_size,
+            provenance(spec, plan, cfg, inp, tissue),
+            class_names=cfg.class_names or spec.class_names,
+        )
         if tissue is not None:
             from pipeline.io.labels import write_tissue_labels
 
-            write_tissue_labels(writer.staging, tissue, shape, "c" + spatial_axes, pixel_size)
+            write_tissue_labels(writer.staging, tissue, shape, axes, pixel_size, fmt=cfg.ngff)
         result.output = str(sink.publish(writer))
         result.pixels = int(array[0].size)
     except BaseException:
