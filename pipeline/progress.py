@@ -186,8 +186,8 @@ class TerminalProgress:
             self._bars.update(entry.task, completed=entry.done)
             return
         now = time.monotonic()
-        if now - entry.last_line < self.interval:
-            return
+        if entry.done == 0 or now - entry.last_line < self.interval:
+            return  # nothing done yet says nothing the summary line did not
         entry.last_line = now
         elapsed = now - entry.started
         eta = elapsed * (entry.total - entry.done) / entry.done if entry.done else None
