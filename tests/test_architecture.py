@@ -28,7 +28,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("pipeline.demo", "pipeline.progress", "pipeline.describe", "pipeline.cli_options"),
     ("pipeline.run",),
     ("pipeline.cluster", "pipeline.outputs"),
-    ("pipeline.stages", "pipeline.tissue"),
+    ("pipeline.stages", "pipeline.tissue", "pipeline.slurm"),
     ("pipeline.plan",),
     ("pipeline.model",),
     ("pipeline.backends",),
