@@ -164,3 +164,13 @@ def test_a_slide_without_pixel_size_warns_what_mpp_input_does(data_dir, caplog):
         inp = open_for_model(slide, ndim=2, in_channels=3, level=1, mpp_input=0.25)
     assert inp.pixel_size == pytest.approx({"y": 0.5, "x": 0.5}, rel=1e-3)  # level 1 of 0.25
     assert not [r for r in caplog.records if "no pixel size" in r.getMessage()]
+
+
+def test_image_names_never_take_the_root_own_names():
+    from pipeline.io.sink import sanitize_name
+
+    assert sanitize_name("OME.tif") == "OME_"  # the group that lists the images
+    assert sanitize_name("previews.svs") == "previews_"
+    assert sanitize_name("index.html") == "index_html"  # the run page
+    assert sanitize_name("a.geojson") == "a_geojson"
+    assert sanitize_name("OME-slide.tif") == "OME-slide"
