@@ -111,9 +111,11 @@ def image_files(out: Path) -> dict[str, dict[str, bytes]]:
         files = {}
         for path in sorted(p for p in image.rglob("*") if p.is_file()):
             data = path.read_bytes()
-            if path.name == "zarr.json":
+            if path.name in ("zarr.json", ".zattrs"):  # NGFF 0.5 or 0.4 attributes
                 meta = json.loads(data)
-                meta.get("attributes", {}).get("pipeline", {}).pop("config", None)
+                attrs = meta.get("attributes", {}) if path.name == "zarr.json" else meta
+                if isinstance(attrs.get("pipeline"), dict):
+                    attrs["pipeline"].pop("config", None)
                 data = json.dumps(meta, sort_keys=True).encode()
             files[str(path.relative_to(image))] = data
         result[image.name] = files

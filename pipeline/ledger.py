@@ -2,9 +2,8 @@
 
 Layout (all internal state lives in one hidden folder of the output root)::
 
-    OUT/.pipeline/
-        zarr.json               an empty Zarr group marked internal, so that listing OUT's
-                                members shows it without "not a Zarr hierarchy" warnings
+    OUT/.pipeline/              hidden; readers of OUT see only the images its collection
+                                metadata lists (pipeline.io.collection)
         inputs/<id>.json        one record per input (id: hash of the input's real path)
         names/<name>.json       an output name, bound to one input for good (lower case)
         runs/<run id>.json      each run's own report
@@ -67,16 +66,6 @@ OUTPUT_FIELDS = (
     "threshold",
     "class_names",
 )
-_INTERNAL_GROUP = {
-    "zarr_format": 3,
-    "node_type": "group",
-    "attributes": {
-        "pipeline": {
-            "internal": True,
-            "about": "the pipeline's run ledger, locks and staging; not an image",
-        }
-    },
-}
 
 
 def state_dir(out: str | os.PathLike) -> Path:
@@ -88,8 +77,6 @@ def init_state_dir(out: str | os.PathLike) -> Path:
     root = state_dir(out)
     for sub in ("inputs", "names", "runs", "locks"):
         (root / sub).mkdir(parents=True, exist_ok=True)
-    if not (root / "zarr.json").exists():
-        atomic.write_json(root / "zarr.json", _INTERNAL_GROUP)
     return root
 
 

@@ -19,18 +19,18 @@ from pathlib import Path
 
 from pipeline import faults
 from pipeline.backends.base import ModelSpec
-from pipeline.backends.files import sha256_of
 from pipeline.batch import Batch
 from pipeline.cluster import model_threads, open_cluster, slurm_layout, slurm_settings
 from pipeline.config import RunConfig
 from pipeline.driver import Driver, SyncClient
 from pipeline.errors import UP_TO_DATE, ConfigError, PipelineError
-from pipeline.io import sink
+from pipeline.io import ngff, sink
+from pipeline.io.collection import write_collection
 from pipeline.io.fingerprint import fingerprint
 from pipeline.io.staging import StagingArea, output_error
 from pipeline.ledger import Ledger, init_state_dir, new_run_id, output_settings, run_key
 from pipeline.lock import OutputLock
-from pipeline.plan import make_plan
+from pipeline.plan import check_options, make_plan
 from pipeline.report import InputResult, RunReport
 from pipeline.retry import retrying
 from pipeline.shard import Shard
@@ -98,10 +98,15 @@ def run(
         After writing the reports: unfinished inputs stay staged for the next run.
     """
     t0 = time.perf_counter()
-    if cfg.cluster == "slurm":
-        slurm_layout(slurm_settings(cfg))  # a bad slurm: section is a usage error, now
     out = Path(out)
-    sink.open_root(out)  # refuses an output that cannot be a Zarr group before any work
+    fmt = ngff.get_format(cfg.ngff)
+    sink.check_root(out, fmt)  # a file, or an output of the other NGFF version
+    if cfg.cluster == "slurm":
+        slurm_layout(slurm_settings(cfg))  # a bad slurm: section
+    spec = resolve_model(model, cfg)  # its geometry, read here (a model file is not run)
+    check_options(spec, cfg)
+    # usage errors (exit 2) are all raised above: OUT is created only now
+    sink.open_root(out, fmt)
     try:
         state = init_state_dir(out)
     except OSError as exc:
@@ -112,10 +117,13 @@ def run(
             inputs = [p for p in inputs if shard.owns(p)]
             decided = [r for r in decided if shard.owns(r.path)]
         report = RunReport(
-            config=cfg.to_dict(), run=run_id, shard=None if shard is None else str(shard)
+            model=spec.to_dict(),
+            config=cfg.to_dict(),
+            run=run_id,
+            shard=None if shard is None else str(shard),
         )
         try:
-            batch, jobs = _plan(inputs, out, model, cfg, report, force, shard)
+            batch, jobs = _plan(inputs, out, spec, cfg, report, force, shard)
         except OSError as exc:
             if isinstance(exc, PipelineError):
                 raise
@@ -126,22 +134,30 @@ def run(
         batch.lock = lock
         try:
             if jobs:
-                _execute(batch, jobs, model, cfg, progress)
+                _execute(batch, jobs, spec, cfg, progress)
         except KeyboardInterrupt:
             batch.interrupted(jobs)
-            _finish(batch, t0)
+            _finish(batch, t0, fmt)
             raise
         except PipelineError:
-            # the model or the cluster refused before any input started: a usage error
-            # (exit 2); nothing ran, so nothing is reported
+            # the cluster refused before any input started: a usage error (exit 2);
+            # nothing ran, so nothing is reported
             if batch.started:
-                _finish(batch, t0)
+                _finish(batch, t0, fmt)
             raise
-        _finish(batch, t0)
+        _finish(batch, t0, fmt)
     return report
 
 
-def _finish(batch: Batch, t0: float) -> None:
+def _finish(batch: Batch, t0: float, fmt: ngff.NgffFormat) -> None:
+    """The root lists its images again (listing it then raises no warnings), then the
+    reports are written."""
+    try:
+        write_collection(batch.out, fmt)
+    except OSError as exc:
+        note = f"{batch.out}: its list of images could not be written: {output_error(exc, batch.out).problem}"
+        batch.report.errors.append(note)
+        log.error("%s", note)
     batch.report.seconds = time.perf_counter() - t0
     batch.write_reports(final=True)
 
@@ -149,7 +165,7 @@ def _finish(batch: Batch, t0: float) -> None:
 def _plan(
     inputs: Sequence[str],
     out: Path,
-    model: str | None,
+    spec: ModelSpec,
     cfg: RunConfig,
     report: RunReport,
     force: bool,
@@ -161,7 +177,7 @@ def _plan(
     area = StagingArea(out)
     for line in area.repair(None if shard is None else names):
         log.warning("repaired %s", line)
-    digest = model_digest(model, cfg)
+    digest = "identity" if spec.format == "identity" else str(spec.sha256)
     settings = output_settings(cfg)
     results: dict[str, InputResult] = {}
     jobs = []
@@ -242,26 +258,8 @@ def _sweep(
         log.info("removed stale staging %s", name)
 
 
-def model_digest(model: str | None, cfg: RunConfig) -> str:
-    """SHA-256 of the model file (``identity`` for the identity backend); a model that
-    cannot be read fails as :func:`resolve_model` says."""
-    if cfg.backend == "identity":
-        return "identity"
-    if model is None:
-        resolve_model(model, cfg)  # raises: no model given
-    try:
-        return retrying(sha256_of, model, what=f"reading {model}")
-    except OSError:
-        resolve_model(model, cfg)  # says what is wrong with the file
-        raise
-
-
-def _execute(
-    batch: Batch, jobs: list[InputJob], model: str | None, cfg: RunConfig, progress
-) -> None:
-    """Load the model's geometry, choose where blocks run, run the driver."""
-    spec = resolve_model(model, cfg)
-    batch.report.model = spec.to_dict()
+def _execute(batch: Batch, jobs: list[InputJob], spec: ModelSpec, cfg: RunConfig, progress) -> None:
+    """Choose where blocks run, run the driver."""
     batch.model = Model(spec, backend_ref(spec, cfg), cfg)
     with contextlib.ExitStack() as stack:
         ready = {}

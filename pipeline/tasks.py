@@ -248,7 +248,7 @@ def prepare_input(job: InputJob, model: Model) -> Prepared:
     tissue = retrying(find_tissue, inp, shape, cfg, what=f"tissue of {job.path}")
     axes, chunks = "c" + inp.spatial_axes, (classes, *plan.chunks)
     try:
-        stage, done = _open_stage(area, job, (classes, *shape), axes, chunks, cfg.dtype)
+        stage, done = _open_stage(area, job, (classes, *shape), axes, chunks, cfg.dtype, cfg.ngff)
         level0 = str(stage.image / "0")
         tasks = make_tasks(plan, inp.ref, model.ref, spec, classes, cfg, level0, tissue)
     except OSError as exc:
@@ -294,7 +294,9 @@ def _open(job: InputJob, model: Model) -> ModelInput:
     )
 
 
-def _open_stage(area: StagingArea, job: InputJob, shape, axes, chunks, dtype) -> tuple[Stage, set]:
+def _open_stage(
+    area: StagingArea, job: InputJob, shape, axes, chunks, dtype, ngff: str
+) -> tuple[Stage, set]:
     """The input's staging and the blocks written in it: the staged level 0 is continued
     when it matches this plan, else the stage starts over."""
     owner = {"input": job.path, "run": job.run}
@@ -303,7 +305,7 @@ def _open_stage(area: StagingArea, job: InputJob, shape, axes, chunks, dtype) ->
         return stage, stage.done_blocks()
     if reused:  # same key, other plan (another version's layout): nothing can be trusted
         stage, _ = area.open_stage(job.name, job.key, owner, fresh=True)
-    sink.create_image(job.out, job.name, shape, axes, chunks, dtype, staging=stage.image)
+    sink.create_image(job.out, job.name, shape, axes, chunks, dtype, ngff, staging=stage.image)
     return stage, set()
 
 
@@ -359,13 +361,17 @@ def finalize_input(prepared: Prepared, model: Model) -> dict[str, Any]:
             where=job.path,
             hint="rerun the same command; this is a bug if it happens again",
         )
+    cfg = model.cfg
     writer = sink.ImageWriter(
-        Path(job.out), job.name, stage.image, prepared.axes, prepared.chunks, model.cfg.dtype
+        Path(job.out), job.name, stage.image, prepared.axes, prepared.chunks, cfg.dtype, cfg.ngff
     )
     try:
         with _synchronous():
-            levels = sink.write_pyramid(writer, model.cfg.pyramid_min)
-            sink.write_metadata(writer, levels, prepared.pixel_size, prepared.provenance)
+            levels = sink.write_pyramid(writer, cfg.pyramid_min)
+            names = cfg.class_names or model.spec.class_names
+            sink.write_metadata(
+                writer, levels, prepared.pixel_size, prepared.provenance, class_names=names
+            )
             if prepared.tissue is not None:
                 from pipeline.io.labels import write_tissue_labels
 
@@ -375,6 +381,7 @@ def finalize_input(prepared: Prepared, model: Model) -> dict[str, Any]:
                     prepared.shape[1:],
                     prepared.axes,
                     prepared.pixel_size,
+                    fmt=cfg.ngff,
                 )
     except OSError as exc:
         _raise_if_full(exc, job)

@@ -61,18 +61,28 @@ def cli(*args: object):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
+def output_dirs(out: Path) -> list[str]:
+    """The folders in OUT besides the group that lists its images (``OME``) and the hidden
+    ``.pipeline`` folder of the run ledger, sorted."""
+    return sorted(
+        p.name for p in out.iterdir() if p.is_dir() and p.name != "OME" and p.name[0] != "."
+    )
+
+
 def image_dirs(out: Path) -> list[Path]:
-    """The image groups in OUT, sorted (not the hidden ``.pipeline`` folder of the ledger)."""
-    return sorted(p for p in out.iterdir() if p.is_dir() and not p.name.startswith("."))
+    """The image groups in OUT (see :func:`output_dirs`), sorted."""
+    return [out / name for name in output_dirs(out)]
 
 
 def ngff_images(out: Path) -> dict:
-    """Read every image in OUT with the ome-zarr reference reader: name -> image node."""
+    """Read every image OUT lists with the ome-zarr reference reader: name -> image node."""
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Multiscales, Reader
 
+    from pipeline.io.collection import read_collection
+
     images = {}
-    for child in image_dirs(out):
+    for child in [out / name for name in read_collection(out) or ()]:
         nodes = list(Reader(parse_url(str(child)))())
         assert nodes, f"ome-zarr found no image in {child}"
         node = nodes[0]
@@ -141,9 +151,11 @@ def image_files(out: Path) -> dict[str, dict[str, bytes]]:
         files = {}
         for path in sorted(p for p in image.rglob("*") if p.is_file()):
             data = path.read_bytes()
-            if path.name == "zarr.json":
+            if path.name in ("zarr.json", ".zattrs"):  # NGFF 0.5 or 0.4 attributes
                 meta = json.loads(data)
-                meta.get("attributes", {}).get("pipeline", {}).pop("config", None)
+                attrs = meta.get("attributes", {}) if path.name == "zarr.json" else meta
+                if isinstance(attrs.get("pipeline"), dict):
+                    attrs["pipeline"].pop("config", None)
                 data = json.dumps(meta, sort_keys=True).encode()
             files[str(path.relative_to(image))] = data
         images[image.name] = files

@@ -25,7 +25,7 @@ MAX_LINES = 500
 #: Top to bottom; each layer lists independent units (a module or a package).
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("pipeline.cli",),
-    ("pipeline.demo",),
+    ("pipeline.demo", "pipeline.progress", "pipeline.describe", "pipeline.cli_options"),
     ("pipeline.run",),
     ("pipeline.batch",),
     (
@@ -43,7 +43,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("pipeline.config",),
     ("pipeline.io",),
     ("pipeline.report",),
-    ("pipeline.blend", "pipeline.tiling", "pipeline.tissue_mask"),
+    ("pipeline.blend", "pipeline.tiling", "pipeline.tissue_mask", "pipeline.classes"),
     ("pipeline.geometry", "pipeline.retry", "pipeline.shard", "pipeline.faults", "pipeline.atomic"),
     ("pipeline", "pipeline.errors", "pipeline._compat"),
 )
@@ -52,7 +52,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 IO_LAYERS: tuple[tuple[str, ...], ...] = (
     ("pipeline.io.discover", "pipeline.io.masks", "pipeline.io.labels"),
     ("pipeline.io.model_input", "pipeline.io.sink", "pipeline.io.staging"),
-    ("pipeline.io.model_view", "pipeline.io.channels"),
+    ("pipeline.io.model_view", "pipeline.io.channels", "pipeline.io.class_labels"),
+    ("pipeline.io.collection",),
     ("pipeline.io.sources",),
     ("pipeline.io.lazy",),
     ("pipeline.io.tiff", "pipeline.io.zarr_source"),

@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
-from conftest import cli, image_dirs, write_tiff
+from conftest import cli, output_dirs, write_tiff
+
+from pipeline.io.collection import read_collection
 
 AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 NUCLEI = "nuclei2d/bbbc007/images"
@@ -105,9 +107,10 @@ def test_folder_with_good_and_broken_slides(tmp_path, data_dir):
     assert report["codec 34999.tif"]["reason"] == "unsupported-format"
     assert report["dangling.svs"]["reason"] == "not-found"
     # one published group per good slide, nothing for the broken ones, no staging left
-    groups = [p.name for p in image_dirs(out)]
-    assert groups == sorted(report[n]["name"] for n in expected)
-    assert sorted(p.name for p in out.iterdir() if not p.is_dir()) == ["report.json", "zarr.json"]
+    assert output_dirs(out) == sorted(report[n]["name"] for n in expected)
+    assert read_collection(out) == output_dirs(out)  # the root lists exactly those
+    root_files = sorted(p.name for p in out.iterdir() if not p.is_dir())
+    assert root_files == [".zattrs", ".zgroup", ".zmetadata", "report.json"]  # NGFF 0.4
 
 
 def tree(root: Path) -> set[str]:
@@ -151,7 +154,7 @@ def test_real_world_names_get_distinct_safe_outputs_inside_out(tmp_path, monkeyp
     groups = [e["name"] for e in entries]
     assert len({g.lower() for g in groups}) == len(groups), groups
     assert {"report_json", "zarr_json", "CON_", "a.b.c"} <= set(groups)
-    assert json.loads((out / "zarr.json").read_text())["node_type"] == "group"  # intact
+    assert json.loads((out / ".zgroup").read_text())["zarr_format"] == 2  # intact
     # everything new is inside OUT
     assert {p for p in tree(tmp_path) - before if not p.startswith("out.zarr")} == set()
 
@@ -166,7 +169,7 @@ def test_rerun_keeps_names_and_skips_up_to_date_outputs(tmp_path):
             "run", folder, "--out", out, "--backend", "identity", "--scheduler", "sync", *extra
         )
         assert result.exit_code == 0, result.output
-        assert [p.name for p in image_dirs(out)] == ["c_a_b", "in_a_b"]
+        assert output_dirs(out) == read_collection(out) == ["c_a_b", "in_a_b"]
         states = {(e["state"], e["reason"]) for e in report_of(out).values()}
         assert states == {("skipped", "up-to-date") if run == 1 else ("done", None)}
 

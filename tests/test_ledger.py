@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 
 import numpy as np
 import pytest
@@ -128,18 +127,6 @@ def test_up_to_date_reads_the_key_from_the_published_image(tmp_path):
     assert published_key(out / "a") == "abc"
     assert Ledger(out).up_to_date("abc", "a") and not Ledger(out).up_to_date("abd", "a")
     assert not Ledger(out).up_to_date("abc", "missing")
-
-
-def test_state_folder_does_not_warn_when_listing_the_root(tmp_path):
-    out = tmp_path / "out.zarr"
-    zarr.open_group(str(out), mode="a", zarr_format=3).create_group("image")
-    init_state_dir(out)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        names = sorted(zarr.open_group(str(out), mode="r").keys())
-    assert names == [".pipeline", "image"]
-    internal = zarr.open_group(str(out / ".pipeline"), mode="r").attrs["pipeline"]
-    assert internal["internal"] is True
 
 
 @pytest.mark.parametrize(
