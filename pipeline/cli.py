@@ -94,6 +94,7 @@ def main(verbose: int) -> None:
 @click.option(
     "--force",
     is_flag=True,
+    show_default="off",
     help="Recompute inputs whose output is up to date (made from the same file, model and "
     "settings, as the ledger in OUT/.pipeline records).",
 )
