@@ -99,9 +99,11 @@ def pipeline_run(*args: object, wait: bool = True, env: dict | None = None):
 
 
 def images(out: Path) -> list[Path]:
-    if not out.exists():
-        return []
-    return sorted(p for p in out.iterdir() if p.is_dir() and not p.name.startswith("."))
+    """The published images in ``out`` (not its collection group, not hidden folders)."""
+    from pipeline.io.collection import find_images, root_format
+
+    zarr_format = root_format(out) if out.exists() else None
+    return [] if zarr_format is None else [out / n for n in find_images(out, zarr_format)]
 
 
 def image_files(out: Path) -> dict[str, dict[str, bytes]]:
