@@ -204,3 +204,64 @@ def test_d4_needs_square_tiles():
         check_tta("d4", (32, 64))
     with pytest.raises(ConfigError, match="tta must be one of"):
         check_tta("rot", (64, 64))
+
+
+# ----------------------------------------------------------------- model speed habits
+
+
+def test_batchnorm_folds_into_the_convolutions():
+    from pipeline.model.fold import fold_batchnorm
+    from pipeline.model.unet import UNet
+
+    torch.manual_seed(0)
+    net = UNet(in_channels=3, classes=2, base=4, depth=2, padding="same").eval()
+    for m in net.modules():  # trained-looking statistics, so folding has work to do
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    folded, count = fold_batchnorm(net)
+    assert count == 2 * (2 * 2 + 1)  # 2 per double conv: 2 levels x (encode, decode) + bottleneck
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())  # a copy
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), net(x), rtol=0, atol=1e-5)
+
+
+def test_frozen_torchscript_has_no_parameters_and_same_output():
+    from pipeline.backends.tuning import auto_batch_size, freeze_for_inference, is_frozen
+    from pipeline.model.unet import UNet
+
+    net = UNet(in_channels=1, classes=1, base=4, depth=2, padding="same").eval()
+    from pipeline._compat import quiet_torch
+
+    with quiet_torch():
+        scripted = torch.jit.script(net)
+    assert not is_frozen(scripted)
+    frozen = freeze_for_inference(scripted, "cpu")
+    assert is_frozen(frozen)
+    x = torch.rand(1, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x), net(x), rtol=0, atol=1e-5)
+    assert freeze_for_inference(frozen, "cpu") is frozen
+    assert auto_batch_size(frozen, (1, 16, 16), "cpu") == 8
+
+
+def test_tensorrt_provider_options_and_cache_folder(tmp_path, monkeypatch):
+    from pipeline.backends.ort_gpu import gpu_providers, user_cache_dir
+    from pipeline.errors import DeviceError
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("PIPELINE_CACHE_DIR", raising=False)
+    assert user_cache_dir("trt") == tmp_path / "pipeline" / "trt"
+    every = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    trt, cuda, cpu = gpu_providers("cuda:1", "tensorrt", "fp16", every, stream=1234)
+    assert trt[0] == "TensorrtExecutionProvider" and trt[1]["device_id"] == 1
+    assert trt[1]["trt_fp16_enable"] and trt[1]["trt_engine_cache_enable"]
+    assert trt[1]["trt_engine_cache_path"] == str(tmp_path / "pipeline" / "trt")
+    assert cuda[1]["user_compute_stream"] == "1234" and cpu == "CPUExecutionProvider"
+    assert gpu_providers("cuda", "auto", "fp32", every)[0][0] == "CUDAExecutionProvider"
+    with pytest.raises(DeviceError, match="TensorrtExecutionProvider"):
+        gpu_providers("cuda", "tensorrt", "fp32", every[1:])
