@@ -319,7 +319,7 @@ def lattice_tiles(args, spec, shape: tuple[int, int]):
     lat = plan.lattice
     unique = list(itertools.product(*(range(c) for c in lat.counts)))
     if hasattr(plan, "grid"):  # two-phase blocks: a shared tile runs once, in its owner
-        layout = plan.grid().plan().values()
+        layout = plan.grid().layout().values()
         shared = {t for _, own, _ in layout for t in own}
         per_block = len(shared) + sum(
             t not in shared for touching, _, _ in layout for t in touching

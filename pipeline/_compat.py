@@ -122,6 +122,7 @@ def onnx_export(
     import torch
 
     names = {a: ("batch" if a == 0 else f"s{a - 2}") for a in dynamic_axes}
+    common = {"input_names": [input_name], "output_names": [output_name]}
     errors: list[str] = []
     with quiet_torch():
         try:
@@ -129,12 +130,11 @@ def onnx_export(
                 module,
                 (example,),
                 str(path),
-                input_names=[input_name],
-                output_names=[output_name],
                 dynamo=False,
                 opset_version=opset,
                 dynamic_axes={input_name: names, output_name: names},
                 do_constant_folding=True,
+                **common,
             )
             return "torchscript"
         except Exception as exc:  # removed or broken in this torch: try the other one
@@ -149,13 +149,12 @@ def onnx_export(
                 module,
                 (example,),
                 str(path),
-                input_names=[input_name],
-                output_names=[output_name],
                 dynamo=True,
                 opset_version=max(opset, 18),
                 dynamic_shapes=(dims,),
                 external_data=False,
                 verbose=False,
+                **common,
             )
             return "dynamo"
         except Exception as exc:

@@ -12,7 +12,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .geometry import Region
+from pipeline.geometry import Region
 
 
 class BlendMode(str, enum.Enum):

@@ -28,7 +28,18 @@ import unicodedata
 
 import click
 
-from .errors import PipelineError
+from pipeline.config import (
+    ACTIVATIONS,
+    BACKENDS,
+    BLENDS,
+    DTYPES,
+    MODEL_FORMATS,
+    NORMALIZATIONS,
+    NORMALIZE,
+    PADDINGS,
+    PRECISIONS,
+)
+from pipeline.errors import InputError, PipelineError
 
 EXIT_OK, EXIT_FAILED_INPUTS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -71,13 +82,13 @@ def main(verbose: int) -> None:
 @click.option("--model", "-m", help="Model file (.pt TorchScript or .onnx).")
 @click.option("--tile", help="Network input size: N or Z,Y,X.")
 @click.option("--overlap", type=int, help="Overlap between tiles in output pixels.")
-@click.option("--blend", type=click.Choice(["auto", "gaussian", "cosine", "constant", "crop"]))
+@click.option("--blend", type=click.Choice(BLENDS))
 @click.option("--batch-size", type=int)
-@click.option("--backend", type=click.Choice(["auto", "torchscript", "onnx", "identity"]))
+@click.option("--backend", type=click.Choice(BACKENDS))
 @click.option("--device", help="auto, cpu, cuda or cuda:N.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]))
-@click.option("--dtype", type=click.Choice(["uint8", "float16", "float32"]))
-@click.option("--normalize", type=click.Choice(["auto", "dtype", "none"]))
+@click.option("--precision", type=click.Choice(PRECISIONS))
+@click.option("--dtype", type=click.Choice(DTYPES))
+@click.option("--normalize", type=click.Choice(NORMALIZE))
 @click.option("--workers", type=int, help="Local Dask worker processes.")
 @click.option("--threads-per-worker", type=int)
 @click.option("--scheduler", help="Address of an existing Dask scheduler ('sync': in-process).")
@@ -107,16 +118,16 @@ def main(verbose: int) -> None:
 )
 def run(inputs, out, model, config_file, **options) -> None:
     """Segment INPUTS (files, folders or .txt lists of paths) into OUT, one NGFF image per input."""
-    from .config import resolve_config
-    from .io.discover import find_inputs
-    from .run import run as run_pipeline
+    from pipeline.config import resolve_config
+    from pipeline.io.discover import find_inputs
+    from pipeline.run import run as run_pipeline
 
     try:
         cfg = resolve_config(config_file, options)
         found = find_inputs(inputs, cfg.extensions, exclude=[out])
         if not found.paths and all(r.state == "skipped" for r in found.results):
             others = f" ({len(found.results)} other files skipped)" if found.results else ""
-            raise PipelineError(
+            raise InputError(
                 f"no images found{others}",
                 where=", ".join(inputs),
                 hint=f"give image files, list files (.txt) or folders with "
@@ -263,20 +274,18 @@ def _take(text: str, width: int) -> str:
 @click.option("--base", type=int, default=64, show_default=True)
 @click.option("--depth", type=int, default=4, show_default=True)
 @click.option("--ndim", type=click.Choice(["2", "3"]), default="2", show_default=True)
-@click.option("--padding", type=click.Choice(["same", "valid"]), default="same", show_default=True)
+@click.option("--padding", type=click.Choice(PADDINGS), default="same", show_default=True)
 @click.option(
     "--activation",
-    type=click.Choice(["auto", "sigmoid", "softmax", "none"]),
+    type=click.Choice(("auto", *ACTIVATIONS)),
     default="auto",
     show_default=True,
 )
-@click.option(
-    "--normalize", type=click.Choice(["dtype", "none"]), default="dtype", show_default=True
-)
+@click.option("--normalize", type=click.Choice(NORMALIZATIONS), default="dtype", show_default=True)
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["torchscript", "onnx"]),
+    type=click.Choice(MODEL_FORMATS),
     help="Default: from OUT's suffix (.pt/.ts or .onnx).",
 )
 @click.option(
@@ -288,7 +297,7 @@ def export(
     out, weights, in_channels, classes, base, depth, ndim, padding, activation, normalize, fmt, mpp
 ) -> None:
     """Export a U-Net (fresh, or with --weights) to a TorchScript or ONNX model file OUT."""
-    from .model.export import export_model
+    from pipeline.model.export import export_model
 
     try:
         spec = export_model(
@@ -316,11 +325,11 @@ def inspect(path) -> None:
     """Show series, levels, shapes, dtypes, chunks and pixel size of an image or model."""
     try:
         if path.lower().endswith((".onnx", ".pt", ".ts", ".pth")):
-            from .backends import read_model_spec
+            from pipeline.backends import read_model_spec
 
             info = read_model_spec(path).to_dict()
         else:
-            from .io.sources import describe
+            from pipeline.io.sources import describe
 
             info = describe(path)
     except PipelineError as exc:
@@ -339,7 +348,7 @@ def inspect(path) -> None:
 @click.option("--seconds", default=60.0, show_default=True, help="Training time budget.")
 def demo(folder, seconds) -> None:
     """Make small synthetic slides and a small trained U-Net, then run the pipeline."""
-    from .demo import run_demo
+    from pipeline.demo import run_demo
 
     try:
         run_demo(folder, train_seconds=seconds, echo=click.echo)

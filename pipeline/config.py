@@ -1,8 +1,12 @@
-"""One validated, frozen run configuration.
+"""One validated, frozen run configuration, and the choices its options take.
 
-Defaults live in :data:`DEFAULTS`; a YAML file (``--config``) and then explicit CLI
-flags override them. Unknown keys and bad values are :class:`ConfigError`. YAML is read
-with ``safe_load`` only: tags such as ``!!python/object`` are refused.
+Defaults are :class:`RunConfig`'s field defaults (``configs/default.yaml`` repeats them;
+a test keeps the two equal); a YAML file (``--config``) and then explicit CLI flags
+override them. Unknown keys and bad values are :class:`ConfigError`. YAML is read with
+``safe_load`` only: tags such as ``!!python/object`` are refused.
+
+The option choices (:data:`BLENDS`, :data:`BACKENDS`...) are defined here once; the
+CLI and the backends take them from here.
 """
 
 from __future__ import annotations
@@ -14,20 +18,35 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from pipeline.errors import ConfigError
+from pipeline.io.formats import SEARCHED_SUFFIXES
 
+#: How tile predictions are blended (``auto``: crop for valid models, else gaussian).
 BLENDS = ("auto", "gaussian", "cosine", "constant", "crop")
-BACKENDS = ("auto", "torchscript", "onnx", "identity")
+#: Model file formats (``pipeline export --format``).
+MODEL_FORMATS = ("torchscript", "onnx")
+#: Backends (``auto``: from the model file's content).
+BACKENDS = ("auto", *MODEL_FORMATS, "identity")
+#: Output dtypes.
 DTYPES = ("uint8", "float16", "float32")
+#: Inference precisions (half precisions on CUDA only).
 PRECISIONS = ("fp32", "fp16", "bf16")
-NORMALIZE = ("auto", "dtype", "none")
+#: How integer input is scaled for a model (a model file declares one of these).
+NORMALIZATIONS = ("dtype", "none")
+#: ``--normalize``: ``auto`` takes the model's declaration.
+NORMALIZE = ("auto", *NORMALIZATIONS)
+#: Output activations a model file may declare (already applied inside it).
+ACTIVATIONS = ("sigmoid", "softmax", "none")
+#: U-Net convolutions (``pipeline export --padding``).
+PADDINGS = ("same", "valid")
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """Everything ``pipeline run`` needs besides inputs, output and model.
 
-    ``None`` means "derive from the model and the image" (see README).
+    ``None`` means "derive from the model and the image" (the README's table of
+    ``pipeline run`` options says how).
     """
 
     tile: tuple[int, ...] | None = None
@@ -54,16 +73,7 @@ class RunConfig:
     channels: tuple[int, ...] | None = None
     skip_background: bool = True
     mask: str | None = None
-    extensions: tuple[str, ...] = (
-        ".svs",
-        ".ndpi",
-        ".tif",
-        ".tiff",
-        ".btf",
-        ".qptiff",
-        ".scn",
-        ".zarr",
-    )
+    extensions: tuple[str, ...] = SEARCHED_SUFFIXES
     memory_budget_mb: int = 512
 
     def __post_init__(self) -> None:

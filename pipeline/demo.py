@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError, InternalError
 
 if TYPE_CHECKING:
-    from .backends.base import ModelSpec
-    from .config import RunConfig
-    from .run import RunReport
+    from pipeline.backends.base import ModelSpec
+    from pipeline.config import RunConfig
+    from pipeline.run import RunReport
 
 log = logging.getLogger(__name__)
 
@@ -301,7 +301,7 @@ def train_unet(
     """
     import torch
 
-    from .model.unet import UNet
+    from pipeline.model.unet import UNet
 
     previous = torch.get_num_threads()
     torch.manual_seed(seed)
@@ -352,7 +352,7 @@ def evaluate(model: Any, *, size: int = 512, seed: int = 0) -> float:
 
 def export_demo_model(model: Any, path: Path) -> ModelSpec:
     """Export the trained network to ONNX (geometry and normalisation embedded)."""
-    from .model.export import export_model
+    from pipeline.model.export import export_model
 
     return export_model(path, model=model, **ARCH, activation="auto", normalize="dtype", fmt="onnx")
 
@@ -442,8 +442,8 @@ def run_demo(
     PipelineError
         When a slide failed in the pipeline (after the summary is shown).
     """
-    from .config import RunConfig
-    from .run import run
+    from pipeline.config import RunConfig
+    from pipeline.run import run
 
     if n_slides < 1 or size < 64:
         raise ConfigError(
@@ -464,11 +464,10 @@ def run_demo(
     _summarise(echo, report, out, folder)
     if not report.ok:
         failed = sum(r.state != "done" for r in report.inputs)
-        raise PipelineError(
+        raise InternalError(
             f"{failed} of {len(report.inputs)} demo slides failed",
             where=out / "report.json",
             hint="see the summary above",
-            reason="internal-error",
         )
     return {
         "slides": slides,

@@ -1,13 +1,65 @@
-"""Error hierarchy.
+"""Error hierarchy and reason codes.
 
 Every error a user can cause derives from :class:`PipelineError` and renders as
-``<where>: <problem>. Hint: <hint>``; each carries a short ``reason`` class used in
-reports (``bad-input``, ``bad-model``, ``channel-mismatch``...).
+``<where>: <problem>. Hint: <hint>``; each carries a short ``reason`` code, the value
+``report.json`` records for a failed input. The codes are defined here once, as the
+constants below; each error class has its own, so raising code picks a class and never
+spells a code::
+
+    PipelineError                   error
+    ├── ConfigError                 bad-config      (ValueError)
+    │   └── TileError               bad-tile
+    ├── InputError                  bad-input       (ValueError)
+    │   ├── NotFoundError           not-found
+    │   ├── UnsupportedFormatError  unsupported-format
+    │   ├── CorruptInputError       corrupt-input
+    │   ├── InputChangedError       input-changed
+    │   ├── NonFiniteInputError     nonfinite-input
+    │   ├── MissingPixelSizeError   missing-pixel-size
+    │   ├── ResolutionError         resolution-unavailable
+    │   └── ChannelMismatchError    channel-mismatch (also a ModelError)
+    ├── ModelError                  bad-model       (ValueError)
+    │   ├── ModelRunError           model-error
+    │   └── ModelOutputError        model-output-nonfinite
+    ├── DeviceError                 device-unavailable (RuntimeError)
+    ├── OutputError                 output-error    (OSError)
+    └── InternalError               internal-error  (RuntimeError)
+
+Inputs are also decided without an error of their own: ``skipped`` with
+:data:`NOT_AN_IMAGE` or :data:`DUPLICATE`, ``failed`` with :data:`UNREADABLE_FOLDER`, or
+with :data:`INTERNAL_ERROR` for any other exception (a bug, caught so the batch goes on).
 """
 
 from __future__ import annotations
 
 import os
+
+# --- reason codes (the ``reason`` of report.json) ---------------------------------------
+ERROR = "error"
+BAD_CONFIG = "bad-config"
+BAD_TILE = "bad-tile"
+BAD_INPUT = "bad-input"
+NOT_FOUND = "not-found"
+UNSUPPORTED_FORMAT = "unsupported-format"
+CORRUPT_INPUT = "corrupt-input"
+INPUT_CHANGED = "input-changed"
+NONFINITE_INPUT = "nonfinite-input"
+MISSING_PIXEL_SIZE = "missing-pixel-size"
+RESOLUTION_UNAVAILABLE = "resolution-unavailable"
+CHANNEL_MISMATCH = "channel-mismatch"
+BAD_MODEL = "bad-model"
+MODEL_ERROR = "model-error"
+MODEL_OUTPUT_NONFINITE = "model-output-nonfinite"
+DEVICE_UNAVAILABLE = "device-unavailable"
+OUTPUT_ERROR = "output-error"
+#: A bug: an exception that is not a PipelineError, caught so the batch goes on.
+INTERNAL_ERROR = "internal-error"
+#: Left out by a folder search: not an image suffix, or a macOS metadata file.
+NOT_AN_IMAGE = "not-an-image"
+#: The same file reached twice (or the run's own output).
+DUPLICATE = "duplicate"
+#: A folder that cannot be listed: slides in it may have been missed.
+UNREADABLE_FOLDER = "unreadable-folder"
 
 
 class PipelineError(Exception):
@@ -22,10 +74,10 @@ class PipelineError(Exception):
     hint
         What the user can do about it.
     reason
-        Short machine-readable class, e.g. ``bad-input``.
+        Overrides the class's reason code (for errors rebuilt from a pickle).
     """
 
-    reason = "error"
+    reason = ERROR
 
     def __init__(
         self,
@@ -44,10 +96,7 @@ class PipelineError(Exception):
 
     @property
     def message(self) -> str:
-        text = self.problem if self.where is None else f"{self.where}: {self.problem}"
-        if self.hint:
-            text = f"{text.rstrip('.')}. Hint: {self.hint}"
-        return text
+        return message(self.problem, self.where, self.hint)
 
     def __str__(self) -> str:
         return self.message
@@ -57,6 +106,15 @@ class PipelineError(Exception):
         return (_rebuild, (type(self), self.problem, self.where, self.hint, self.reason))
 
 
+def message(problem: str, where: str | os.PathLike | None = None, hint: str | None = None) -> str:
+    """``<where>: <problem>. Hint: <hint>``, the one way messages about inputs read
+    (also for inputs skipped by design, which are not errors)."""
+    text = problem if where is None else f"{os.fspath(where)}: {problem}"
+    if hint:
+        text = f"{text.rstrip('.')}. Hint: {hint}"
+    return text
+
+
 def _rebuild(cls, problem, where, hint, reason):
     return cls(problem, where=where, hint=hint, reason=reason)
 
@@ -64,28 +122,104 @@ def _rebuild(cls, problem, where, hint, reason):
 class ConfigError(PipelineError, ValueError):
     """A bad option, config file or combination of them."""
 
-    reason = "bad-config"
+    reason = BAD_CONFIG
+
+
+class TileError(ConfigError):
+    """A tile size the model does not accept."""
+
+    reason = BAD_TILE
 
 
 class InputError(PipelineError, ValueError):
     """An input image that cannot be read or used."""
 
-    reason = "bad-input"
+    reason = BAD_INPUT
+
+
+class NotFoundError(InputError):
+    """An input (or a mask, a list file) that does not exist."""
+
+    reason = NOT_FOUND
+
+
+class UnsupportedFormatError(InputError):
+    """A file type, layout, codec or dtype the readers cannot take."""
+
+    reason = UNSUPPORTED_FORMAT
+
+
+class CorruptInputError(InputError):
+    """Stored data that does not decode, or tiles that were never written."""
+
+    reason = CORRUPT_INPUT
+
+
+class InputChangedError(InputError):
+    """An input modified on disk while a run reads it."""
+
+    reason = INPUT_CHANGED
+
+
+class NonFiniteInputError(InputError):
+    """NaN or Inf pixel values."""
+
+    reason = NONFINITE_INPUT
+
+
+class MissingPixelSizeError(InputError):
+    """A physical resolution was asked for but the file states no plausible pixel size."""
+
+    reason = MISSING_PIXEL_SIZE
+
+
+class ResolutionError(InputError):
+    """A requested resolution finer than the file's finest level."""
+
+    reason = RESOLUTION_UNAVAILABLE
 
 
 class ModelError(PipelineError, ValueError):
     """A model file that cannot be loaded, or a model that cannot take the input."""
 
-    reason = "bad-model"
+    reason = BAD_MODEL
+
+
+class ChannelMismatchError(InputError, ModelError):
+    """An image's channels and a model's input channels that do not fit together.
+
+    Both an :class:`InputError` (the image is refused) and a :class:`ModelError` (the
+    model refuses a batch), so either ``except`` catches it.
+    """
+
+    reason = CHANNEL_MISMATCH
+
+
+class ModelRunError(ModelError):
+    """The model's runtime failed on a batch."""
+
+    reason = MODEL_ERROR
+
+
+class ModelOutputError(ModelError):
+    """The model returned NaN or Inf."""
+
+    reason = MODEL_OUTPUT_NONFINITE
 
 
 class DeviceError(PipelineError, RuntimeError):
     """A requested device (e.g. ``cuda:1``) that is not available."""
 
-    reason = "device-unavailable"
+    reason = DEVICE_UNAVAILABLE
 
 
 class OutputError(PipelineError, OSError):
     """The output location cannot be written."""
 
-    reason = "output-error"
+    reason = OUTPUT_ERROR
+
+
+class InternalError(PipelineError, RuntimeError):
+    """Something that should not happen did (a bug, or the demo's own slides failing)."""
+
+    reason = INTERNAL_ERROR

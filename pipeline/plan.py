@@ -9,11 +9,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .backends.base import ModelSpec
-from .blend import BlendMode
-from .config import RunConfig
-from .errors import ConfigError
-from .tiling import BlockGrid, Lattice, choose_stride
+from pipeline.backends.base import ModelSpec, check_tile
+from pipeline.blend import BlendMode
+from pipeline.config import RunConfig
+from pipeline.errors import ConfigError
+from pipeline.tiling import BlockGrid, Lattice, choose_stride
 
 DEFAULT_TILE = {2: 256, 3: 64}
 DEFAULT_CHUNK = {2: 1024, 3: 128}
@@ -42,22 +42,7 @@ def model_tile(spec: ModelSpec, cfg: RunConfig) -> tuple[int, ...]:
     tile = cfg.tile or (default_tile(spec),)
     if len(tile) == 1:
         tile = tile * spec.ndim
-    if len(tile) != spec.ndim:
-        raise ConfigError(
-            f"tile {','.join(map(str, tile))} has {len(tile)} sizes but the model is {spec.ndim}D",
-            where="option --tile",
-            hint=f"give one size or {spec.ndim} sizes",
-        )
-    for t in tile:
-        if not spec.accepts_tile(t):
-            below, above = spec.nearest_tiles(t)
-            near = [str(s) for s in (below, above) if s >= spec.min_tile]
-            raise ConfigError(
-                f"tile {t} is not accepted by the model (sizes are {spec.min_tile} + k*{spec.step})",
-                where="option --tile",
-                hint=f"use {' or '.join(near)}",
-                reason="bad-tile",
-            )
+    check_tile(spec, tile, where="option --tile")
     return tile
 
 

@@ -24,7 +24,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import __version__
+from pipeline import __version__
 
 STATES = ("pending", "done", "failed", "skipped")
 

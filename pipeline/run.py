@@ -16,15 +16,30 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from . import __version__
-from .backends.base import ModelSpec
-from .config import RunConfig
-from .errors import PipelineError
-from .io import sink
-from .plan import Plan, make_plan
-from .report import InputResult, RunReport
-from .stages import BackendRef, BlockJob, forget_sink, predict_shared, process_block
+from pipeline import __version__
+from pipeline.backends.base import ModelSpec
+from pipeline.config import RunConfig
+from pipeline.errors import INTERNAL_ERROR, ConfigError, PipelineError
+from pipeline.io import sink
+from pipeline.plan import Plan, make_plan
+from pipeline.report import InputResult, RunReport
+from pipeline.stages import (
+    BackendRef,
+    BlockJob,
+    BlockResult,
+    Source,
+    forget_sink,
+    predict_shared,
+    process_block,
+)
+from pipeline.tissue_mask import TissueMask
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+    from pipeline.io.model_input import ModelInput
 
 log = logging.getLogger(__name__)
 
@@ -33,22 +48,21 @@ Progress = Callable[[str, int, int], None]
 
 def resolve_model(model: str | None, cfg: RunConfig) -> ModelSpec:
     """Read the model's geometry once in the driver (probing foreign files)."""
-    from .backends import read_model_spec, resolve_device
+    from pipeline.backends import read_model_spec, resolve_device
 
     resolve_device(cfg.device)  # a missing GPU is an error before any work starts
     overrides = _overrides(cfg)
     if cfg.backend == "identity":
-        from .backends import load_backend
+        from pipeline.backends import load_backend
 
         if cfg.tile is not None and len(cfg.tile) == 3:
             overrides["ndim"] = 3  # identity is dimension-agnostic: a 3-D tile asks for 3-D
         return load_backend(None, backend="identity", overrides=overrides).spec
     if model is None:
-        raise PipelineError(
+        raise ConfigError(
             "no model given",
             where="option --model",
             hint="pass --model FILE (make one with `pipeline export`)",
-            reason="bad-config",
         )
     return read_model_spec(model, backend=cfg.backend, overrides=overrides)
 
@@ -134,7 +148,7 @@ def worker_layout(cfg: RunConfig) -> tuple[int, int]:
 
 def _gpu_count(cfg: RunConfig) -> int:
     """One worker per GPU when the device is ``cuda`` (or ``auto`` finds CUDA)."""
-    from .backends import resolve_device
+    from pipeline.backends import resolve_device
 
     if not cfg.device.startswith(("cuda", "auto")) or ":" in cfg.device:
         return 0
@@ -188,7 +202,7 @@ def run(
                 log.debug("unexpected error on %s", path, exc_info=True)
                 _fail(
                     result,
-                    "internal-error",
+                    INTERNAL_ERROR,
                     f"{path}: {type(exc).__name__}: {exc} "
                     f"({traceback.extract_tb(exc.__traceback__)[-1].name})",
                 )
@@ -223,7 +237,7 @@ def backend_ref(spec: ModelSpec, cfg: RunConfig) -> BackendRef:
 
 
 def _device(cfg: RunConfig) -> str:
-    from .backends import resolve_device
+    from pipeline.backends import resolve_device
 
     return resolve_device(cfg.device)
 
@@ -244,7 +258,7 @@ def run_one(
     progress: Progress | None,
 ) -> None:
     """Plan, run the blocks, build the pyramid and publish one input."""
-    from .resolution import open_for_model
+    from pipeline.io.model_input import open_for_model
 
     inp = open_for_model(
         path,
@@ -257,17 +271,12 @@ def run_one(
         channels=cfg.channels,
         model_mpp=spec.mpp,
     )
-    source, array, spatial_axes, pixel_size = (
-        inp.source,
-        inp.array,
-        inp.spatial_axes,
-        inp.pixel_size,
-    )
+    array, spatial_axes, pixel_size = inp.array, inp.spatial_axes, inp.pixel_size
     channels = int(array.shape[0])
     classes = spec.classes or channels
     shape = tuple(int(s) for s in array.shape[1:])
     plan = make_plan(spec, shape, channels, classes, cfg)
-    tissue = find_tissue(source, shape, spatial_axes, pixel_size, cfg)
+    tissue = find_tissue(inp, shape, cfg)
     writer = sink.create_image(
         out, result.name, (classes, *shape), "c" + spatial_axes, (classes, *plan.chunks), cfg.dtype
     )
@@ -283,7 +292,7 @@ def run_one(
         levels = sink.write_pyramid(writer, cfg.pyramid_min)
         sink.write_metadata(writer, levels, pixel_size, provenance(spec, plan, cfg, inp, tissue))
         if tissue is not None:
-            from .io.labels import write_tissue_labels
+            from pipeline.io.labels import write_tissue_labels
 
             write_tissue_labels(writer.staging, tissue, shape, "c" + spatial_axes, pixel_size)
         result.output = str(sink.publish(writer))
@@ -295,21 +304,20 @@ def run_one(
         forget_sink(writer.level_path(0))
 
 
-def find_tissue(
-    source, shape: tuple[int, ...], spatial_axes: str, pixel_size: dict, cfg: RunConfig
-):
+def find_tissue(inp: ModelInput, shape: tuple[int, ...], cfg: RunConfig) -> TissueMask | None:
     """The tissue mask for one input: the user's (``--mask``, applied to every input),
-    detected on a low-resolution level (2D images), or None (volumes; ``--no-skip-background``)."""
-    from .tissue import detect_tissue, load_user_mask
+    detected on a low-resolution level read as the model reads the input (2D images), or
+    None (volumes; ``--no-skip-background``)."""
+    from pipeline.tissue import detect_tissue, load_user_mask
 
     if cfg.mask:
         return load_user_mask(cfg.mask, shape)
     if not cfg.skip_background:
         return None
-    if spatial_axes != "yx":
-        log.info("%s: tissue detection is for 2D images; running the whole volume", source.path)
+    if inp.spatial_axes != "yx":
+        log.info("%s: tissue detection is for 2D images; running the whole volume", inp.ref.path)
         return None
-    return detect_tissue(source, shape, pixel_size=pixel_size or None)
+    return detect_tissue(inp, shape, pixel_size=inp.pixel_size or None)
 
 
 @dataclass(frozen=True)
@@ -322,13 +330,13 @@ class Task:
 
 def make_tasks(
     plan: Plan,
-    source,
+    source: Source,
     ref: BackendRef,
     spec: ModelSpec,
     classes: int,
     cfg: RunConfig,
     sink_path: str | None,
-    tissue=None,
+    tissue: TissueMask | None = None,
 ) -> list[Task]:
     """One task per block, in raster order; a block only needs blocks before it.
 
@@ -337,28 +345,28 @@ def make_tasks(
     """
     normalize = spec.normalize if cfg.normalize == "auto" else cfg.normalize
     grid = plan.grid()
-    layout = grid.plan()
+    layout = grid.layout()
     number = {index: i for i, index in enumerate(layout)}
     tasks = []
     for index, (touching, own, owners) in layout.items():
         region = grid.region(index)
         crop = None if tissue is None else tissue.crop(region.grow(plan.lattice.out_tile))
         job = BlockJob(
-            number[index],
-            region,
-            plan.lattice,
-            plan.blend,
-            classes,
-            plan.model_ndim,
-            source,
-            ref,
-            sink_path,
-            cfg.batch_size,
-            normalize,
-            cfg.dtype,
-            tuple(touching),
-            tuple(own),
-            crop,
+            index=number[index],
+            write=region,
+            lattice=plan.lattice,
+            blend=plan.blend,
+            classes=classes,
+            model_ndim=plan.model_ndim,
+            source=source,
+            backend=ref,
+            sink=sink_path,
+            batch_size=cfg.batch_size,
+            normalize=normalize,
+            out_dtype=cfg.dtype,
+            tiles=tuple(touching),
+            own=tuple(own),
+            tissue=crop,
         )
         if crop is not None and not any(job.runs(t) for t in touching):
             continue
@@ -367,7 +375,7 @@ def make_tasks(
     return [Task(t.job, tuple(i for i in t.needs if i in kept)) for t in tasks]
 
 
-def run_local(tasks: list[Task]) -> Iterator:
+def run_local(tasks: list[Task]) -> Iterator[BlockResult]:
     """The in-process path: blocks in order, each shared result dropped after its last user."""
     last_user = {j: t.job.index for t in tasks for j in t.needs}
     shared: dict[int, dict] = {}
@@ -379,7 +387,9 @@ def run_local(tasks: list[Task]) -> Iterator:
             del shared[i]
 
 
-def run_blocks(tasks: list[Task], client, progress: Callable[[int, int], None]) -> int:
+def run_blocks(
+    tasks: list[Task], client: Client | None, progress: Callable[[int, int], None]
+) -> int:
     """Run every block: shared tiles first (one task per owner block), then each block
     with the shared predictions it needs. In-process when ``client`` is None."""
     tiles = 0
@@ -414,7 +424,9 @@ def run_blocks(tasks: list[Task], client, progress: Callable[[int, int], None]) 
     return tiles
 
 
-def provenance(spec: ModelSpec, plan: Plan, cfg: RunConfig, inp, tissue=None) -> dict:
+def provenance(
+    spec: ModelSpec, plan: Plan, cfg: RunConfig, inp: ModelInput, tissue: TissueMask | None = None
+) -> dict:
     lat = plan.lattice
     source = inp.source
     return {

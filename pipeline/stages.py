@@ -11,16 +11,28 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
 
-from .blend import BlendMode, BlockMerger, tile_weights
-from .errors import PipelineError
-from .geometry import Region, reflect_index
-from .tiling import Lattice
+from pipeline.blend import BlendMode, BlockMerger, tile_weights
+from pipeline.errors import ModelOutputError, ModelRunError, PipelineError
+from pipeline.geometry import Region, reflect_index
+from pipeline.tiling import Lattice
+from pipeline.tissue_mask import TissueMask
+
+if TYPE_CHECKING:
+    import dask.array
+    import zarr
+
+    from pipeline.backends.base import Backend
+    from pipeline.io.model_input import InputRef
 
 log = logging.getLogger(__name__)
+
+#: What a block reads: an input's reference (opened on the worker, ``.open()``), or an
+#: array ``(C, *spatial)`` in memory (:func:`pipeline.run.predict_array`).
+Source = Union["InputRef", np.ndarray, "dask.array.Array"]
 
 
 @dataclass(frozen=True)
@@ -31,13 +43,41 @@ class BackendRef:
     backend: str = "auto"
     device: str = "cpu"
     precision: str = "fp32"
-    overrides: tuple[tuple[str, Any], ...] = ()
+    overrides: tuple[tuple[str, int | str], ...] = ()
     threads: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BlockJob:
-    """One unit of work: the chunk-aligned region a block alone writes, and references."""
+    """One unit of work: the chunk-aligned region a block alone writes, and references.
+
+    Attributes
+    ----------
+    index
+        The block's number in the image's raster order.
+    write
+        The output region this block alone writes (whole output chunks).
+    lattice, blend
+        The image's tile lattice and how tiles are blended.
+    classes
+        Output channels.
+    model_ndim
+        The model's spatial axes (a 2D model on a volume runs plane by plane).
+    source
+        What the block reads (see :data:`Source`).
+    backend
+        How to load the model on the worker.
+    sink
+        Path of the output level-0 Zarr array, or None to return the pixels.
+    batch_size, normalize, out_dtype
+        Tiles per forward pass, input scaling (``dtype``/``none``), output dtype.
+    tiles
+        Every tile touching ``write``, in lattice order (empty: computed here).
+    own
+        Shared tiles this block's first phase (:func:`predict_shared`) computes.
+    tissue
+        The tissue mask cropped to this block and its reach, or None: run every tile.
+    """
 
     index: int
     write: Region
@@ -45,15 +85,15 @@ class BlockJob:
     blend: BlendMode
     classes: int
     model_ndim: int
-    source: Any  # an InputRef (``.open()`` on the worker), or an array (C, *spatial)
+    source: Source
     backend: BackendRef
-    sink: Any = None  # path of the output zarr array, or None to return the pixels
+    sink: str | None = None
     batch_size: int = 8
     normalize: str = "dtype"
     out_dtype: str = "uint8"
-    tiles: tuple[tuple[int, ...], ...] = ()  # every tile touching ``write``, in lattice order
-    own: tuple[tuple[int, ...], ...] = ()  # shared tiles this block's first phase computes
-    tissue: Any = None  # TissueMask cropped to this block (and its reach), or None: run all
+    tiles: tuple[tuple[int, ...], ...] = ()
+    own: tuple[tuple[int, ...], ...] = ()
+    tissue: TissueMask | None = None
 
     def runs(self, tile: tuple[int, ...]) -> bool:
         """A tile runs unless it has no tissue anywhere in its output, so every pixel
@@ -71,15 +111,15 @@ class BlockResult:
     data: np.ndarray | None = None
 
 
-_BACKENDS: dict[BackendRef, Any] = {}
-_SINKS: dict[str, Any] = {}
+_BACKENDS: dict[BackendRef, Backend] = {}
+_SINKS: dict[str, zarr.Array] = {}
 
 
-def get_backend(ref: BackendRef):
+def get_backend(ref: BackendRef) -> Backend:
     """The backend for ``ref``, loaded once per process."""
     backend = _BACKENDS.get(ref)
     if backend is None:
-        from .backends import load_backend
+        from pipeline.backends import load_backend
 
         backend = load_backend(
             ref.model,
@@ -110,10 +150,10 @@ def worker_device(device: str) -> str:
     return f"cuda:{int(name) % count}" if isinstance(name, int) and count > 1 else device
 
 
-def _open_sink(path: str):
+def _open_sink(path: str) -> zarr.Array:
     arr = _SINKS.get(path)
     if arr is None:
-        from .io.sink import open_level
+        from pipeline.io.sink import open_level
 
         arr = _SINKS[path] = open_level(path)
     return arr
@@ -124,7 +164,7 @@ def forget_sink(path: str) -> None:
     _SINKS.pop(path, None)
 
 
-def read_region(array, region: Region) -> np.ndarray:
+def read_region(array: np.ndarray | dask.array.Array, region: Region) -> np.ndarray:
     """Pixels of ``region`` from ``array`` ``(C, *spatial)``, mirrored past the borders.
 
     Only the in-image bounding box of the mirrored coordinates is read, so a lazy array
@@ -159,19 +199,12 @@ def to_output_dtype(prob: np.ndarray, dtype: str) -> np.ndarray:
     return prob.astype(dtype)
 
 
-def _check_prediction(job: BlockJob, arr: np.ndarray, pred: np.ndarray, expected: tuple) -> None:
-    if pred.shape != expected:
-        raise PipelineError(
-            f"model returned shape {pred.shape} for input {arr.shape}, expected {expected}",
-            where=job.backend.model,
-            reason="bad-model",
-            hint="check the model's margin/classes (pipeline inspect MODEL) or pass them as options",
-        )
+def _check_finite(job: BlockJob, pred: np.ndarray) -> None:
+    # the shape is the backend's check (CheckedBackend); a NaN is only visible here
     if not np.isfinite(pred).all():
-        raise PipelineError(
+        raise ModelOutputError(
             f"model output contains NaN or Inf in block {job.write}",
             where=job.backend.model,
-            reason="model-output-nonfinite",
             hint="check the input for NaN/Inf and the model's normalisation",
         )
 
@@ -189,14 +222,13 @@ def _predict(job: BlockJob, arr: np.ndarray) -> np.ndarray:
     except (PipelineError, MemoryError):
         raise
     except Exception as exc:  # the runtime's own message says what the model rejected
-        raise PipelineError(
+        raise ModelRunError(
             f"model failed on a batch of shape {arr.shape}: {type(exc).__name__}: {exc}",
             where=job.backend.model,
-            reason="model-error",
             hint="check that the model takes this many channels and this tile size "
             "(pipeline inspect MODEL)",
         ) from None
-    _check_prediction(job, arr, pred, (arr.shape[0], job.classes, *lat.out_tile[squeeze:]))
+    _check_finite(job, pred)
     return pred.reshape(pred.shape[:2] + lat.out_tile)
 
 

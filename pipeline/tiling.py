@@ -1,4 +1,4 @@
-"""The global tile lattice of an image and the block plan.
+"""The global tile lattice of an image, and the blocks over it.
 
 Pure geometry: no dask, zarr or torch. Coordinates are pixels of the image the model
 runs on (the chosen pyramid level).
@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .geometry import Region
+from pipeline.geometry import Region
 
 
 @dataclass(frozen=True)
@@ -153,18 +153,6 @@ def choose_stride(out_tile: int, overlap: int, step: int) -> int:
     return stride
 
 
-def block_regions(shape: Sequence[int], block: Sequence[int]) -> Iterator[Region]:
-    """Partition ``shape`` into blocks of ``block`` (the last ones clipped).
-
-    ``block`` must be a multiple of the output chunk shape so that every chunk has
-    exactly one writer.
-    """
-    image = Region.of_shape(shape)
-    counts = [math.ceil(n / b) for n, b in zip(shape, block)]
-    for index in itertools.product(*(range(c) for c in counts)):
-        yield Region([i * b for i, b in zip(index, block)], block).intersect(image)
-
-
 @dataclass(frozen=True)
 class BlockGrid:
     """Blocks of ``block`` pixels over ``lattice.shape``, and which tiles they share.
@@ -205,7 +193,7 @@ class BlockGrid:
             spans.append((lo // b, hi // b) if hi >= lo else (-1, -2))
         return spans
 
-    def plan(self) -> dict[tuple[int, ...], tuple[list, list, set]]:
+    def layout(self) -> dict[tuple[int, ...], tuple[list, list, set]]:
         """For every block: (tiles touching it, shared tiles it owns, owners it needs)."""
         spans = [self._spans(a) for a in range(self.lattice.ndim)]
         out = {}

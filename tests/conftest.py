@@ -1,10 +1,16 @@
-"""Shared fixtures: the real data beside the project, tiny synthetic images."""
+"""Shared fixtures and helpers: the real data beside the project, the CLI, reading outputs
+back with the reference NGFF reader, tiny synthetic images.
+
+Helpers are imported by the tests (``from conftest import cli``); fixtures are found by
+pytest.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,3 +50,50 @@ def tile_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     monkeypatch.setattr(tifffile.zarr.FileCache, "read", counting)
     return reads
+
+
+def cli(*args: object):
+    """``pipeline ARGS...`` through click's CliRunner (exceptions propagate)."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def ngff_images(out: Path) -> dict:
+    """Read every image in OUT with the ome-zarr reference reader: name -> image node."""
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Multiscales, Reader
+
+    images = {}
+    for child in sorted(p for p in out.iterdir() if p.is_dir()):
+        nodes = list(Reader(parse_url(str(child)))())
+        assert nodes, f"ome-zarr found no image in {child}"
+        node = nodes[0]
+        assert any(isinstance(s, Multiscales) for s in node.specs)
+        images[child.name] = node
+    return images
+
+
+def write_tiff(path: Path, image: np.ndarray, *, um: float | None = None, **kwargs) -> Path:
+    """A TIFF of ``image`` (tifffile options in ``kwargs``), calibrated at ``um`` µm per
+    pixel through its resolution tags when given."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if um is not None:
+        kwargs.update(resolution=(1e4 / um, 1e4 / um), resolutionunit="CENTIMETER")
+    import tifffile
+
+    tifffile.imwrite(path, image, **kwargs)
+    return path
+
+
+def write_zarr(path: Path, data: np.ndarray, chunks: tuple[int, ...], axes: str = "cyx") -> Path:
+    """A plain Zarr v3 array of ``data`` with named dimensions."""
+    import zarr
+
+    array = zarr.create_array(
+        path, shape=data.shape, chunks=chunks, dtype=data.dtype, dimension_names=list(axes)
+    )
+    array[:] = data
+    return path

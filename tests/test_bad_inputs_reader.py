@@ -22,8 +22,8 @@ import zarr
 
 from pipeline.errors import InputError
 from pipeline.io import sources
+from pipeline.io.model_input import open_for_model
 from pipeline.io.sources import describe, open_image
-from pipeline.resolution import open_for_model
 
 SVS = "wsi/CMU-1-Small-Region.svs"
 ISBI = "isbi2012/train-volume.tif"
@@ -142,30 +142,26 @@ def test_unreadable_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
 # --- B2: cut short ----------------------------------------------------------------------------
 
 
-def test_truncated_stack_is_refused(data_dir: Path, tmp_path: Path) -> None:
-    data = (data_dir / ISBI).read_bytes()
-    path = tmp_path / "cut.tif"
-    path.write_bytes(data[: len(data) // 2])  # tifffile alone opens this as ONE 512x512 page
-    with pytest.raises(InputError, match="damaged|truncated") as err:
-        open_image(path)
-    assert_clear(err, path, "bad-input")
+def _open_for_rgb_model(path: Path) -> object:
+    return open_for_model(path, ndim=2, in_channels=3)
 
 
-def test_truncated_tile_data_is_refused(data_dir: Path, tmp_path: Path) -> None:
-    data = (data_dir / OVULE).read_bytes()
-    path = tmp_path / "cut.tif"
-    path.write_bytes(data[:-1000])
-    with pytest.raises(InputError, match="truncated") as err:
-        open_image(path)
-    assert_clear(err, path, "bad-input")
-
-
-def test_truncated_tiled_slide_is_refused(data_dir: Path, tmp_path: Path) -> None:
-    data = (data_dir / SVS).read_bytes()
-    path = tmp_path / "cut.svs"
-    path.write_bytes(data[: int(len(data) * 0.6)])
-    with pytest.raises(InputError, match="truncated|damaged") as err:
-        open_for_model(path, ndim=2, in_channels=3)
+@pytest.mark.parametrize(
+    ("name", "keep", "match", "opener"),
+    [
+        # tifffile alone opens the first half of this stack as ONE 512x512 page
+        (ISBI, lambda n: n // 2, "damaged|truncated", open_image),
+        (OVULE, lambda n: n - 1000, "truncated", open_image),  # the last tile's data cut
+        (SVS, lambda n: int(n * 0.6), "truncated|damaged", _open_for_rgb_model),  # tiled slide
+    ],
+    ids=["stack", "tile-data", "tiled-slide"],
+)
+def test_truncated_file_is_refused(data_dir: Path, tmp_path: Path, name, keep, match, opener):
+    data = (data_dir / name).read_bytes()
+    path = tmp_path / f"cut{Path(name).suffix}"
+    path.write_bytes(data[: keep(len(data))])
+    with pytest.raises(InputError, match=match) as err:
+        opener(path)
     assert_clear(err, path, "bad-input")
 
 

@@ -16,23 +16,16 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
-from click.testing import CliRunner
-
-from pipeline.cli import main
+from conftest import cli, write_tiff
 
 AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 NUCLEI = "nuclei2d/bbbc007/images"
 
 
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
 def write_slide(path: Path, seed: int, shape=(70, 90)) -> np.ndarray:
     """A small tiled, compressed grayscale TIFF; returns its pixels."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     image = np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
-    tifffile.imwrite(path, image, tile=(32, 32), compression="zlib")
+    write_tiff(path, image, tile=(32, 32), compression="zlib")
     return image
 
 

@@ -114,7 +114,7 @@ def test_block_invariance(valid_net, rng):
             np.testing.assert_array_equal(other, blend_outs[0])
 
 
-def test_bad_tile_is_refused_with_nearest_sizes(valid_net, rng):
+def test_bad_tile_is_refused_with_nearest_sizes(valid_net):
     _, spec, path = valid_net
     bad = spec.min_tile + 1
     with pytest.raises(ConfigError) as info:

@@ -20,8 +20,8 @@ import tifffile.zarr
 import zarr
 
 from pipeline.errors import InputError
+from pipeline.io.model_input import open_for_model
 from pipeline.io.sources import describe, open_image
-from pipeline.resolution import open_for_model
 
 SVS = "wsi/CMU-1-Small-Region.svs"
 SVS_J2K = "wsi/tcga-cr-7395-01a-01-ts1.svs"

@@ -11,7 +11,8 @@ import tifffile
 import zarr
 
 from pipeline.errors import InputError
-from pipeline.io.layout import plan_axes, to_model_layout
+from pipeline.io.axes import select_axes
+from pipeline.io.model_input import to_model_layout
 from pipeline.io.sources import ImageSource, open_image
 
 
@@ -31,7 +32,7 @@ def _source(shape: tuple[int, ...], axes: str, **info) -> ImageSource:
     )
 
 
-# --- plan_axes -------------------------------------------------------------------------
+# --- select_axes -------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -45,8 +46,8 @@ def _source(shape: tuple[int, ...], axes: str, **info) -> ImageSource:
         ("cyxs", (2, 5, 6, 1), (slice(None),) * 3 + (0,), "cyx"),
     ],
 )
-def test_plan_axes(labels: str, shape, index, axes: str) -> None:
-    assert plan_axes(list(labels), shape, "f.tif") == (index, axes)
+def test_select_axes(labels: str, shape, index, axes: str) -> None:
+    assert select_axes(list(labels), shape, "f.tif") == (index, axes)
 
 
 @pytest.mark.parametrize(
@@ -57,9 +58,9 @@ def test_plan_axes(labels: str, shape, index, axes: str) -> None:
         ("zc", (4, 3), "no y and x"),
     ],
 )
-def test_plan_axes_refuses(labels: str, shape, words: str) -> None:
+def test_select_axes_refuses(labels: str, shape, words: str) -> None:
     with pytest.raises(InputError, match=words) as err:
-        plan_axes(list(labels), shape, "f.tif")
+        select_axes(list(labels), shape, "f.tif")
     assert "f.tif" in str(err.value)
 
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import zarr
-from test_run import ngff_images
+from conftest import cli, ngff_images
 
 from pipeline.config import RunConfig
 from pipeline.run import run
@@ -83,10 +83,6 @@ SLIDES = [
 def test_real_slide_at_a_coarser_mpp(data_dir, tmp_path, relpath, shape, mpp0):
     """--mpp 2.0: the output shape follows the physical size and the NGFF scale says 2.0;
     a slide without a pixel size is refused unless --mpp-input gives one."""
-    from click.testing import CliRunner
-
-    from pipeline.cli import main
-
     out = tmp_path / "o.zarr"
     args = [
         "run",
@@ -100,13 +96,13 @@ def test_real_slide_at_a_coarser_mpp(data_dir, tmp_path, relpath, shape, mpp0):
         "--no-skip-background",
     ]
     if mpp0 is None:
-        refused = CliRunner().invoke(main, args)
+        refused = cli(*args)
         assert refused.exit_code == 1 and "missing-pixel-size" in json.dumps(
             json.loads((out / "report.json").read_text())
         )
         mpp0 = 0.25
         args += ["--mpp-input", str(mpp0)]
-    result = CliRunner().invoke(main, args)
+    result = cli(*args)
     assert result.exit_code == 0, result.output
     node = next(iter(ngff_images(out).values()))
     want = tuple(round(n * mpp0 / 2.0) for n in shape)
@@ -123,28 +119,11 @@ def test_real_slide_at_a_coarser_mpp(data_dir, tmp_path, relpath, shape, mpp0):
 
 
 def test_model_declared_training_resolution_is_the_default(data_dir, tmp_path):
-    from click.testing import CliRunner
-
-    from pipeline.cli import main
-
     model = tmp_path / "m.onnx"
-    result = CliRunner().invoke(
-        main,
-        ["export", str(model), "--in-channels", "3", "--base", "4", "--depth", "2", "--mpp", "2.0"],
-    )
+    result = cli("export", model, "--in-channels", 3, "--base", 4, "--depth", 2, "--mpp", 2.0)
     assert result.exit_code == 0, result.output
     out = tmp_path / "o.zarr"
-    result = CliRunner().invoke(
-        main,
-        [
-            "run",
-            str(data_dir / "wsi/CMU-1-Small-Region.svs"),
-            "--out",
-            str(out),
-            "--model",
-            str(model),
-        ],
-    )
+    result = cli("run", data_dir / "wsi/CMU-1-Small-Region.svs", "--out", out, "--model", model)
     assert result.exit_code == 0, result.output
     node = next(iter(ngff_images(out).values()))
     assert tuple(node.data[0].shape) == (1, 740, 554)

@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
+from conftest import write_zarr
 
 from pipeline.errors import InputError
-from pipeline.io import lazy
-from pipeline.resolution import AreaAxis, InputRef, open_for_model
+from pipeline.io import lazy, model_view
+from pipeline.io.model_input import InputRef, open_for_model
+from pipeline.io.resample import AreaAxis
 
 SVS = "wsi/CMU-1-Small-Region.svs"
 OME_TIFF = "wsi/CMU-1-Small-Region.pyramid.ome.tif"
@@ -39,14 +41,6 @@ def area_oracle(image: np.ndarray, fy: float, fx: float, shape: tuple[int, int])
     return wy @ image.astype(np.float64) @ wx.T
 
 
-def plain_zarr(path: Path, data: np.ndarray, chunks: tuple[int, ...], axes: str = "cyx") -> Path:
-    arr = zarr.create_array(
-        path, shape=data.shape, chunks=chunks, dtype=data.dtype, dimension_names=list(axes)
-    )
-    arr[:] = data
-    return path
-
-
 # --- the area filter ------------------------------------------------------------------------
 
 
@@ -69,7 +63,7 @@ def test_area_axis_weights_sum_to_one_and_cover_the_source() -> None:
 )
 def test_resampling_matches_the_area_oracle(tmp_path: Path, mpp: float, chunks) -> None:
     data = np.random.default_rng(0).random((2, 61, 83)).astype(np.float32)
-    path = plain_zarr(tmp_path / "img.zarr", data, chunks)
+    path = write_zarr(tmp_path / "img.zarr", data, chunks)
     model = open_for_model(path, ndim=2, in_channels=2, mpp=mpp, mpp_input=0.5)
     f = mpp / 0.5
     shape = (round(61 / f), round(83 / f))
@@ -80,7 +74,7 @@ def test_resampling_matches_the_area_oracle(tmp_path: Path, mpp: float, chunks) 
 
 def test_integer_factor_is_the_block_mean(tmp_path: Path) -> None:
     data = np.random.default_rng(1).random((1, 64, 48))
-    path = plain_zarr(tmp_path / "img.zarr", data, (1, 16, 16))
+    path = write_zarr(tmp_path / "img.zarr", data, (1, 16, 16))
     model = open_for_model(path, ndim=2, in_channels=1, mpp=2.0, mpp_input=1.0)
     blocks = data.reshape(1, 32, 2, 24, 2).mean(axis=(2, 4))
     np.testing.assert_allclose(model.array.compute(), blocks, rtol=1e-12)
@@ -90,7 +84,7 @@ def test_no_seams_any_window_and_any_chunking_gives_the_same_pixels(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data = np.random.default_rng(2).integers(0, 65535, (3, 301, 257), dtype=np.uint16)
-    path = plain_zarr(tmp_path / "img.zarr", data, (3, 32, 32))
+    path = write_zarr(tmp_path / "img.zarr", data, (3, 32, 32))
     model = open_for_model(path, ndim=2, in_channels=3, mpp=0.5 * 2.37, mpp_input=0.5)
     whole = model.array.compute()
     assert whole.dtype == np.uint16
@@ -111,9 +105,9 @@ def test_no_seams_any_window_and_any_chunking_gives_the_same_pixels(
 
 def test_large_factor_reads_in_bands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = np.random.default_rng(4).random((1, 200, 120)).astype(np.float32)
-    path = plain_zarr(tmp_path / "img.zarr", data, (1, 50, 50))
+    path = write_zarr(tmp_path / "img.zarr", data, (1, 50, 50))
     expected = open_for_model(path, ndim=2, in_channels=1, mpp=9.7, mpp_input=1.0).array.compute()
-    monkeypatch.setattr(lazy, "RESAMPLE_BAND_BYTES", 2000)  # a few output rows per step
+    monkeypatch.setattr(model_view, "RESAMPLE_BAND_BYTES", 2000)  # a few output rows per step
     banded = open_for_model(path, ndim=2, in_channels=1, mpp=9.7, mpp_input=1.0)
     np.testing.assert_array_equal(banded.array.compute(), expected)
 

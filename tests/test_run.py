@@ -10,32 +10,12 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
-from click.testing import CliRunner
+from conftest import cli, ngff_images
 
-from pipeline.cli import main
 from pipeline.config import RunConfig
 from pipeline.run import run
 
 SVS = "wsi/CMU-1-Small-Region.svs"
-
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def ngff_images(out: Path):
-    """Read every image in OUT with the ome-zarr reference reader."""
-    from ome_zarr.io import parse_url
-    from ome_zarr.reader import Multiscales, Reader
-
-    images = {}
-    for child in sorted(p for p in out.iterdir() if p.is_dir()):
-        nodes = list(Reader(parse_url(str(child)))())
-        assert nodes, f"ome-zarr found no image in {child}"
-        node = nodes[0]
-        assert any(isinstance(s, Multiscales) for s in node.specs)
-        images[child.name] = node
-    return images
 
 
 def test_identity_run_on_svs_is_pixel_exact_and_valid_ngff(data_dir, tmp_path):
@@ -200,29 +180,12 @@ def test_tile_the_model_cannot_take(tmp_path, data_dir, rgb_model):
 def test_unknown_config_key_and_python_tag_refused(tmp_path, data_dir):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("tile: 256\nbogus: 1\n")
-    result = cli(
-        "run",
-        data_dir / SVS,
-        "--out",
-        tmp_path / "o.zarr",
-        "--backend",
-        "identity",
-        "--config",
-        cfg,
-    )
+    args = ("run", data_dir / SVS, "--out", tmp_path / "o.zarr", "--backend", "identity")
+    result = cli(*args, "--config", cfg)
     assert result.exit_code == 2 and "bogus" in result.output
     marker = tmp_path / "pwned"
     cfg.write_text(f"tile: !!python/object/apply:os.system ['touch {marker}']\n")
-    result = cli(
-        "run",
-        data_dir / SVS,
-        "--out",
-        tmp_path / "o.zarr",
-        "--backend",
-        "identity",
-        "--config",
-        cfg,
-    )
+    result = cli(*args, "--config", cfg)
     assert result.exit_code == 2 and not marker.exists()
 
 

@@ -81,7 +81,7 @@ def test_jpeg2000_svs_levels(data_dir: Path) -> None:
     np.testing.assert_array_equal(src.array[500:800, 1900:].compute(), expected[500:800, 1900:])
 
 
-def test_ome_tiff_pyramid(data_dir: Path, svs_pixels: np.ndarray) -> None:
+def test_ome_tiff_pyramid(data_dir: Path) -> None:
     path = data_dir / OME_TIFF
     src = open_image(path)
     assert src.format == "ome-tiff" and src.axes == "yxc"

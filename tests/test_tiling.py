@@ -3,7 +3,7 @@ import pytest
 
 from pipeline.blend import BlendMode, tile_weights
 from pipeline.geometry import Region
-from pipeline.tiling import Lattice, block_regions, choose_stride
+from pipeline.tiling import Lattice, choose_stride
 
 
 def coverage(lat, owned):
@@ -49,13 +49,6 @@ def test_choose_stride():
     assert choose_stride(388, 0, 16) == 384
     with pytest.raises(ValueError):
         choose_stride(32, 32, 16)
-
-
-def test_blocks_partition_the_image():
-    cov = np.zeros((130, 70), int)
-    for r in block_regions((130, 70), (64, 32)):
-        cov[r.to_slices()] += 1
-    assert (cov == 1).all()
 
 
 @pytest.mark.parametrize("mode", list(BlendMode))

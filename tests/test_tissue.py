@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
+from conftest import write_tiff
 
 from pipeline import tissue
 from pipeline.errors import ConfigError, InputError
 from pipeline.geometry import Region
 from pipeline.io import sink
 from pipeline.io.labels import write_tissue_labels
+from pipeline.io.model_input import open_for_model, open_level
 from pipeline.io.sources import open_image
 from pipeline.tissue import TissueMask, detect_tissue, load_user_mask
 
@@ -164,14 +166,7 @@ def test_no_background_means_all_tissue(tmp_path, fill):
     rng = np.random.default_rng(4)
     truth = np.full((600, 900), fill == "tissue")
     path = tmp_path / "uniform.tif"
-    tifffile.imwrite(
-        path,
-        _stain(truth, rng),
-        photometric="rgb",
-        tile=(256, 256),
-        resolution=(1e4 / 0.5, 1e4 / 0.5),
-        resolutionunit="CENTIMETER",
-    )
+    write_tiff(path, _stain(truth, rng), um=0.5, photometric="rgb", tile=(256, 256))
     source = open_image(path)
     assert len(source.levels) == 1  # single level: averaged down lazily
     mask = detect_tissue(source, (600, 900))
@@ -188,13 +183,7 @@ def test_fluorescence_16bit(tmp_path):
     cells = np.repeat(np.repeat(rng.random((128, 128)) < 0.3, 8, 0), 8, 1)
     image[truth] += 500 + 2500 * cells[truth]  # cytoplasm + nuclei
     path = tmp_path / "fluo.tif"
-    tifffile.imwrite(
-        path,
-        image.astype(np.uint16),
-        photometric="minisblack",
-        resolution=(1e4 / 0.65, 1e4 / 0.65),
-        resolutionunit="CENTIMETER",
-    )
+    write_tiff(path, image.astype(np.uint16), um=0.65, photometric="minisblack")
     mask = detect_tissue(open_image(path), shape)
     assert mask.method == "fluorescence-threshold"
     assert mask.fraction == pytest.approx(truth.mean(), abs=0.05)
@@ -250,6 +239,62 @@ def test_real_slide_without_pixel_size(data_dir):
     print(f"tcga-cr-7395: tissue fraction {mask.fraction:.3f} ({mask.mask.shape} cells)")
     assert mask.scale == pytest.approx((16.0, 16.0), rel=1e-3)
     assert 0.4 < mask.fraction < 0.9
+
+
+# --------------------------------------------------------------------------- model's pixels
+
+
+@pytest.fixture(scope="module")
+def colour_models(tmp_path_factory):
+    """The same slide three ways: a palette TIFF and the RGB it maps to; and a
+    MINISWHITE fluorescence image (stored inverted) and the plain gray it means."""
+    folder = tmp_path_factory.mktemp("colour")
+    rng = np.random.default_rng(11)
+    shape = (1024, 1536)
+    truth = _ellipse(shape, (500, 700), (330, 450))
+    rgb = _stain(truth, rng)
+    # palette: 256 colours between glass and nuclei; each pixel the nearest on the line
+    line = np.linspace(0.0, 1.0, 256)[:, None]
+    colours = np.rint(np.array(GLASS) * (1 - line) + np.array(PURPLE) * line).astype(np.uint8)
+    ink = (np.array(GLASS, float) - rgb.astype(float)) @ (np.array(GLASS) - np.array(PURPLE))
+    index = np.clip(np.rint(ink / ink.max() * 255), 0, 255).astype(np.uint8)
+    mapped = colours[index]  # what the palette image looks like
+    cmap = colours.T.astype(np.uint16) * 257  # TIFF colour maps are 16-bit
+    bright = (20 + rng.integers(0, 15, size=shape)).astype(np.uint8)  # dark background
+    bright[truth] = 150 + rng.integers(0, 60, size=int(truth.sum()))  # bright cells
+    at = {"um": 1.0, "tile": (256, 256)}
+    return {
+        "palette": write_tiff(folder / "p.tif", index, photometric="palette", colormap=cmap, **at),
+        "rgb": write_tiff(folder / "rgb.tif", mapped, photometric="rgb", **at),
+        "miniswhite": write_tiff(folder / "inv.tif", 255 - bright, photometric="miniswhite", **at),
+        "gray": write_tiff(folder / "gray.tif", bright, photometric="minisblack", **at),
+        "truth": truth,
+        "mapped": mapped,
+        "bright": bright,
+    }
+
+
+@pytest.mark.parametrize(("converted", "plain"), [("palette", "rgb"), ("miniswhite", "gray")])
+def test_tissue_detection_sees_the_models_pixels(colour_models, converted, plain):
+    """Detection reads a palette image through its colour map and a MINISWHITE image
+    inverted, as the model does: it finds the same tissue as on the plain image those
+    pixels mean (reading the stored indices or the inverted values would not)."""
+    truth = colour_models["truth"]
+    model = open_for_model(colour_models[converted], ndim=2, in_channels=0)
+    expected = colour_models["mapped" if plain == "rgb" else "bright"]
+    expected = expected.transpose(2, 0, 1) if expected.ndim == 3 else expected[None]
+    np.testing.assert_array_equal(model.array.compute(), expected)  # the model's input
+    # the detection view at the model's level is that same array
+    np.testing.assert_array_equal(open_level(model.ref, 0).array.compute(), expected)
+    seen = detect_tissue(model, truth.shape)
+    again = detect_tissue(open_image(colour_models[converted]), truth.shape)
+    reference = detect_tissue(open_image(colour_models[plain]), truth.shape)
+    assert seen.method == again.method == reference.method
+    assert not seen.method.endswith(":no-background")
+    np.testing.assert_array_equal(seen.mask, reference.mask)
+    np.testing.assert_array_equal(again.mask, reference.mask)
+    assert seen.scale == reference.scale == (8.0, 8.0)
+    assert _iou(seen.mask, _block_mean(truth, 8)) > 0.9
 
 
 # --------------------------------------------------------------------------- geometry

@@ -22,13 +22,18 @@ import os
 import re
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from pipeline.backends.base import Backend, ModelSpec
+from pipeline.backends.base import (
+    Backend,
+    ModelSpec,
+    check_batch,
+    check_channels,
+    check_output,
+    check_tile,
+)
 from pipeline.backends.files import (
     GEOMETRY,
     load_onnx_proto,
@@ -40,6 +45,7 @@ from pipeline.backends.files import (
     validate_fields,
 )
 from pipeline.backends.identity import IdentityBackend, identity_spec
+from pipeline.config import BACKENDS, PRECISIONS
 from pipeline.errors import ConfigError, DeviceError, ModelError
 
 __all__ = [
@@ -58,8 +64,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torchscript", "onnx", "identity")
-PRECISIONS = ("fp32", "fp16", "bf16")
 OVERRIDABLE = GEOMETRY + ("activation", "normalize")
 _SPEC_CACHE: dict[tuple[str, ...], ModelSpec] = {}
 _SPEC_LOCK = threading.Lock()
@@ -110,68 +114,6 @@ def resolve_device(device: str) -> str:
             hint=f"use cuda:0 ... cuda:{count - 1}, or check CUDA_VISIBLE_DEVICES",
         )
     return text
-
-
-def check_channels(spec: ModelSpec, n: int, where: str | os.PathLike | None) -> None:
-    """Raise ``ModelError(reason="channel-mismatch")`` unless the model takes ``n`` channels."""
-    if spec.in_channels and n != spec.in_channels:
-        raise ModelError(
-            f"got {n} channels, model expects {spec.in_channels}",
-            where=where,
-            reason="channel-mismatch",
-            hint=f"convert the image to {spec.in_channels} channel(s) or use a model trained on {n}",
-        )
-
-
-def check_tile(spec: ModelSpec, tile: Sequence[int]) -> None:
-    """Raise ConfigError unless every size of ``tile`` is ``min_tile + k * step``."""
-    tile = tuple(int(t) for t in tile)
-    if len(tile) != spec.ndim:
-        raise ConfigError(
-            f"tile {tile} has {len(tile)} axes, the model takes {spec.ndim}",
-            where="tile",
-        )
-    for size in tile:
-        if size < spec.min_tile:
-            raise ConfigError(
-                f"tile {tile} is not accepted by the model: {size} is below its minimum "
-                f"{spec.min_tile}",
-                where="tile",
-                hint=f"the smallest accepted size is {spec.min_tile} (then + k * {spec.step})",
-            )
-        if not spec.accepts_tile(size):
-            below, above = spec.nearest_tiles(size)
-            raise ConfigError(
-                f"tile {tile} is not accepted by the model: {size} is not {spec.min_tile} + "
-                f"k * {spec.step}",
-                where="tile",
-                hint=f"nearest accepted sizes: {below} or {above}",
-            )
-
-
-def check_batch(spec: ModelSpec, batch: np.ndarray) -> None:
-    """Check a ``(B, C, *spatial)`` batch against the spec before running the model."""
-    if not isinstance(batch, np.ndarray) or batch.ndim != spec.ndim + 2:
-        shape = getattr(batch, "shape", None)
-        raise ConfigError(
-            f"expected a (B, C, {spec.ndim} spatial axes) array, got shape {shape}",
-            where="batch",
-        )
-    check_channels(spec, batch.shape[1], "batch")
-    check_tile(spec, batch.shape[2:])
-
-
-def check_output(spec: ModelSpec, in_shape: Sequence[int], out_shape: Sequence[int]) -> None:
-    """Raise ModelError when the model's output disagrees with its spec."""
-    classes = spec.classes or in_shape[1]
-    expected = (in_shape[0], classes, *(spec.output_size(s) for s in in_shape[2:]))
-    if tuple(out_shape) != expected:
-        raise ModelError(
-            f"model returned shape {tuple(out_shape)} for input {tuple(in_shape)}, expected "
-            f"{expected}",
-            where=spec.path,
-            hint="the embedded or probed geometry is wrong: pass classes/margin as overrides",
-        )
 
 
 def _check_overrides(overrides: Mapping[str, Any] | None) -> dict[str, Any]:

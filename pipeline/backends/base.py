@@ -1,19 +1,36 @@
-"""The backend protocol and the model geometry every backend reports.
+"""The backend protocol, the model geometry every backend reports, and the checks of
+what goes into a model and comes out of it.
 
 A backend maps a batch of normalised tiles ``(B, C, *spatial)`` float32 to
 probabilities ``(B, K, *spatial_out)`` float32, where ``spatial_out`` is the input
-size minus ``2 * margin`` on every spatial axis.
+size minus ``2 * margin`` on every spatial axis. :class:`CheckedBackend` checks both
+sides of every batch (:func:`check_batch`, :func:`check_output`) around the runtime's
+own call, once, for every backend.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
 
-ACTIVATIONS = ("sigmoid", "softmax", "none")
-NORMALIZATIONS = ("dtype", "none")
+from pipeline.config import ACTIVATIONS, NORMALIZATIONS
+from pipeline.errors import ChannelMismatchError, ConfigError, ModelError, TileError
+
+__all__ = [
+    "ACTIVATIONS",
+    "NORMALIZATIONS",
+    "Backend",
+    "CheckedBackend",
+    "ModelSpec",
+    "check_batch",
+    "check_channels",
+    "check_output",
+    "check_tile",
+]
 
 
 @dataclass(frozen=True)
@@ -103,3 +120,101 @@ class Backend(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class CheckedBackend:
+    """What every backend shares: the checks around a batch, and a context manager.
+
+    Subclasses set ``spec`` (the model's spec; a model file is loaded from
+    ``spec.path``) and ``device`` (a resolved device: ``cpu``, ``cuda`` or ``cuda:N``),
+    and implement :meth:`run`.
+    """
+
+    spec: ModelSpec
+    device: str
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """``(B, C, *spatial)`` float32 → ``(B, K, *(spatial - 2*margin))`` float32."""
+        check_batch(self.spec, batch)
+        out = self.run(batch)
+        check_output(self.spec, batch.shape, out.shape)
+        return out
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """The runtime's forward pass on a checked batch."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the runtime holds (nothing by default)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def check_channels(spec: ModelSpec, n: int, where: str | os.PathLike | None) -> None:
+    """Raise :class:`ChannelMismatchError` unless the model takes ``n`` channels."""
+    if spec.in_channels and n != spec.in_channels:
+        raise ChannelMismatchError(
+            f"got {n} channels, model expects {spec.in_channels}",
+            where=where,
+            hint=f"convert the image to {spec.in_channels} channel(s) or use a model trained on {n}",
+        )
+
+
+def check_tile(spec: ModelSpec, tile: Sequence[int], where: str = "tile") -> None:
+    """Raise :class:`TileError` unless every size of ``tile`` is ``min_tile + k * step``.
+
+    The one check of a tile size, for ``--tile`` and for every batch.
+    """
+    tile = tuple(int(t) for t in tile)
+    if len(tile) != spec.ndim:
+        raise TileError(
+            f"tile {tile} has {len(tile)} axes, the model takes {spec.ndim}",
+            where=where,
+            hint=f"give one size or {spec.ndim} sizes",
+        )
+    for size in tile:
+        if size < spec.min_tile:
+            raise TileError(
+                f"tile {size} is not accepted by the model (tile {tile}): below its minimum "
+                f"{spec.min_tile}",
+                where=where,
+                hint=f"the smallest accepted size is {spec.min_tile} (then + k * {spec.step})",
+            )
+        if not spec.accepts_tile(size):
+            below, above = spec.nearest_tiles(size)
+            raise TileError(
+                f"tile {size} is not accepted by the model (tile {tile}): sizes are "
+                f"{spec.min_tile} + k * {spec.step}",
+                where=where,
+                hint=f"nearest accepted sizes: {below} or {above}",
+            )
+
+
+def check_batch(spec: ModelSpec, batch: np.ndarray) -> None:
+    """Check a ``(B, C, *spatial)`` batch against the spec before running the model."""
+    if not isinstance(batch, np.ndarray) or batch.ndim != spec.ndim + 2:
+        shape = getattr(batch, "shape", None)
+        raise ConfigError(
+            f"expected a (B, C, {spec.ndim} spatial axes) array, got shape {shape}",
+            where="batch",
+        )
+    check_channels(spec, batch.shape[1], "batch")
+    check_tile(spec, batch.shape[2:])
+
+
+def check_output(spec: ModelSpec, in_shape: Sequence[int], out_shape: Sequence[int]) -> None:
+    """Raise ModelError when the model's output disagrees with its spec (checked once per
+    batch, by :class:`CheckedBackend`)."""
+    classes = spec.classes or in_shape[1]
+    expected = (in_shape[0], classes, *(spec.output_size(s) for s in in_shape[2:]))
+    if tuple(out_shape) != expected:
+        raise ModelError(
+            f"model returned shape {tuple(out_shape)} for input {tuple(in_shape)}, expected "
+            f"{expected}",
+            where=spec.path,
+            hint="the embedded or probed geometry is wrong: pass classes/margin as overrides",
+        )

@@ -27,7 +27,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.backends.base import ACTIVATIONS, NORMALIZATIONS, ModelSpec
+from pipeline.backends.base import ModelSpec
+from pipeline.config import ACTIVATIONS, NORMALIZATIONS
 from pipeline.errors import ModelError
 
 if TYPE_CHECKING:
@@ -36,7 +37,6 @@ if TYPE_CHECKING:
 METADATA_KEY = "pipeline"
 EXTRA_FILE = "pipeline.json"
 FORMAT_VERSION = 1
-FORMATS = ("torchscript", "onnx")
 GEOMETRY = ("ndim", "in_channels", "classes", "margin", "step", "min_tile")
 CORE = GEOMETRY + ("activation", "normalize")
 EXPORT_HINT = "export one with `pipeline export`, or pass a TorchScript (.pt) or ONNX (.onnx) file"

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.backends.base import ModelSpec
+from pipeline.backends.base import CheckedBackend, ModelSpec
 from pipeline.backends.files import validate_fields
 from pipeline.errors import ConfigError
 
@@ -47,24 +47,12 @@ def identity_spec(overrides: Mapping[str, Any] | None = None) -> ModelSpec:
     )
 
 
-class IdentityBackend:
+class IdentityBackend(CheckedBackend):
     """Returns a float32 copy of its input; ``classes=0`` means "as many as the input"."""
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
         self.device = "cpu"
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        from pipeline.backends import check_batch
-
-        check_batch(self.spec, batch)
+    def run(self, batch: np.ndarray) -> np.ndarray:
         return np.array(batch, dtype=np.float32, copy=True)
-
-    def close(self) -> None:
-        """Nothing to release."""
-
-    def __enter__(self) -> IdentityBackend:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.backends.base import ModelSpec
+from pipeline.backends.base import CheckedBackend, ModelSpec
 from pipeline.errors import DeviceError, ModelError
 
 log = logging.getLogger(__name__)
@@ -108,15 +108,13 @@ def probe_runner(path: str | Path) -> tuple[Callable[[np.ndarray], np.ndarray], 
     return run, input_facts(session)
 
 
-class OnnxBackend:
+class OnnxBackend(CheckedBackend):
     """One ONNX model in an onnxruntime session.
 
     Parameters
     ----------
-    spec
-        The model's spec (``spec.path`` is loaded).
-    device
-        A resolved device: ``cpu``, ``cuda`` or ``cuda:N``.
+    spec, device
+        See :class:`~pipeline.backends.base.CheckedBackend`.
     threads
         ``SessionOptions.intra_op_num_threads`` (None: onnxruntime's default).
     """
@@ -129,11 +127,7 @@ class OnnxBackend:
         # Some exports fix the batch size (often 1): feed them in slices of that size.
         self._batch = input_facts(self._session)["batch"]
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        """``(B, C, *spatial)`` float32 → ``(B, K, *(spatial - 2*margin))`` float32."""
-        from pipeline.backends import check_batch, check_output
-
-        check_batch(self.spec, batch)
+    def run(self, batch: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(batch, dtype=np.float32)
         if self._batch is None or self._batch == x.shape[0]:
             out = self._session.run(None, {self._input: x})[0]
@@ -149,16 +143,8 @@ class OnnxBackend:
                 where=self.spec.path,
                 hint=f"use a batch size that is a multiple of {self._batch}",
             )
-        out = np.asarray(out, dtype=np.float32)
-        check_output(self.spec, batch.shape, out.shape)
-        return out
+        return np.asarray(out, dtype=np.float32)
 
     def close(self) -> None:
         """Release the session (and its GPU memory arena)."""
         self._session = None
-
-    def __enter__(self) -> OnnxBackend:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.backends.base import ModelSpec
+from pipeline._compat import jit_inference, jit_load
+from pipeline.backends.base import CheckedBackend, ModelSpec
 from pipeline.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -22,8 +23,6 @@ log = logging.getLogger(__name__)
 
 def load_module(path: str | Path, device: str = "cpu") -> Any:
     """Load a TorchScript module for inference, or raise ModelError naming the file."""
-    from pipeline._compat import jit_load
-
     try:
         module = jit_load(path, map_location=device)
     except Exception as exc:  # torch raises RuntimeError/ValueError with long C++ traces
@@ -48,8 +47,6 @@ def probe_runner(path: str | Path) -> Callable[[np.ndarray], np.ndarray]:
     """A CPU ``run(x) -> y`` over numpy arrays, for :mod:`pipeline.backends.probe`."""
     import torch
 
-    from pipeline._compat import jit_inference
-
     module = load_module(path, "cpu")
 
     def run(x: np.ndarray) -> np.ndarray:
@@ -59,15 +56,13 @@ def probe_runner(path: str | Path) -> Callable[[np.ndarray], np.ndarray]:
     return run
 
 
-class TorchScriptBackend:
+class TorchScriptBackend(CheckedBackend):
     """One TorchScript model on one device.
 
     Parameters
     ----------
-    spec
-        The model's spec (``spec.path`` is loaded).
-    device
-        A resolved device: ``cpu``, ``cuda`` or ``cuda:N``.
+    spec, device
+        See :class:`~pipeline.backends.base.CheckedBackend`.
     precision
         ``fp32``; ``fp16``/``bf16`` run under autocast and need a CUDA device (checked
         by :func:`pipeline.backends.load_backend`).
@@ -99,22 +94,15 @@ class TorchScriptBackend:
             return contextlib.nullcontext()
         return torch.autocast(device_type="cuda", dtype=self._autocast_dtype)
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        """``(B, C, *spatial)`` float32 → ``(B, K, *(spatial - 2*margin))`` float32."""
+    def run(self, batch: np.ndarray) -> np.ndarray:
         import torch
 
-        from pipeline._compat import jit_inference
-        from pipeline.backends import check_batch, check_output
-
-        check_batch(self.spec, batch)
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
         if self._cuda:
             x = x.to(self.device, non_blocking=True)
         with jit_inference(), self._autocast():
             y = _first_tensor(self._module(x))
-        out = y.float().cpu().numpy()
-        check_output(self.spec, batch.shape, out.shape)
-        return out
+        return y.float().cpu().numpy()
 
     def close(self) -> None:
         """Drop the module and return cached GPU memory."""
@@ -123,9 +111,3 @@ class TorchScriptBackend:
             import torch
 
             torch.cuda.empty_cache()
-
-    def __enter__(self) -> TorchScriptBackend:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -39,14 +39,20 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from ..errors import InputError
-from ..report import InputResult
-from .sink import sanitize_name
+from pipeline.errors import (
+    DUPLICATE,
+    NOT_AN_IMAGE,
+    UNREADABLE_FOLDER,
+    InputError,
+    NotFoundError,
+    PipelineError,
+    message,
+)
+from pipeline.io.formats import SEARCHED_SUFFIXES, is_zarr_dir
+from pipeline.io.sink import sanitize_name
+from pipeline.report import InputResult
 
-#: What a folder search picks up when the caller names no extensions (RunConfig's default).
-IMAGE_SUFFIXES = (".svs", ".ndpi", ".tif", ".tiff", ".btf", ".qptiff", ".scn", ".zarr")
 LIST_SUFFIXES = (".txt", ".list")
-_ZARR_MARKERS = ("zarr.json", ".zarray", ".zgroup")
 
 
 class Found(NamedTuple):
@@ -66,11 +72,6 @@ class Found(NamedTuple):
     results: list[InputResult]
 
 
-def is_zarr_dir(path: str | os.PathLike) -> bool:
-    """True if ``path`` is a folder with Zarr v2 or v3 metadata at its root."""
-    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, m)) for m in _ZARR_MARKERS)
-
-
 def is_list_file(arg: str | os.PathLike) -> bool:
     """True if ``arg`` names a list of inputs (by suffix; it need not exist)."""
     return os.fspath(arg).lower().endswith(LIST_SUFFIXES) and not os.path.isdir(arg)
@@ -78,7 +79,7 @@ def is_list_file(arg: str | os.PathLike) -> bool:
 
 def find_inputs(
     args: Sequence[str | os.PathLike],
-    extensions: Iterable[str] = IMAGE_SUFFIXES,
+    extensions: Iterable[str] = SEARCHED_SUFFIXES,
     exclude: Iterable[str | os.PathLike] = (),
 ) -> Found:
     """Expand files, list files and folders into the inputs to run.
@@ -104,19 +105,17 @@ def find_inputs(
             for line, entry in read_list(arg):
                 listed = f"listed in {os.fspath(arg)} line {line}"
                 if not os.path.lexists(entry):
-                    search.results.append(
-                        _result(
-                            entry,
-                            "failed",
-                            "not-found",
-                            f"{entry}: does not exist ({listed}). "
-                            "Hint: check the path; relative paths start at the list's folder",
+                    search.fail(
+                        NotFoundError(
+                            f"does not exist ({listed})",
+                            where=entry,
+                            hint="check the path; relative paths start at the list's folder",
                         )
                     )
                 elif is_list_file(entry):
                     search.skip(
                         entry,
-                        "not-an-image",
+                        NOT_AN_IMAGE,
                         f"is a list file ({listed})",
                         "lists are not expanded inside lists; name its entries in the first one",
                     )
@@ -128,7 +127,7 @@ def find_inputs(
     results = [
         r
         for r in search.results
-        if r.reason != "not-an-image" or os.path.realpath(r.path) not in search.seen
+        if r.reason != NOT_AN_IMAGE or os.path.realpath(r.path) not in search.seen
     ]
     return Found(search.paths, results)
 
@@ -140,8 +139,8 @@ def read_list(list_file: str | os.PathLike) -> list[tuple[int, str]]:
     try:
         text = Path(where).read_text(encoding="utf-8-sig")
     except FileNotFoundError:
-        raise InputError(
-            "list file does not exist", where=where, hint="check the path", reason="not-found"
+        raise NotFoundError(
+            "list file does not exist", where=where, hint="check the path"
         ) from None
     except UnicodeDecodeError as exc:
         raise InputError(
@@ -185,15 +184,21 @@ class _Search:
     def take(self, path: str) -> None:
         real = os.path.realpath(path)
         if real in self.excluded:
-            self.skip(path, "duplicate", "is the output of this run", "not read as an input")
+            self.skip(path, DUPLICATE, "is the output of this run", "not read as an input")
         elif real in self.seen:
-            self.skip(path, "duplicate", f"is the same file as {self.seen[real]}", "it runs once")
+            self.skip(path, DUPLICATE, f"is the same file as {self.seen[real]}", "it runs once")
         else:
             self.seen[real] = path
             self.paths.append(path)
 
     def skip(self, path: str, reason: str, problem: str, hint: str) -> None:
-        self.results.append(_result(path, "skipped", reason, f"{path}: {problem}. Hint: {hint}"))
+        """Left out by design (not a failure): ``reason`` is :data:`NOT_AN_IMAGE` or
+        :data:`DUPLICATE`."""
+        self.results.append(_result(path, "skipped", reason, message(problem, path, hint)))
+
+    def fail(self, error: PipelineError) -> None:
+        """An input that should be there and cannot be run."""
+        self.results.append(_result(error.where or "", "failed", error.reason, error.message))
 
     def walk(self, folder: str) -> None:
         real = os.path.realpath(folder)
@@ -204,13 +209,12 @@ class _Search:
             with os.scandir(folder) as it:
                 entries = sorted(it, key=lambda e: e.name)
         except OSError as exc:
-            self.results.append(
-                _result(
-                    folder,
-                    "failed",
-                    "unreadable-folder",
-                    f"{folder}: cannot list the folder ({exc.strerror or exc}); slides in it were "
-                    "not run. Hint: check its permissions",
+            self.fail(
+                InputError(
+                    f"cannot list the folder ({exc.strerror or exc}); slides in it were not run",
+                    where=folder,
+                    hint="check its permissions",
+                    reason=UNREADABLE_FOLDER,
                 )
             )
             return
@@ -225,7 +229,7 @@ class _Search:
             elif wanted and entry.name.startswith("._"):
                 self.skip(
                     path,
-                    "not-an-image",
+                    NOT_AN_IMAGE,
                     "is a macOS metadata file (AppleDouble), not a slide",
                     "it is made when copying from a Mac; it can be deleted",
                 )
@@ -235,7 +239,7 @@ class _Search:
                 suffix = os.path.splitext(entry.name)[1].lower() or "(none)"
                 self.skip(
                     path,
-                    "not-an-image",
+                    NOT_AN_IMAGE,
                     f"suffix {suffix} is not searched ({', '.join(self.extensions)})",
                     "name the file itself, or add its suffix with --extensions",
                 )
@@ -248,5 +252,5 @@ def _is_dir(entry: os.DirEntry) -> bool:
         return False
 
 
-def _result(path: str, state: str, reason: str, message: str) -> InputResult:
-    return InputResult(path, sanitize_name(path), state=state, reason=reason, message=message)
+def _result(path: str, state: str, reason: str, text: str) -> InputResult:
+    return InputResult(path, sanitize_name(path), state=state, reason=reason, message=text)

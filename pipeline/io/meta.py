@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 #: Series names (lower case) of the small pictures slide scanners store beside the slide.
 ASSOCIATED_NAMES = frozenset(
@@ -75,8 +75,8 @@ class SeriesInfo:
 
     index: int
     name: str
-    axes: str  # canonical letters from "tczyx", after :func:`layout.plan_axes`
-    index_plan: tuple[Any, ...]  # indexes the stored array down to ``axes``
+    axes: str  # canonical letters from "tczyx", see :func:`pipeline.io.axes.select_axes`
+    selection: tuple[Any, ...]  # AxisSelection.index: the stored array down to ``axes``
     levels: tuple[LevelInfo, ...]  # shapes already in ``axes``
     pixel_size: dict[str, float]  # level 0, µm
     locators: tuple[tuple[Any, ...], ...]  # per level, how the format module reopens it
@@ -147,7 +147,7 @@ def clean_pixel_size(
         if size is None:
             continue
         if not is_plausible_um(size):
-            logger.warning("%s: ignoring implausible %s pixel size %r µm", where, axis, size)
+            log.warning("%s: ignoring implausible %s pixel size %r µm", where, axis, size)
             if rejected is not None:
                 rejected[axis] = float(size)
             continue
@@ -177,7 +177,7 @@ def level_pixel_size(
         out[axis] = size
         claimed = (declared or {}).get(axis)
         if claimed and abs(claimed - size) / size > SCALE_TOLERANCE:
-            logger.warning(
+            log.warning(
                 "%s: level declares %s pixel size %.6g µm but its shape implies %.6g µm; "
                 "using the shape",
                 where,

@@ -9,7 +9,6 @@ further pyramid level is computed from the previous one with chunk-aligned Dask 
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import re
 import shutil
@@ -22,25 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import OutputError
+from pipeline.errors import OutputError
+from pipeline.io import ngff
+from pipeline.io.formats import NAME_SUFFIXES
 
-log = logging.getLogger(__name__)
-
-_SUFFIXES = (
-    ".ome.tiff",
-    ".ome.tif",
-    ".ome.zarr",
-    ".tiff",
-    ".tif",
-    ".svs",
-    ".ndpi",
-    ".zarr",
-    ".qptiff",
-    ".btf",
-    ".scn",
-)
 _ARRAY_CONFIG = {"write_empty_chunks": False}
-UNITS = {"micrometer"}
 _WINDOWS_DEVICES = {
     "CON",
     "PRN",
@@ -65,7 +50,7 @@ def sanitize_name(path: str | os.PathLike) -> str:
     """
     name = Path(os.fspath(path).rstrip("/\\")).name
     lower = name.lower()
-    for suffix in _SUFFIXES:
+    for suffix in NAME_SUFFIXES:
         if lower.endswith(suffix) and len(name) > len(suffix):
             name = name[: -len(suffix)]
             break
@@ -251,33 +236,13 @@ def write_pyramid(writer: ImageWriter, min_size: int = 256) -> int:
 def write_metadata(
     writer: ImageWriter, levels: int, pixel_size: dict[str, float], attrs: dict[str, Any]
 ) -> None:
-    """NGFF 0.5 multiscales (level 0 first) plus provenance under ``pipeline``."""
+    """NGFF multiscales (level 0 first, see :mod:`pipeline.io.ngff`) plus provenance
+    under ``pipeline``."""
     import zarr
 
     group = zarr.open_group(str(writer.staging), mode="r+")
-    axes_meta = ngff_axes(writer.axes, pixel_size)
-    datasets = []
-    for level in range(levels):
-        scale = []
-        for a in writer.axes:
-            factor = 2**level if a in "yx" else 1
-            scale.append(1.0 if a == "c" else float(pixel_size.get(a, 1.0)) * factor)
-        datasets.append(
-            {"path": str(level), "coordinateTransformations": [{"type": "scale", "scale": scale}]}
-        )
-    multiscales = [{"name": writer.name, "axes": axes_meta, "datasets": datasets, "type": "mean"}]
-    group.attrs.update({"ome": {"version": "0.5", "multiscales": multiscales}, "pipeline": attrs})
-
-
-def ngff_axes(axes: str, pixel_size: dict[str, float]) -> list[dict]:
-    """NGFF axes metadata: ``c`` a channel axis, the others space in micrometres when known."""
-    out = []
-    for a in axes:
-        entry = {"name": a, "type": "channel" if a == "c" else "space"}
-        if a != "c" and a in pixel_size:
-            entry["unit"] = "micrometer"
-        out.append(entry)
-    return out
+    multiscale = ngff.multiscale(writer.name, writer.axes, pixel_size, levels, "mean")
+    group.attrs.update({**ngff.ome({"multiscales": [multiscale]}), "pipeline": attrs})
 
 
 def publish(writer: ImageWriter) -> Path:

@@ -21,47 +21,28 @@ Conventions
 from __future__ import annotations
 
 import functools
-import logging
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.errors import InputError
+from pipeline.errors import (
+    CorruptInputError,
+    InputError,
+    NotFoundError,
+    UnsupportedFormatError,
+)
 from pipeline.io import lazy
-from pipeline.io.layout import to_model_layout
+from pipeline.io.formats import TIFF_SUFFIXES, ZARR_MARKERS, is_zarr_dir
 from pipeline.io.meta import FileInfo, SeriesInfo, level_pixel_size
 from pipeline.io.tiff import inspect_tiff
-from pipeline.io.zarr_source import inspect_zarr, is_zarr_dir
+from pipeline.io.zarr_source import inspect_zarr
 
 if TYPE_CHECKING:
     import dask.array
 
-__all__ = [
-    "ImageSource",
-    "describe",
-    "open_image",
-    "open_image_cached",
-    "series_info",
-    "to_model_layout",
-    "TIFF_SUFFIXES",
-]
-
-logger = logging.getLogger(__name__)
-
-TIFF_SUFFIXES = (
-    ".tif",
-    ".tiff",
-    ".svs",
-    ".ndpi",
-    ".qptiff",
-    ".btf",
-    ".tf8",
-    ".tf2",
-    ".scn",
-    ".bif",
-)
+__all__ = ["ImageSource", "describe", "open_image", "open_image_cached", "series_info"]
 
 #: A stored tile or strip must be decoded whole to read any pixel of it: one larger than
 #: this (a huge compressed strip, a tile that declares a giant size) is refused, since
@@ -164,7 +145,7 @@ def open_image(
         file.kind,
         where,
         chosen.locators[level],
-        chosen.index_plan,
+        chosen.selection,
         stored.shape,
         stored.dtype,
         stamp or lazy.fingerprint(where),
@@ -204,7 +185,10 @@ def open_image_cached(
 
 
 @functools.lru_cache(maxsize=16)
-def _open_cached(path: str, series: int | None, level: int, stamp: lazy.Fingerprint) -> ImageSource:
+def _open_cached(
+    path: str, series: int | None, level: int, _stamp: lazy.Fingerprint
+) -> ImageSource:
+    # _stamp: only part of the cache key, so that a changed file is opened again
     return open_image(path, series=series, level=level)
 
 
@@ -320,20 +304,18 @@ def _choose_series(file: FileInfo, series: int | None) -> SeriesInfo:
 def _check_level(where: str, s: SeriesInfo, level: int) -> None:
     stored = s.levels[level]
     if stored.problem:
-        raise InputError(
+        raise CorruptInputError(
             f"is damaged: series {s.index} {stored.problem}",
             where=where,
             hint="the export or copy did not finish, or the scanner skipped tiles; "
             "re-export or re-transfer it (reading on would paint the holes black)",
-            reason="corrupt-input",
         )
     if s.info.get("unreadable"):
-        raise InputError(
+        raise UnsupportedFormatError(
             f"series {s.index} {s.info['unreadable']}",
             where=where,
             hint="install imagecodecs with that codec, or convert the file "
             "(e.g. to OME-Zarr or a JPEG/zlib-compressed TIFF)",
-            reason="unsupported-format",
         )
     if 0 in stored.shape:
         raise InputError(
@@ -346,7 +328,7 @@ def _check_level(where: str, s: SeriesInfo, level: int) -> None:
     chunk_bytes = int(np.prod(stored.chunks)) * itemsize
     if chunk_bytes > MAX_STORED_CHUNK_BYTES:
         total = int(np.prod(stored.shape)) * itemsize
-        raise InputError(
+        raise UnsupportedFormatError(
             f"stores series {s.index} level {level} ({' x '.join(map(str, stored.shape))} "
             f"{stored.dtype}, {_size(total)} decoded) in compressed pieces of {_size(chunk_bytes)} "
             f"(chunks {stored.chunks}); reading any region would decode a whole piece, "
@@ -354,7 +336,6 @@ def _check_level(where: str, s: SeriesInfo, level: int) -> None:
             where=where,
             hint="re-save it tiled, e.g. as a tiled TIFF or OME-Zarr with 512-1024 px "
             "chunks (uncompressed striped TIFFs are read in place and need no conversion)",
-            reason="unsupported-format",
         )
 
 
@@ -373,15 +354,14 @@ def _inspect(where: str) -> FileInfo:
 def _detect(where: str) -> str:
     """``"tiff"`` or ``"zarr"``; an InputError for anything that cannot be read."""
     if not os.path.lexists(where):
-        raise InputError("does not exist", where=where, hint="check the path", reason="not-found")
+        raise NotFoundError("does not exist", where=where, hint="check the path")
     try:
         os.stat(where)
     except FileNotFoundError as exc:
-        raise InputError(
+        raise NotFoundError(
             "is a symbolic link to a missing file",
             where=where,
             hint="fix or remove the link",
-            reason="not-found",
         ) from exc
     except OSError as exc:
         raise InputError(
@@ -393,7 +373,8 @@ def _detect(where: str) -> str:
         if is_zarr_dir(where):
             return "zarr"
         raise InputError(
-            "is a folder but not a Zarr array or OME-Zarr image (no zarr.json, .zarray or .zgroup)",
+            "is a folder but not a Zarr array or OME-Zarr image "
+            f"(no {', '.join(ZARR_MARKERS[:-1])} or {ZARR_MARKERS[-1]})",
             where=where,
             hint="pass an image file, or the root folder of a Zarr/OME-Zarr image",
         )
@@ -407,11 +388,10 @@ def _detect_file(where: str) -> str:
         hint = f"supported: {', '.join(TIFF_SUFFIXES)} files and Zarr/OME-Zarr folders"
         if suffix in _CONVERTIBLE:
             hint += "; convert it, e.g. with bioformats2raw to OME-Zarr"
-        raise InputError(
+        raise UnsupportedFormatError(
             f"has an unsupported file type {suffix or '(no extension)'!r}",
             where=where,
             hint=hint,
-            reason="unsupported-format",
         )
     if os.path.getsize(where) == 0:
         raise InputError(

@@ -28,7 +28,7 @@ import tifffile
 import zarr
 
 from pipeline.errors import InputError
-from pipeline.io.layout import apply_plan, plan_axes
+from pipeline.io.axes import select_axes
 from pipeline.io.meta import (
     FileInfo,
     LevelInfo,
@@ -39,9 +39,9 @@ from pipeline.io.meta import (
 )
 from pipeline.io.tiff_guard import guard_decoders
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
-#: tifffile axis letters → labels :func:`plan_axes` understands.
+#: tifffile axis letters → labels :func:`~pipeline.io.axes.select_axes` understands.
 _AXIS_LABELS = {"T": "t", "C": "c", "Z": "z", "Y": "y", "X": "x", "S": "s", "I": "i", "Q": "i"}
 
 #: Screen and print resolutions: a TIFF in inches with at most this many pixels per inch
@@ -54,7 +54,8 @@ _RESUNIT_UM = {2: 25400.0, 3: 10000.0}  # INCH, CENTIMETER
 #: Locator tag of levels read through a memory map instead of tifffile's Zarr store.
 MEMMAP = "memmap"
 
-#: Side of the pieces a memory-mapped (untiled, uncompressed) level is planned in.
+#: Side of the pieces a memory-mapped (untiled, uncompressed) level is read in (its
+#: storage chunks as far as dask chunking and error messages are concerned).
 MEMMAP_PIECE = 512
 
 #: Levels with more pages than this have only their first and last page checked for
@@ -194,12 +195,13 @@ def _file_info(tif: tifffile.TiffFile) -> dict[str, Any]:
 
 def _series_info(tif: tifffile.TiffFile, index: int, where: str) -> SeriesInfo:
     series = tif.series[index]
-    plan, axes = plan_axes([_AXIS_LABELS.get(a, a) for a in series.axes], series.shape, where)
+    selection = select_axes([_AXIS_LABELS.get(a, a) for a in series.axes], series.shape, where)
+    axes = selection.axes
     levels, locators = [], []
     for number, stored_level in enumerate(series.levels):
         stored = zarr.open_array(series.aszarr(level=number), mode="r")
-        if stored.ndim != len(plan):
-            logger.warning("%s: series %d level %d has other axes; ignored", where, index, number)
+        if stored.ndim != len(selection.index):
+            log.warning("%s: series %d level %d has other axes; ignored", where, index, number)
             continue
         locator: tuple[Any, ...] = (index, number)
         chunks = stored.chunks
@@ -210,9 +212,9 @@ def _series_info(tif: tifffile.TiffFile, index: int, where: str) -> SeriesInfo:
             chunks = _memmap_pieces(series.axes, stored.shape)
         levels.append(
             LevelInfo(
-                shape=apply_plan(stored.shape, plan),
+                shape=selection.kept(stored.shape),
                 dtype=str(stored.dtype),
-                chunks=apply_plan(chunks, plan),
+                chunks=selection.kept(chunks),
                 problem=_missing_data(stored_level, number, lenient=tif.is_philips),
             )
         )
@@ -250,7 +252,7 @@ def _series_info(tif: tifffile.TiffFile, index: int, where: str) -> SeriesInfo:
         index=index,
         name=series.name or "",
         axes=axes,
-        index_plan=plan,
+        selection=selection.index,
         levels=tuple(levels),
         pixel_size=pixel_size,
         locators=tuple(locators),
@@ -259,7 +261,7 @@ def _series_info(tif: tifffile.TiffFile, index: int, where: str) -> SeriesInfo:
 
 
 def _memmap_pieces(axes: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Planning pieces of a memory-mapped level: 512 x 512 planes, samples together."""
+    """Storage chunks of a memory-mapped level: 512 x 512 planes, samples together."""
     return tuple(
         min(MEMMAP_PIECE, n) if a in "YX" else n if a == "S" else 1 for a, n in zip(axes, shape)
     )
@@ -410,7 +412,7 @@ def _pixel_size(
         for axis, size in other.items():
             mine = chosen.get(axis)
             if mine and abs(size - mine) / mine > _PIXEL_SIZE_AGREEMENT:
-                logger.warning(
+                log.warning(
                     "%s: %s says %s pixel size %.6g µm but %s says %.6g µm; using %s",
                     where,
                     name,
@@ -441,7 +443,7 @@ def _ome_pixel_size(xml: str, index: int, name: str) -> dict[str, float | None]:
     try:
         root = ET.fromstring(xml)
     except ET.ParseError:
-        logger.warning("unparsable OME-XML; no pixel size")
+        log.warning("unparsable OME-XML; no pixel size")
         return {}
     images = [e for e in root if e.tag.endswith("}Image") or e.tag == "Image"]
     named = [e for e in images if e.get("Name") == name]
@@ -495,6 +497,3 @@ def _rational(value: Any) -> float | None:
     except ZeroDivisionError:
         return 0.0
     return number if number >= 0 and math.isfinite(number) else None
-
-
-# --- decompression bombs -------------------------------------------------------------------

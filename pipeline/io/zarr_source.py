@@ -7,14 +7,13 @@ real files declare scales that do not match their shapes.
 Missing chunks: a chunk absent from the store reads as the array's fill value. That is
 Zarr's own semantics (writers leave out chunks that are all fill value; zarr 3 does so
 by default), so a deleted chunk of an input cannot be told from an empty one and is not
-reported. A truncated or corrupt chunk fails to decode and is an InputError
-(``corrupt-input``) naming the level and the chunk.
+reported. A truncated or corrupt chunk fails to decode and is a
+:class:`~pipeline.errors.CorruptInputError` naming the level and the chunk.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,13 +21,13 @@ import zarr
 import zarr.errors
 from zarr.storage import LocalStore
 
-from pipeline.errors import InputError
-from pipeline.io.layout import apply_plan, plan_axes
+from pipeline.errors import InputError, UnsupportedFormatError
+from pipeline.io.axes import select_axes
 from pipeline.io.meta import FileInfo, LevelInfo, SeriesInfo, clean_pixel_size, to_micrometres
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
-#: Dimension names seen in plain Zarr arrays (xarray, tifffile) → plan_axes labels.
+#: Dimension names seen in plain Zarr arrays (xarray, tifffile) → select_axes labels.
 _NAME_LABELS = {
     "time": "t",
     "channel": "c",
@@ -46,13 +45,6 @@ _NAME_LABELS = {
 
 #: Axis order guessed for arrays without dimension names, by rank.
 _GUESSED_AXES = {2: "yx", 3: "zyx", 4: "czyx", 5: "tczyx"}
-
-
-def is_zarr_dir(path: str) -> bool:
-    """True if ``path`` is a folder holding Zarr v2 or v3 metadata at its root."""
-    return os.path.isdir(path) and any(
-        os.path.isfile(os.path.join(path, name)) for name in ("zarr.json", ".zarray", ".zgroup")
-    )
 
 
 def open_zarr_level(path: str, component: str) -> zarr.Array:
@@ -91,18 +83,19 @@ def _stored_chunks(array: zarr.Array) -> tuple[int, ...]:
 
 
 def _plain_array(path: str, array: zarr.Array) -> FileInfo:
-    plan, axes = plan_axes(_plain_labels(path, array), array.shape, path)
+    selection = select_axes(_plain_labels(path, array), array.shape, path)
+    axes = selection.axes
     level = LevelInfo(
-        shape=apply_plan(array.shape, plan),
+        shape=selection.kept(array.shape),
         dtype=str(array.dtype),
-        chunks=apply_plan(_stored_chunks(array), plan),
+        chunks=selection.kept(_stored_chunks(array)),
     )
     fmt_info = {"zarr_format": array.metadata.zarr_format}
     series = SeriesInfo(
         index=0,
         name="",
         axes=axes,
-        index_plan=plan,
+        selection=selection.index,
         levels=(level,),
         pixel_size={},
         locators=(("",),),
@@ -120,16 +113,15 @@ def _plain_labels(path: str, array: zarr.Array) -> list[str]:
             return labels
     guessed = _GUESSED_AXES.get(array.ndim)
     if guessed is None:
-        raise InputError(
+        raise UnsupportedFormatError(
             f"is a {array.ndim}-D array without usable dimension names ({names})",
             where=path,
             hint="name its dimensions t, c, z, y, x (zarr 3 dimension_names) or write it "
             "as OME-Zarr",
-            reason="unsupported-format",
         )
     if array.ndim == 3 and array.shape[-1] in (3, 4) and array.shape[0] > 4:
         guessed = "yxc"  # interleaved RGB(A)
-    logger.info("%s: no usable dimension names; assuming axes %r", path, guessed)
+    log.info("%s: no usable dimension names; assuming axes %r", path, guessed)
     return list(guessed)
 
 
@@ -151,11 +143,10 @@ def _group(path: str, group: zarr.Group) -> FileInfo:
     else:
         what = "an HCS plate" if "plate" in ome or "well" in ome else "a Zarr group"
         arrays = sorted(name for name, _ in group.arrays())
-        raise InputError(
+        raise UnsupportedFormatError(
             f"is {what} without OME-Zarr multiscales image metadata",
             where=path,
             hint=f"pass the path of one image or array inside it (arrays here: {arrays or 'none'})",
-            reason="unsupported-format",
         )
     series = tuple(
         _multiscale(path, prefix, node, which, index)
@@ -176,7 +167,7 @@ def _b2r_series(group: zarr.Group) -> list[str]:
 
 
 def _axis_labels(axes: list[Any], ndim: int) -> tuple[list[str], list[str | None]]:
-    """plan_axes labels and units of NGFF axes (0.3 name strings or 0.4+ objects)."""
+    """select_axes labels and units of NGFF axes (0.3 name strings or 0.4+ objects)."""
     if not axes:
         return list(_GUESSED_AXES.get(ndim, "?" * ndim)), [None] * ndim
     labels, units = [], []
@@ -204,8 +195,9 @@ def _multiscale(path: str, prefix: str, group: zarr.Group, which: int, index: in
     arrays = [group[d["path"]] for d in meta["datasets"]]
     ndim = arrays[0].ndim
     labels, units = _axis_labels(meta.get("axes") or [], ndim)
-    plan, axes = plan_axes(labels, arrays[0].shape, path)
-    kept = [i for i, p in enumerate(plan) if isinstance(p, slice)]
+    selection = select_axes(labels, arrays[0].shape, path)
+    axes = selection.axes
+    kept = [i for i, p in enumerate(selection.index) if isinstance(p, slice)]
     overall = _scale(meta.get("coordinateTransformations"), ndim) or [1.0] * ndim
     levels = []
     rejected: dict[str, float] = {}
@@ -221,9 +213,9 @@ def _multiscale(path: str, prefix: str, group: zarr.Group, which: int, index: in
             declared = clean_pixel_size(declared, path, rejected if not levels else None)
         levels.append(
             LevelInfo(
-                shape=apply_plan(array.shape, plan),
+                shape=selection.kept(array.shape),
                 dtype=str(array.dtype),
-                chunks=apply_plan(_stored_chunks(array), plan),
+                chunks=selection.kept(_stored_chunks(array)),
                 declared_scale=declared,
             )
         )
@@ -238,7 +230,7 @@ def _multiscale(path: str, prefix: str, group: zarr.Group, which: int, index: in
         index=index,
         name=str(meta.get("name") or ""),
         axes=axes,
-        index_plan=plan,
+        selection=selection.index,
         levels=tuple(levels),
         pixel_size=dict(levels[0].declared_scale or {}),
         locators=tuple((_join(prefix, d["path"]),) for d in meta["datasets"]),

@@ -19,8 +19,9 @@ import torch
 
 from pipeline import _compat
 from pipeline.backends import load_backend, read_model_spec
-from pipeline.backends.base import NORMALIZATIONS, ModelSpec
+from pipeline.backends.base import ModelSpec
 from pipeline.backends.files import EXTRA_FILE, METADATA_KEY, build_metadata
+from pipeline.config import MODEL_FORMATS, NORMALIZATIONS
 from pipeline.errors import ConfigError, ModelError
 from pipeline.model.unet import UNet
 
@@ -45,9 +46,11 @@ def _resolve_format(out: Path, fmt: str | None) -> str:
                 hint="name the file .pt/.ts (TorchScript) or .onnx, or pass fmt",
             )
         return found
-    if fmt not in ("torchscript", "onnx"):
+    if fmt not in MODEL_FORMATS:
         raise ConfigError(
-            f"unknown model format {fmt!r}", where="fmt", hint="use 'torchscript' or 'onnx'"
+            f"unknown model format {fmt!r}",
+            where="fmt",
+            hint=f"use {' or '.join(repr(f) for f in MODEL_FORMATS)}",
         )
     return fmt
 

@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PADDINGS = ("same", "valid")
-_ACTIVATIONS = ("auto", "sigmoid", "softmax", "none")
+from pipeline.config import ACTIVATIONS, PADDINGS
+
+_ACTIVATIONS = ("auto", *ACTIVATIONS)
 
 
 def _check_arch(depth: int, padding: str) -> None:

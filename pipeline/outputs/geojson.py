@@ -46,8 +46,15 @@ import numpy as np
 import shapely
 from rasterio import features as rio_features
 
-from ..errors import ConfigError, InputError, OutputError
-from .polygons import CONNECTIVITY, BlockPolygons, Polygons, merge_blocks, trace_block, trace_image
+from pipeline.errors import ConfigError, InputError, OutputError
+from pipeline.outputs.polygons import (
+    CONNECTIVITY,
+    BlockPolygons,
+    Polygons,
+    merge_blocks,
+    trace_block,
+    trace_image,
+)
 
 log = logging.getLogger(__name__)
 

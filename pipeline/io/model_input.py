@@ -5,7 +5,8 @@ physical resolution.
 ``--level``, ``--mpp``, ``--mpp-input``, ``--channels``) and what a model declares (its
 training pixel size, its input channels) into a :class:`ModelInput`: a lazy
 ``(C, *spatial)`` dask array and a picklable :class:`InputRef` that rebuilds the same
-array on a Dask worker.
+array on a Dask worker. Tissue detection reads the same conversions at a coarser level
+(:func:`open_level`), so it sees what the model sees.
 
 Resolution
 ----------
@@ -27,12 +28,14 @@ dtype's maximum: uint8 by 255, uint16 by 65535 (so 12-bit data stored in 16 bits
 0..0.0625: the model must have been trained the same way), int8 by 127 (giving -1.01..1),
 and leaves floats as they are. Palette images become RGB through their colour map;
 ``MINISWHITE`` images are inverted so that larger is brighter. Float images are checked
-as they are read: NaN or Inf fails the input (reason ``nonfinite-input``), naming the
-level and region. complex, 64-bit integer and other dtypes are refused.
+as they are read: NaN or Inf fails the input
+(:class:`~pipeline.errors.NonFiniteInputError`), naming the level and region. complex,
+64-bit integer and other dtypes are refused.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -43,18 +46,27 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.errors import InputError
+from pipeline.errors import MissingPixelSizeError, ResolutionError, UnsupportedFormatError
 from pipeline.io import lazy
-from pipeline.io.layout import choose_channels, model_axes
-from pipeline.io.meta import PLAUSIBLE_UM, is_plausible_um
+from pipeline.io.channels import choose_channels, palette_colormap
+from pipeline.io.meta import PLAUSIBLE_UM, SeriesInfo, is_plausible_um
+from pipeline.io.model_view import ModelView, model_axes
+from pipeline.io.resample import AreaAxis
 from pipeline.io.sources import ImageSource, open_image_cached, series_info
 
 if TYPE_CHECKING:
     import dask.array
 
-__all__ = ["InputRef", "ModelInput", "open_for_model", "AreaAxis", "LEVEL_TOLERANCE"]
+__all__ = [
+    "InputRef",
+    "LEVEL_TOLERANCE",
+    "ModelInput",
+    "open_for_model",
+    "open_level",
+    "to_model_layout",
+]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 #: A pyramid level whose pixel size is within this fraction of the requested one is
 #: used as it is, without resampling.
@@ -80,6 +92,12 @@ class InputRef:
     channels: tuple[int, ...] | None = None
     target_mpp: float | None = None
     mpp_input: float | None = None
+
+    @classmethod
+    def of(cls, source: ImageSource, ndim: int = 2, in_channels: int = 0) -> InputRef:
+        """How an ``ndim``-D model taking ``in_channels`` (0: any) reads the level
+        ``source`` as it is (every channel, not resampled)."""
+        return cls(source.path, source.series, source.level, ndim, in_channels)
 
     def open(self) -> dask.array.Array:
         """The lazy ``(C, *spatial)`` array, built once per process and file version."""
@@ -169,9 +187,9 @@ def open_for_model(
     InputError
         Unreadable input, a level that does not exist (the message lists the levels),
         a requested resolution that the file's pixel size cannot give (missing or
-        implausible pixel size: reason ``missing-pixel-size``; finer than level 0:
-        ``resolution-unavailable``), bad channels (``channel-mismatch``), an
-        unsupported dtype.
+        implausible pixel size: :class:`~pipeline.errors.MissingPixelSizeError`; finer
+        than level 0: :class:`~pipeline.errors.ResolutionError`), bad channels
+        (:class:`~pipeline.errors.ChannelMismatchError`), an unsupported dtype.
     """
     where = os.fspath(path)
     if mpp is not None and level is not None:
@@ -181,7 +199,7 @@ def open_for_model(
     _, chosen = series_info(where, series)
     if level is not None:  # opening checks that it exists, and lists the levels if not
         if model_mpp is not None:
-            logger.info(
+            log.info(
                 "%s: --level %d given; the model's %s µm/px is not applied", where, level, model_mpp
             )
         use, target = level, None
@@ -206,7 +224,8 @@ def open_for_model(
 
 
 @functools.lru_cache(maxsize=16)
-def _open_cached(ref: InputRef, stamp: lazy.Fingerprint) -> ModelInput:
+def _open_cached(ref: InputRef, _stamp: lazy.Fingerprint) -> ModelInput:
+    # _stamp: only part of the cache key, so that a changed file is built again
     return _build(ref)
 
 
@@ -215,45 +234,90 @@ def _build(ref: InputRef) -> ModelInput:
     source = open_image_cached(ref.path, ref.series, ref.level)
     dtype = np.dtype(source.dtype)
     if dtype.kind not in _SUPPORTED_KINDS or dtype.itemsize > 4 and dtype.kind != "f":
-        raise InputError(
+        raise UnsupportedFormatError(
             f"has pixels of type {dtype}, which the pipeline cannot normalise",
             where=ref.path,
             hint="convert it to uint8, uint16 or float32",
-            reason="unsupported-format",
         )
-    plan = model_axes(source.axes, source.shape, ref.ndim, ref.path)
+    layout = model_axes(source.axes, source.shape, ref.ndim, ref.path)
     sizes = dict(zip(source.axes, source.shape))
-    colormap = _colormap(source, sizes.get("c", 1))
+    colormap = palette_colormap(source, sizes.get("c", 1))
     channels = 3 if colormap is not None else sizes.get("c", 1)
-    keep = choose_channels(source, channels, ref.in_channels, ref.channels, spatial=plan.spatial)
+    keep = choose_channels(source, channels, ref.in_channels, ref.channels, spatial=layout.spatial)
     pixel = _level_pixel_size(source, ref.mpp_input)
     resample: dict[str, AreaAxis] = {}
     if ref.target_mpp is not None:
         for axis in "yx":
             resample[axis] = AreaAxis.between(sizes[axis], pixel[axis], ref.target_mpp)
-    view = lazy.ModelView(
+    view = ModelView(
         source,
-        take=plan.take,
-        order=plan.order,
-        spatial=plan.spatial,
-        colormap=colormap,
+        layout,
         keep=keep,
+        colormap=colormap,
         invert=str(source.info.get("photometric", "")).upper() == "MINISWHITE",
         resample=resample,
     )
-    pixel_size = {a: pixel[a] for a in plan.spatial if a in pixel}
+    pixel_size = {a: pixel[a] for a in layout.spatial if a in pixel}
     pixel_size.update({a: float(ref.target_mpp) for a in resample})  # type: ignore[arg-type]
     factors = {a: r.factor for a, r in resample.items()}
     return ModelInput(
         ref=ref,
         array=view.to_dask(),
-        spatial_axes=plan.spatial,
+        spatial_axes=layout.spatial,
         pixel_size=pixel_size,
         source=source,
         level=ref.level,
         factor=max(factors.values(), default=1.0),
         factors=factors,
     )
+
+
+def open_level(ref: InputRef, level: int) -> ModelInput:
+    """The input ``ref`` describes, read at pyramid ``level`` as it is (not resampled).
+
+    The same series, channels, palette mapping and MINISWHITE inversion as the model's
+    input: what tissue detection looks at, so that it sees the model's pixels.
+    """
+    return _build(dataclasses.replace(ref, level=level, target_mpp=None))
+
+
+def to_model_layout(
+    source: ImageSource, ndim: int, in_channels: int
+) -> tuple[dask.array.Array, str, dict[str, float]]:
+    """The stored values of ``source`` in the axes a model takes: ``c`` then spatial.
+
+    Only rearranges axes and drops an alpha channel: no palette mapping, inversion,
+    channel selection or resampling (what the model reads is :func:`open_for_model`'s).
+    For masks, where the stored value is what counts.
+
+    Parameters
+    ----------
+    source
+        An opened image.
+    ndim
+        2 for a 2D model, 3 for a 3D model. A 2D model on a volume keeps ``z`` (the
+        caller runs it plane by plane).
+    in_channels
+        Channels the model expects; 0 means any.
+
+    Returns
+    -------
+    array, spatial, pixel_size
+        A lazy array with axes ``"c" + spatial``; ``spatial`` is ``"yx"`` or
+        ``"zyx"``; the pixel sizes (µm) known for those axes.
+
+    Raises
+    ------
+    InputError
+        A time series, a 3D model on a 2D image, or a channel count the model cannot
+        take (:class:`~pipeline.errors.ChannelMismatchError`).
+    """
+    layout = model_axes(source.axes, source.array.shape, ndim, source.path)
+    channels = dict(zip(source.axes, source.array.shape)).get("c", 1)
+    keep = choose_channels(source, channels, in_channels, None)
+    view = ModelView(source, layout, keep=keep, check_finite=False)
+    pixel_size = {a: source.pixel_size[a] for a in layout.spatial if a in source.pixel_size}
+    return view.to_dask(), layout.spatial, pixel_size
 
 
 # --- choosing the level ---------------------------------------------------------------
@@ -273,13 +337,13 @@ def _model_mpp(value: Any) -> float | None:
     except (TypeError, ValueError):
         mpp = math.nan
     if not is_plausible_um(mpp):
-        logger.warning("ignoring the model's implausible training pixel size %r µm", value)
+        log.warning("ignoring the model's implausible training pixel size %r µm", value)
         return None
     return mpp
 
 
 def _pick_level(
-    where: str, s: Any, wanted: float, mpp_input: float | None, *, from_model: bool
+    where: str, s: SeriesInfo, wanted: float, mpp_input: float | None, *, from_model: bool
 ) -> tuple[int, float | None]:
     """(level, target µm/px or None) for a requested pixel size."""
     asked = (
@@ -299,13 +363,12 @@ def _pick_level(
     finer = [i for i, yx in enumerate(sizes) if all(p <= limit for p in yx)]
     if not finer:
         best = min(max(yx) for yx in sizes)
-        raise InputError(
+        raise ResolutionError(
             f"cannot be read at {asked}: its finest level has {best:.4g} µm/px, and "
             f"upsampling x{best / wanted:.2f} would invent detail",
             where=where,
             hint=f"use --mpp {best:.4g} or coarser, a model trained at about {best:.4g} "
             "µm/px, or --level 0 to run at the file's own resolution regardless",
-            reason="resolution-unavailable",
         )
     return max(finer, key=lambda i: max(sizes[i])), wanted
 
@@ -314,7 +377,9 @@ def _yx(pixel: dict[str, float]) -> tuple[float, float]:
     return pixel["y"], pixel["x"]
 
 
-def _pixel_sizes(where: str, s: Any, mpp_input: float | None, asked: str) -> list[dict[str, float]]:
+def _pixel_sizes(
+    where: str, s: SeriesInfo, mpp_input: float | None, asked: str
+) -> list[dict[str, float]]:
     """y/x µm per pixel of every level; an InputError when the file does not say."""
     base = dict(s.pixel_size)
     if mpp_input is not None:
@@ -329,12 +394,11 @@ def _pixel_sizes(where: str, s: Any, mpp_input: float | None, asked: str) -> lis
             )
         else:
             problem = "does not state its pixel size"
-        raise InputError(
+        raise MissingPixelSizeError(
             f"{problem}, so it cannot be read at {asked}",
             where=where,
             hint="pass --mpp-input with the scanner's µm per pixel of level 0, or "
             "--level N to choose a pyramid level yourself",
-            reason="missing-pixel-size",
         )
     shape0 = dict(zip(s.axes, s.levels[0].shape))
     return [
@@ -351,66 +415,3 @@ def _level_pixel_size(source: ImageSource, mpp_input: float | None) -> dict[str,
         for a in "yx":
             pixel[a] = float(mpp_input) * shape0[a] / here[a]
     return pixel
-
-
-def _colormap(source: ImageSource, channels: int) -> np.ndarray | None:
-    """A palette image's colour map as (3, entries) uint8, or None."""
-    cmap = source.info.get("_colormap")
-    if cmap is None or channels != 1 or str(source.info.get("photometric")).upper() != "PALETTE":
-        return None
-    cmap = np.asarray(cmap, dtype=np.float64)[:3]
-    if cmap.max() > 255:  # TIFF colour maps are 16-bit
-        cmap = cmap / 257.0
-    return np.clip(np.rint(cmap), 0, 255).astype(np.uint8)
-
-
-# --- area resampling -----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AreaAxis:
-    """Area (box) downsampling of one axis by a real factor.
-
-    Output pixel ``i`` covers source ``[i * factor, (i + 1) * factor)`` clipped to the
-    source; each source pixel is weighted by how much of it lies inside. The weights of
-    an output pixel depend on ``i`` alone, so any window computes the same values.
-    """
-
-    n: int
-    factor: float
-    size: int
-
-    @classmethod
-    def between(cls, n: int, pixel: float, target: float) -> AreaAxis:
-        factor = target / pixel
-        return cls(n, factor, max(1, round(n / factor)))
-
-    @property
-    def taps(self) -> int:
-        return math.ceil(self.factor) + 1
-
-    def source_range(self, lo: int, hi: int) -> tuple[int, int]:
-        """Source pixels that output ``[lo, hi)`` reads."""
-        return math.floor(lo * self.factor), min(self.n, math.ceil(hi * self.factor))
-
-    def weights(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
-        """First source pixel and ``taps`` weights of each output pixel in ``[lo, hi)``."""
-        i = np.arange(lo, hi, dtype=np.float64)
-        start = i * self.factor
-        end = np.minimum((i + 1) * self.factor, self.n)
-        first = np.floor(start)
-        j = first[:, None] + np.arange(self.taps)[None, :]
-        overlap = np.clip(np.minimum(end[:, None], j + 1) - np.maximum(start[:, None], j), 0, None)
-        return first.astype(np.int64), overlap / (end - start)[:, None]
-
-    def apply(self, data: np.ndarray, axis: int, lo: int, hi: int, src_lo: int) -> np.ndarray:
-        """Reduce ``data`` (source pixels from ``src_lo`` on ``axis``) to output ``[lo, hi)``."""
-        first, w = self.weights(lo, hi)
-        last = src_lo + data.shape[axis] - 1
-        shape = [1] * data.ndim
-        shape[axis] = hi - lo
-        out = np.zeros(data.shape[:axis] + (hi - lo,) + data.shape[axis + 1 :], np.float64)
-        for k in range(self.taps):  # a fixed order: the same sums whatever the window
-            index = np.minimum(first + k, last) - src_lo
-            out += np.take(data, index, axis=axis) * w[:, k].reshape(shape)
-        return out
