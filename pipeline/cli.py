@@ -36,8 +36,10 @@ from pipeline.config import (
     MODEL_FORMATS,
     NORMALIZATIONS,
     NORMALIZE,
+    ORT_PROVIDERS,
     PADDINGS,
     PRECISIONS,
+    TTA,
 )
 from pipeline.errors import InputError, PipelineError
 
@@ -83,10 +85,35 @@ def main(verbose: int) -> None:
 @click.option("--tile", help="Network input size: N or Z,Y,X.")
 @click.option("--overlap", type=int, help="Overlap between tiles in output pixels.")
 @click.option("--blend", type=click.Choice(BLENDS))
-@click.option("--batch-size", type=int)
+@click.option(
+    "--batch-size",
+    type=int,
+    help="Tiles per forward pass (default: 8 on CPU; on a GPU as many as fill it).",
+)
 @click.option("--backend", type=click.Choice(BACKENDS))
 @click.option("--device", help="auto, cpu, cuda or cuda:N.")
-@click.option("--precision", type=click.Choice(PRECISIONS))
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    help="fp32 (default); fp16/bf16 on a GPU (TorchScript autocast, or TensorRT engines).",
+)
+@click.option(
+    "--tta",
+    type=click.Choice(TTA),
+    help="Test-time augmentation: mean over the axis flips (flip) or the 8 rotations and "
+    "flips of square tiles (d4). Default: none.",
+)
+@click.option(
+    "--ort-provider",
+    type=click.Choice(ORT_PROVIDERS),
+    help="ONNX Runtime on a GPU: cuda (auto) or tensorrt (engines built on first use and "
+    "cached in ~/.cache/pipeline/trt).",
+)
+@click.option(
+    "--cuda-graphs/--no-cuda-graphs",
+    default=None,
+    help="Replay the network as a CUDA graph (TorchScript on a GPU; default: off).",
+)
 @click.option("--dtype", type=click.Choice(DTYPES))
 @click.option("--normalize", type=click.Choice(NORMALIZE))
 @click.option("--workers", type=int, help="Local Dask worker processes.")

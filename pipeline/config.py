@@ -39,6 +39,10 @@ NORMALIZE = ("auto", *NORMALIZATIONS)
 ACTIVATIONS = ("sigmoid", "softmax", "none")
 #: U-Net convolutions (``pipeline export --padding``).
 PADDINGS = ("same", "valid")
+#: Test-time augmentation: none, the axis flips, or the 8 symmetries of the (y, x) square.
+TTA = ("none", "flip", "d4")
+#: ONNX Runtime's provider on a GPU (``tensorrt``: opt-in, builds engines on first use).
+ORT_PROVIDERS = ("auto", "cuda", "tensorrt")
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,7 @@ class RunConfig:
     tile: tuple[int, ...] | None = None
     overlap: int | None = None
     blend: str = "auto"
-    batch_size: int = 8
+    batch_size: int | None = None
     backend: str = "auto"
     device: str = "auto"
     precision: str = "fp32"
@@ -75,6 +79,9 @@ class RunConfig:
     mask: str | None = None
     extensions: tuple[str, ...] = SEARCHED_SUFFIXES
     memory_budget_mb: int = 512
+    tta: str = "none"
+    ort_provider: str = "auto"
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("blend", self.blend, BLENDS)
@@ -82,6 +89,8 @@ class RunConfig:
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("normalize", self.normalize, NORMALIZE)
+        _check_choice("tta", self.tta, TTA)
+        _check_choice("ort_provider", self.ort_provider, ORT_PROVIDERS)
         for name in (
             "batch_size",
             "workers",

@@ -15,10 +15,9 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
-__all__ = ["BLOCK_THREADS", "run_in_threads"]
+from pipeline.stages import BLOCK_THREADS
 
-#: Block tasks in flight per worker process: one computing, one reading, one writing.
-BLOCK_THREADS = 3
+__all__ = ["run_in_threads"]
 
 
 class TaskLike(Protocol):

@@ -14,6 +14,7 @@ from pipeline.blend import BlendMode
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError
 from pipeline.tiling import BlockGrid, Lattice, choose_stride
+from pipeline.tta import check_tta
 
 DEFAULT_TILE = {2: 256, 3: 64}
 DEFAULT_CHUNK = {2: 1024, 3: 128}
@@ -66,6 +67,7 @@ def make_plan(
     """Plan one image of spatial ``shape`` (len ``spec.ndim`` or ``spec.ndim + 1``)."""
     extra = len(shape) - spec.ndim  # 1: a 2D model running slice by slice on a volume
     tile = model_tile(spec, cfg)
+    check_tta(cfg.tta, tile)
     blend = resolve_blend(spec, cfg)
     out_tile = [t - 2 * spec.margin for t in tile]
     strides = []

@@ -22,10 +22,12 @@ from pipeline import __version__
 from pipeline.backends.base import ModelSpec
 from pipeline.config import RunConfig
 from pipeline.errors import INTERNAL_ERROR, ConfigError, PipelineError
+from pipeline.inprocess import run_in_threads
 from pipeline.io import sink
 from pipeline.plan import Plan, make_plan
 from pipeline.report import InputResult, RunReport
 from pipeline.stages import (
+    BLOCK_THREADS,
     BackendRef,
     BlockJob,
     BlockResult,
@@ -97,7 +99,8 @@ def dask_client(cfg: RunConfig) -> Iterator[object | None]:
     with (
         LocalCluster(
             n_workers=workers,
-            threads_per_worker=1,
+            # one block computes while others read and write (stages.BLOCK_THREADS)
+            threads_per_worker=BLOCK_THREADS,
             processes=True,
             host="127.0.0.1",
             dashboard_address=None,
@@ -233,6 +236,8 @@ def backend_ref(spec: ModelSpec, cfg: RunConfig) -> BackendRef:
         cfg.precision,
         tuple(sorted(overrides.items())),
         worker_layout(cfg)[1],
+        cfg.ort_provider,
+        cfg.cuda_graphs,
     )
 
 
@@ -278,10 +283,20 @@ def run_one(
     plan = make_plan(spec, shape, channels, classes, cfg)
     tissue = find_tissue(inp, shape, cfg)
     writer = sink.create_image(
-        out, result.name, (classes, *shape), "c" + spatial_axes, (classes, *plan.chunks), cfg.dtype
+        out,
+        result.name,
+        (classes, *shape),
+        "c" + spatial_axes,
+        (classes, *plan.chunks),
+        cfg.dtype,
+        block=(classes, *plan.block),
+        min_size=cfg.pyramid_min,
     )
     try:
-        tasks = make_tasks(plan, inp.ref, ref, spec, classes, cfg, writer.level_path(0), tissue)
+        levels = tuple(writer.level_path(k) for k in range(1, writer.block_levels + 1))
+        tasks = make_tasks(
+            plan, inp.ref, ref, spec, classes, cfg, writer.level_path(0), tissue, levels
+        )
         result.shape, result.blocks = [classes, *shape], len(tasks)
         result.tiles = run_blocks(
             tasks, client_for(len(tasks)), lambda d, n: progress and progress(result.name, d, n)
@@ -337,11 +352,13 @@ def make_tasks(
     cfg: RunConfig,
     sink_path: str | None,
     tissue: TissueMask | None = None,
+    levels: tuple[str, ...] = (),
 ) -> list[Task]:
     """One task per block, in raster order; a block only needs blocks before it.
 
     With a tissue mask, each job carries the mask around its block, and blocks where no
     tile has tissue are left out: their chunks stay unwritten (background, not stored).
+    ``levels``: the pyramid levels (1, 2...) blocks write from memory.
     """
     normalize = spec.normalize if cfg.normalize == "auto" else cfg.normalize
     grid = plan.grid()
@@ -361,12 +378,14 @@ def make_tasks(
             source=source,
             backend=ref,
             sink=sink_path,
+            levels=levels,
             batch_size=cfg.batch_size,
             normalize=normalize,
             out_dtype=cfg.dtype,
             tiles=tuple(touching),
             own=tuple(own),
             tissue=crop,
+            tta=cfg.tta,
         )
         if crop is not None and not any(job.runs(t) for t in touching):
             continue
@@ -375,16 +394,10 @@ def make_tasks(
     return [Task(t.job, tuple(i for i in t.needs if i in kept)) for t in tasks]
 
 
-def run_local(tasks: list[Task]) -> Iterator[BlockResult]:
-    """The in-process path: blocks in order, each shared result dropped after its last user."""
-    last_user = {j: t.job.index for t in tasks for j in t.needs}
-    shared: dict[int, dict] = {}
-    for task in tasks:
-        job = task.job
-        shared[job.index] = predict_shared(job) if job.own else {}
-        yield process_block(job, *(shared[i] for i in task.needs))
-        for i in [i for i in shared if last_user.get(i, -1) <= job.index]:
-            del shared[i]
+def run_local(tasks: list[Task], threads: int = BLOCK_THREADS) -> Iterator[BlockResult]:
+    """The in-process path: blocks in order on ``threads`` threads (one computes while
+    others read and write), each shared result dropped after its last user."""
+    return run_in_threads(tasks, predict_shared, process_block, threads)
 
 
 def run_blocks(

@@ -15,14 +15,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from pipeline.config import TTA
 from pipeline.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["TTA_MODES", "Transform", "check_tta", "predict_tta", "transforms"]
-
-TTA_MODES = ("none", "flip", "d4")
+__all__ = ["Transform", "check_tta", "predict_tta", "transforms"]
 
 
 @dataclass(frozen=True)
@@ -62,9 +61,9 @@ def check_tta(mode: str, tile: Sequence[int]) -> None:
     ConfigError
         An unknown mode, or ``d4`` with tiles that are not square in (y, x).
     """
-    if mode not in TTA_MODES:
+    if mode not in TTA:
         raise ConfigError(
-            f"tta must be one of {', '.join(TTA_MODES)}, got {mode!r}", where="option --tta"
+            f"tta must be one of {', '.join(TTA)}, got {mode!r}", where="option --tta"
         )
     if mode == "d4" and (len(tile) < 2 or tile[-1] != tile[-2]):
         raise ConfigError(

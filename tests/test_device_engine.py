@@ -81,7 +81,7 @@ def _identity_blocks(image, lattice, blend, block, model_ndim=None):
     model_ndim = model_ndim or lattice.ndim
     grid = BlockGrid(lattice, block, owned=blend is BlendMode.CROP)
     out = np.zeros(image.shape, np.uint8)
-    for index, (tiles, _, _) in grid.plan().items():
+    for index, (tiles, _, _) in grid.layout().items():
         write = grid.region(index)
         box_region = Region.from_bounds(
             [min(lattice.in_region(t).offset[a] for t in tiles) for a in range(lattice.ndim)],

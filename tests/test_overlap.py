@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+import torch  # noqa: F401  (imported before the clock starts: the blocks' device code uses it)
 
 from pipeline import stages
 from pipeline.backends.identity import IdentityBackend, identity_spec
@@ -39,15 +40,19 @@ class Clock:
         return [(b, s, e) for name, b, s, e in self.spans if name == stage]
 
 
+#: What the slow parts report to (module state: Dask pickles the jobs, even in-process).
+RUN: dict = {}
+
+
 class SlowImage:
     """An in-memory image whose reads take STAGE_S (a slow disk or decoder)."""
 
-    def __init__(self, data: np.ndarray, clock: Clock) -> None:
-        self.data, self.clock = data, clock
+    def __init__(self, data: np.ndarray) -> None:
+        self.data = data
         self.shape, self.dtype, self.ndim = data.shape, data.dtype, data.ndim
 
     def __getitem__(self, key):
-        self.clock.sleep("read", -1)
+        RUN["clock"].sleep("read", -1)
         return self.data[key]
 
 
@@ -63,32 +68,33 @@ class SleepyModel(IdentityBackend):
         return super().run_tensor(batch)
 
 
-@dataclasses.dataclass(frozen=True)
 class SlowOutput:
     """A per-block output that takes STAGE_S to write (a slow codec or filesystem)."""
 
-    clock: Clock
-    got: dict
-
     def write(self, job, data: np.ndarray) -> None:
-        self.clock.sleep("write", job.index)
-        self.got[job.index] = data
+        RUN["clock"].sleep("write", job.index)
+        RUN["got"][job.index] = data
 
 
-def _tasks(clock: Clock, got: dict):
+def _tasks():
+    clock = RUN["clock"] = Clock()
+    RUN["got"] = {}
     image = np.random.default_rng(0).integers(0, 256, (1, 64, 64 * BLOCKS), dtype=np.uint8)
     cfg = RunConfig(backend="identity", tile=(64,), overlap=0, blend="crop", block=64, chunk=64)
     spec = identity_spec({"ndim": 2})
     plan = make_plan(spec, image.shape[1:], 1, 1, cfg)
     ref = BackendRef("sleepy-model", "identity", overrides=(("ndim", 2),))
     stages._BACKENDS[ref] = SleepyModel(clock)  # the per-process model cache
-    tasks = make_tasks(plan, SlowImage(image, clock), ref, spec, 1, cfg, None)
+    tasks = make_tasks(plan, SlowImage(image), ref, spec, 1, cfg, None)
     assert len(tasks) == BLOCKS and not any(t.needs for t in tasks)  # one read, one batch each
-    out = SlowOutput(clock, got)
-    return image, [dataclasses.replace(t, job=dataclasses.replace(t.job, outputs=(out,))) for t in tasks]
+    out = SlowOutput()
+    return image, [
+        dataclasses.replace(t, job=dataclasses.replace(t.job, outputs=(out,))) for t in tasks
+    ]
 
 
-def _check(clock: Clock, got: dict, image: np.ndarray, wall: float) -> None:
+def _check(image: np.ndarray, wall: float) -> None:
+    clock, got = RUN["clock"], RUN["got"]
     assert len(clock.of("read")) == len(clock.of("predict")) == len(clock.of("write")) == BLOCKS
     serial = 3 * BLOCKS * STAGE_S
     # the slowest stage alone takes BLOCKS * STAGE_S; the other two add one step each
@@ -103,33 +109,31 @@ def _check(clock: Clock, got: dict, image: np.ndarray, wall: float) -> None:
 
 
 def test_in_process_blocks_overlap_read_compute_write():
-    clock, got = Clock(), {}
-    image, tasks = _tasks(clock, got)
+    image, tasks = _tasks()
     t0 = time.perf_counter()
     results = list(run_local(tasks))
     wall = time.perf_counter() - t0
     assert [r.index for r in results] == list(range(BLOCKS))  # in order
-    _check(clock, got, image, wall)
+    _check(image, wall)
 
 
 @pytest.mark.slow
 def test_dask_worker_threads_overlap_read_compute_write():
     from distributed import Client, LocalCluster
 
-    from pipeline.inprocess import BLOCK_THREADS
+    from pipeline.stages import BLOCK_THREADS
 
-    clock, got = Clock(), {}
-    image, tasks = _tasks(clock, got)
+    image, tasks = _tasks()
     with (
         LocalCluster(
             n_workers=1,
             threads_per_worker=BLOCK_THREADS,
             processes=False,  # the sleepy model lives in this process's cache
-            dashboard_address=None,
+            dashboard_address=":0",
         ) as cluster,
         Client(cluster) as client,
     ):
         t0 = time.perf_counter()
         run_blocks(tasks, client, lambda done, total: None)
         wall = time.perf_counter() - t0
-    _check(clock, got, image, wall)
+    _check(image, wall)

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import itertools
+
 import dask.array as da
 import numpy as np
 import pytest
 
 from pipeline.geometry import Region
 from pipeline.pyramid import block_levels, downsample, level_chunks, level_region, pyramid_shapes
-from pipeline.tiling import block_regions
+
+
+def block_regions(shape, block):
+    """Blocks of ``block`` over ``shape``, raster order, the last ones clipped."""
+    image = Region.of_shape(shape)
+    counts = [-(-n // b) for n, b in zip(shape, block)]
+    for index in itertools.product(*(range(c) for c in counts)):
+        yield Region([i * b for i, b in zip(index, block)], block).intersect(image)
 
 
 def dask_pyramid(level0: np.ndarray, axes: str, chunks, min_size: int, start=None):

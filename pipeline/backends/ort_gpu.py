@@ -18,15 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.errors import DeviceError
+from pipeline.config import ORT_PROVIDERS
+from pipeline.errors import ConfigError, DeviceError
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = ["ORT_PROVIDERS", "IoBindingRunner", "gpu_providers", "user_cache_dir"]
-
-#: ``--ort-provider`` choices: ``auto`` is CUDA on a GPU (CPU otherwise).
-ORT_PROVIDERS = ("auto", "cuda", "tensorrt")
 
 _TRT_EP, _CUDA_EP, _CPU_EP = (
     "TensorrtExecutionProvider",
@@ -78,6 +76,11 @@ def gpu_providers(
     DeviceError
         The requested provider is not in this onnxruntime build (never a silent fallback).
     """
+    if provider not in ORT_PROVIDERS:
+        raise ConfigError(
+            f"ort_provider must be one of {', '.join(ORT_PROVIDERS)}, got {provider!r}",
+            where="option --ort-provider",
+        )
     if available is None:
         import onnxruntime as ort
 
@@ -138,9 +141,7 @@ class IoBindingRunner:
         out = torch.empty(self.out_shape(tuple(x.shape)), dtype=torch.float32, device=x.device)
         index = x.device.index or 0
         binding = self.session.io_binding()
-        binding.bind_input(
-            self.input, "cuda", index, np.float32, tuple(x.shape), x.data_ptr()
-        )
+        binding.bind_input(self.input, "cuda", index, np.float32, tuple(x.shape), x.data_ptr())
         binding.bind_output(
             self.output, "cuda", index, np.float32, tuple(out.shape), out.data_ptr()
         )

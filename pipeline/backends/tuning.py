@@ -87,7 +87,6 @@ class CudaGraphRunner:
         self.graphs: dict[tuple[int, ...], tuple[Any, torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        import torch
 
         n = x.shape[0]
         key = next((k for k in self.graphs if k[1:] == tuple(x.shape[1:]) and k[0] >= n), None)

@@ -2,8 +2,10 @@
 
 An image is written under a staging name inside the root and moved to its final name
 only when every level is complete, so nothing that looks complete is left by a failed
-run. Level 0 is written block by block by the workers (one writer per chunk); each
-further pyramid level is computed from the previous one with chunk-aligned Dask tasks.
+run. Level 0 is written block by block by the workers (one writer per chunk), and so are
+the pyramid levels whose chunks lie inside one block, from the block's own pixels; the
+remaining (small) levels are computed from the previous one with chunk-aligned Dask
+tasks.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 from pipeline.errors import OutputError
 from pipeline.io import ngff
 from pipeline.io.formats import NAME_SUFFIXES
+from pipeline.pyramid import block_levels, level_chunks, pyramid_shapes
 
 _ARRAY_CONFIG = {"write_empty_chunks": False}
 _WINDOWS_DEVICES = {
@@ -158,6 +161,7 @@ class ImageWriter:
     axes: str  # "cyx" or "czyx"
     chunks: tuple[int, ...]  # per axis, including c
     dtype: str
+    block_levels: int = 0  # levels 1..block_levels are written by the blocks themselves
 
     @property
     def final(self) -> Path:
@@ -174,62 +178,62 @@ def create_image(
     axes: str,
     chunks: Sequence[int],
     dtype: str,
+    *,
+    block: Sequence[int] | None = None,
+    min_size: int = 256,
 ) -> ImageWriter:
-    """Create the staging group of one image with its level-0 array (nothing stored yet)."""
+    """Create the staging group of one image with its level-0 array (nothing stored yet).
+
+    With ``block`` (the block shape, every axis), the pyramid levels whose chunks each lie
+    inside one block (:func:`pipeline.pyramid.block_levels`) are created too: the blocks
+    write them from their own pixels, and :func:`write_pyramid` builds only the rest.
+    """
     import zarr
 
     root = Path(root)
     staging = root / f".{name}.partial-{uuid.uuid4().hex[:8]}"
     group = zarr.open_group(str(staging), mode="w", zarr_format=3)
-    chunks = tuple(min(c, s) for c, s in zip(chunks, shape))
-    group.create_array(
-        "0",
+    chunks = level_chunks(chunks, shape)
+    shapes = pyramid_shapes(shape, axes, min_size)
+    written = 0 if block is None else block_levels(shape, axes, chunks, block, min_size)
+    writer = ImageWriter(root, name, staging, axes, chunks, dtype, written)
+    for level in range(written + 1):
+        _create_level(group, writer, level, shapes[level])
+    return writer
+
+
+def _create_level(group, writer: ImageWriter, level: int, shape: Sequence[int]):
+    return group.create_array(
+        str(level),
         shape=tuple(shape),
-        chunks=chunks,
-        dtype=dtype,
+        chunks=level_chunks(writer.chunks, shape),
+        dtype=writer.dtype,
         fill_value=0,
-        dimension_names=list(axes),
+        dimension_names=list(writer.axes),
         config=_ARRAY_CONFIG,
     )
-    return ImageWriter(root, name, staging, axes, chunks, dtype)
-
-
-def pyramid_shapes(shape: Sequence[int], axes: str, min_size: int = 256) -> list[tuple[int, ...]]:
-    """Shapes of level 0 and each 2× (y, x) downsampled level until y and x fit ``min_size``."""
-    shapes = [tuple(shape)]
-    yx = [axes.index("y"), axes.index("x")]
-    while max(shapes[-1][i] for i in yx) > min_size and min(shapes[-1][i] for i in yx) >= 2:
-        shapes.append(tuple(s // 2 if i in yx else s for i, s in enumerate(shapes[-1])))
-    return shapes
 
 
 def write_pyramid(writer: ImageWriter, min_size: int = 256) -> int:
-    """Compute levels 1.. from level 0 (mean over 2×2 in y, x); returns the level count."""
+    """Build the levels the blocks did not write, each from the previous one (mean over
+    2×2 in y, x, as :func:`pipeline.pyramid.downsample`), with chunk-aligned tasks; level
+    0 is read back only when no block wrote level 1. Returns the level count."""
     import dask.array as da
     import zarr
 
     group = zarr.open_group(str(writer.staging), mode="r+")
     shapes = pyramid_shapes(group["0"].shape, writer.axes, min_size)
     factors = {writer.axes.index("y"): 2, writer.axes.index("x"): 2}
-    for level in range(1, len(shapes)):
+    for level in range(writer.block_levels + 1, len(shapes)):
         src = da.from_zarr(group[str(level - 1)])
         down = da.coarsen(np.mean, src.astype(np.float32), factors, trim_excess=True)
         if writer.dtype == "uint8":
             down = da.rint(down).astype(np.uint8)
         else:
             down = down.astype(writer.dtype)
-        chunks = tuple(min(c, s) for c, s in zip(writer.chunks, shapes[level]))
-        target = group.create_array(
-            str(level),
-            shape=shapes[level],
-            chunks=chunks,
-            dtype=writer.dtype,
-            fill_value=0,
-            dimension_names=list(writer.axes),
-            config=_ARRAY_CONFIG,
-        )
+        target = _create_level(group, writer, level, shapes[level])
         # chunk-aligned tasks: each output chunk has exactly one writer
-        da.store(down.rechunk(chunks), target, lock=False)
+        da.store(down.rechunk(target.chunks), target, lock=False)
     return len(shapes)
 
 

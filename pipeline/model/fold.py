@@ -32,7 +32,9 @@ def fold_batchnorm(module: nn.Module) -> tuple[nn.Module, int]:
             if not isinstance(norm, _NORMS) or not norm.track_running_stats:
                 continue
             if isinstance(conv, _CONVS + _TRANSPOSED) and conv.out_channels == norm.num_features:
-                seq._modules[a] = fuse_conv_bn_eval(conv, norm, transpose=isinstance(conv, _TRANSPOSED))
+                seq._modules[a] = fuse_conv_bn_eval(
+                    conv, norm, transpose=isinstance(conv, _TRANSPOSED)
+                )
                 seq._modules[b] = nn.Identity()
                 count += 1
     return folded, count
