@@ -50,8 +50,8 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from .errors import ConfigError
-from .slurm import SlurmSettings, cluster_kwargs, import_jobqueue
+from pipeline.errors import ConfigError
+from pipeline.slurm import SlurmSettings, cluster_kwargs, import_jobqueue
 
 __all__ = ["SlurmSettings", "slurm_client", "make_cluster", "check_job_script", "cancel_leftovers"]
 

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ConfigError
+from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

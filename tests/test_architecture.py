@@ -28,7 +28,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("pipeline.demo",),
     ("pipeline.run",),
     ("pipeline.cluster", "pipeline.outputs", "pipeline.inprocess"),
-    ("pipeline.stages", "pipeline.tissue"),
+    ("pipeline.stages", "pipeline.tissue", "pipeline.slurm"),
     ("pipeline.engine",),
     ("pipeline.plan",),
     ("pipeline.model", "pipeline.tta", "pipeline.merge"),

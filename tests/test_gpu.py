@@ -1,0 +1,137 @@
+"""GPU checks (marker ``gpu``): run where a CUDA device is, skipped everywhere else.
+
+    python -m pytest -q -m gpu          (benchmarks/gpu_check.sh runs them first)
+
+Tiny networks and images, so they take seconds on a GPU: the CUDA paths agree with the
+CPU ones within what the arithmetic allows (TF32 convolutions in fp32, bf16 autocast).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+CUDA = torch.cuda.is_available()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA device")]
+
+ARCH = {"in_channels": 3, "classes": 1, "base": 8, "depth": 2, "padding": "same"}
+# sigmoid outputs in 0..1: TF32 convolutions (cuDNN's default for fp32) stay near 1e-3,
+# bf16 keeps 8 bits of mantissa
+TOL = {"fp32": 5e-3, "bf16": 5e-2}
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """A seeded U-Net's weights, with non-trivial BatchNorm statistics."""
+    from pipeline.model import UNet
+
+    torch.manual_seed(0)
+    net = UNet(**ARCH)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    path = tmp_path_factory.mktemp("gpu_models") / "weights.pt"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def _export(weights, suffix: str) -> str:
+    from pipeline.model import export_model
+
+    path = weights.with_name("model" + suffix)
+    if not path.exists():
+        export_model(str(path), weights=str(weights), **ARCH)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def torchscript(weights) -> str:
+    return _export(weights, ".pt")
+
+
+def _batch(n: int = 4, size: int = 64) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.random((n, ARCH["in_channels"], size, size), dtype=np.float32)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_torchscript_on_cuda_matches_cpu_fp32(torchscript, precision):
+    from pipeline.backends import load_backend
+
+    batch = _batch()
+    with load_backend(torchscript, device="cpu") as cpu:
+        ref = cpu.predict(batch)
+    with load_backend(torchscript, device="cuda", precision=precision) as gpu:
+        got = gpu.predict(batch)
+    assert got.dtype == np.float32 and got.shape == ref.shape == (4, 1, 64, 64)
+    diff = np.abs(got - ref)
+    assert diff.max() < TOL[precision], (precision, float(diff.max()))
+    # a wrong network (or channels in the wrong order) differs everywhere, not at a few px
+    assert diff.mean() < TOL[precision] / 5
+    assert ref.std() > 0.01  # the outputs vary: agreement is not between two constants
+
+
+def test_onnxruntime_cuda_provider_matches_cpu(weights):
+    ort = pytest.importorskip("onnxruntime")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip(f"onnxruntime has no CUDA provider ({ort.get_available_providers()})")
+    from pipeline.backends import load_backend
+
+    onnx = _export(weights, ".onnx")
+    batch = _batch()
+    with load_backend(onnx, backend="onnx", device="cpu") as cpu:
+        ref = cpu.predict(batch)
+    with load_backend(onnx, backend="onnx", device="cuda") as gpu:
+        got = gpu.predict(batch)
+    assert got.shape == ref.shape
+    assert np.abs(got - ref).max() < TOL["fp32"]
+
+
+def _slide(path, height: int = 128, width: int = 256) -> str:
+    import tifffile
+
+    rng = np.random.default_rng(1)
+    coarse = rng.integers(0, 256, (height // 16, width // 16, 3)).astype(np.float32)
+    image = np.kron(coarse, np.ones((16, 16, 1), np.float32))
+    image += rng.normal(0, 20, image.shape)
+    tifffile.imwrite(
+        path, np.clip(image, 0, 255).astype(np.uint8), photometric="rgb", tile=(64, 64)
+    )
+    return str(path)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_two_block_run_on_cuda_equals_cpu(torchscript, tmp_path, precision):
+    import zarr
+
+    from pipeline.config import RunConfig
+    from pipeline.run import run
+
+    slide = _slide(tmp_path / "slide.tif")
+    outputs = {}
+    for device in ("cpu", "cuda"):
+        cfg = RunConfig(
+            tile=(64,),
+            overlap=16,
+            chunk=128,
+            block=128,
+            backend="torchscript",
+            device=device,
+            precision=precision if device == "cuda" else "fp32",
+            scheduler="sync",
+            skip_background=False,
+        )
+        report = run([slide], tmp_path / f"out_{device}", torchscript, cfg)
+        assert report.ok, report.inputs[0].message
+        assert report.inputs[0].blocks == 2
+        outputs[device] = zarr.open_array(str(tmp_path / f"out_{device}" / "slide" / "0"))[...]
+    cpu, gpu = outputs["cpu"].astype(int), outputs["cuda"].astype(int)
+    assert cpu.shape == gpu.shape == (1, 128, 256)
+    assert cpu.std() > 2  # the output is not flat
+    levels = np.abs(gpu - cpu)  # uint8 levels: 1/255 of a probability each
+    assert levels.max() <= round(TOL[precision] * 255), (precision, int(levels.max()))
+    assert levels.mean() < 1
