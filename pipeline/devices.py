@@ -93,13 +93,14 @@ def quantize(prob: torch.Tensor, dtype: str) -> torch.Tensor:
     """Output pixels from probabilities, in place where possible.
 
     ``uint8``: ``rint(clip(p, 0, 1) * 255)`` (ties to even, as ``np.rint``);
-    ``float16``/``float32``: the value, rounded to the nearest representable.
+    ``float16``/``float32``: the value, rounded to the nearest representable. The
+    result is always new memory (``prob`` may be scratch the next block reuses).
     """
     import torch
 
     if dtype == "uint8":
         return prob.clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
-    return prob.to(getattr(torch, dtype))
+    return prob.to(getattr(torch, dtype), copy=True)
 
 
 @contextlib.contextmanager

@@ -183,7 +183,8 @@ def finish_block(
     where: object = None,
     block: Region | None = None,
 ) -> np.ndarray:
-    """Mask (glass is background), check, quantise on the device; copy back once.
+    """Mask (glass is background), check, quantise on the device; copy back once (the
+    result never shares memory with ``prob``).
 
     Raises
     ------
@@ -195,7 +196,7 @@ def finish_block(
 
     if mask is not None:
         prob.mul_(to_device(mask, prob.device))
-    if not bool(torch.isfinite(prob).all()):
+    if not bool(torch.isfinite(torch.stack(torch.aminmax(prob))).all()):  # NaN propagates
         raise PipelineError(
             f"model output contains NaN or Inf in block {block}",
             where=where,

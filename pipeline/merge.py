@@ -16,7 +16,28 @@ from pipeline.geometry import Region
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["TensorMerger", "weights_on"]
+__all__ = ["TensorMerger", "weights_on", "zeros_scratch"]
+
+#: Per (device, role): one flat float32 buffer, grown to the largest block seen.
+_SCRATCH: dict[tuple[str, str], torch.Tensor] = {}
+
+
+def zeros_scratch(role: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """A zeroed float32 tensor of ``shape`` on ``device``, in memory reused from block to
+    block: zeroing reused pages costs a fraction of faulting in fresh ones (a block's
+    accumulators are hundreds of MB). Valid until the next call with the same ``role``
+    and device, so only the holder of the device's lock may use it.
+    """
+    import math
+
+    import torch
+
+    key = (str(device), role)
+    size = math.prod(shape)
+    flat = _SCRATCH.get(key)
+    if flat is None or flat.numel() < size:
+        flat = _SCRATCH[key] = torch.empty(size, dtype=torch.float32, device=device)
+    return flat[:size].view(shape).zero_()
 
 
 @lru_cache(maxsize=16)
@@ -44,6 +65,9 @@ class TensorMerger:
         How tiles are blended; ``crop`` copies the part each tile owns.
     weights
         The tile weight window on ``device`` (:func:`weights_on`); None for ``crop``.
+
+    The accumulators are scratch memory (:func:`zeros_scratch`): the result is valid
+    until the next block on the device starts.
     """
 
     def __init__(
@@ -54,16 +78,13 @@ class TensorMerger:
         device: torch.device,
         weights: torch.Tensor | None,
     ) -> None:
-        import torch
 
         self.region = region
         self.mode = BlendMode(mode)
         self.crop = self.mode is BlendMode.CROP
         self.weights = weights
-        self.acc = torch.zeros((classes, *region.shape), dtype=torch.float32, device=device)
-        self.wsum = (
-            None if self.crop else torch.zeros(region.shape, dtype=torch.float32, device=device)
-        )
+        self.acc = zeros_scratch("acc", (classes, *region.shape), device)
+        self.wsum = None if self.crop else zeros_scratch("wsum", region.shape, device)
         self._filled = 0
 
     def _target(self, tile_out: Region, owned: Region | None) -> Region:
@@ -109,6 +130,6 @@ class TensorMerger:
                     f"{self.region}"
                 )
             return self.acc
-        if not bool((self.wsum > 0).all()):
+        if not bool(self.wsum.min() > 0):
             raise RuntimeError(f"tiles do not cover block {self.region}")
         return self.acc.div_(self.wsum)

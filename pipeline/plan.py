@@ -18,6 +18,8 @@ from pipeline.tta import check_tta
 
 DEFAULT_TILE = {2: 256, 3: 64}
 DEFAULT_CHUNK = {2: 1024, 3: 128}
+#: Default blocks hold whole chunks of this many pyramid levels when the budget allows.
+ALIGN_LEVELS = 2
 
 
 @dataclass(frozen=True)
@@ -62,9 +64,15 @@ def resolve_overlap(spec: ModelSpec, cfg: RunConfig, out_tile: int, blend: Blend
 
 
 def make_plan(
-    spec: ModelSpec, shape: tuple[int, ...], channels: int, classes: int, cfg: RunConfig
+    spec: ModelSpec,
+    shape: tuple[int, ...],
+    channels: int,
+    classes: int,
+    cfg: RunConfig,
+    itemsize: int = 1,
 ) -> Plan:
-    """Plan one image of spatial ``shape`` (len ``spec.ndim`` or ``spec.ndim + 1``)."""
+    """Plan one image of spatial ``shape`` (len ``spec.ndim`` or ``spec.ndim + 1``);
+    ``itemsize``: bytes per stored input value."""
     extra = len(shape) - spec.ndim  # 1: a 2D model running slice by slice on a volume
     tile = model_tile(spec, cfg)
     check_tta(cfg.tta, tile)
@@ -92,7 +100,7 @@ def make_plan(
     chunk = cfg.chunk or DEFAULT_CHUNK[spec.ndim]
     chunks = tuple(min(chunk, n) for n in shape[extra:])
     chunks = (1,) * extra + chunks
-    block = block_shape(shape, chunks, lattice, channels, classes, cfg)
+    block = block_shape(shape, chunks, lattice, channels, classes, cfg, itemsize)
     return Plan(lattice, blend, chunks, block, spec.ndim)
 
 
@@ -103,11 +111,18 @@ def block_shape(
     channels: int,
     classes: int,
     cfg: RunConfig,
+    itemsize: int = 1,
 ) -> tuple[int, ...]:
     """Block = whole chunks, as large as the per-worker memory budget allows.
 
-    Bytes per block pixel: float32 accumulators (classes + weight), the normalised
-    float32 input and its raw copy; the halo is counted as a fraction of the block.
+    On y and x a block grows in steps of ``2**ALIGN_LEVELS`` chunks when the budget
+    allows it (else 2, else 1), so that it also holds whole chunks of the first pyramid
+    levels, which it then writes from memory (:func:`pipeline.pyramid.block_levels`).
+
+    Bytes counted: the computing block's float32 accumulators (classes + weight) and
+    the output of two blocks (the one computing, the one being written) per block pixel;
+    the stored input (``itemsize`` per channel) of two blocks (the one computing, the
+    one being read) per input pixel, the halo included.
     """
     if cfg.block is not None:
         side = [max(c, (cfg.block // c) * c) for c in chunks]
@@ -115,19 +130,34 @@ def block_shape(
             1 if c == 1 and i < len(shape) - 2 else s for i, (c, s) in enumerate(zip(chunks, side))
         ]
         return tuple(min(s, -(-n // c) * c) for s, n, c in zip(side, shape, chunks))
-    per_pixel = 4 * (classes + 1) + 5 * channels
-    budget = cfg.memory_budget_mb * 2**20 / per_pixel
-    block = list(chunks)
-    # grow the axis with the fewest chunks in the block until the budget is used
+    out_bytes = 4 if cfg.dtype == "float32" else 2 if cfg.dtype == "float16" else 1
+    per_block_px = 4 * (classes + 1) + 2 * classes * out_bytes
+    per_input_px = 2 * channels * itemsize
+
+    def fits(block: list[int]) -> bool:
+        box = math.prod(b + t for b, t in zip(block, lattice.tile))
+        need = math.prod(block) * per_block_px + box * per_input_px
+        return need <= cfg.memory_budget_mb * 2**20
+
+    yx = {len(shape) - 2, len(shape) - 1}
+    for level in range(ALIGN_LEVELS, -1, -1):
+        step = [c * 2**level if a in yx else c for a, c in enumerate(chunks)]
+        block = [min(s, -(-n // c) * c) for s, n, c in zip(step, shape, chunks)]
+        if level == 0 or fits(block):
+            return _grow(block, step, shape, fits)
+    raise AssertionError("unreachable")
+
+
+def _grow(block: list[int], step: list[int], shape: tuple[int, ...], fits) -> tuple[int, ...]:
+    """Grow the axis with the smallest block by its step while the budget holds."""
     while True:
         grown = None
         for axis in sorted(range(len(shape)), key=lambda a: block[a]):
             if block[axis] >= shape[axis]:
                 continue
             trial = block.copy()
-            trial[axis] += chunks[axis]
-            halo = math.prod(b + lattice.tile[a] for a, b in enumerate(trial)) / math.prod(trial)
-            if math.prod(trial) * halo <= budget:
+            trial[axis] += step[axis]
+            if fits(trial):
                 grown = trial
                 break
         if grown is None:

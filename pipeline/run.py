@@ -114,9 +114,10 @@ def dask_client(cfg: RunConfig) -> Iterator[object | None]:
 
 
 class Executor:
-    """Where blocks run. The local cluster starts on first need: a run that is a single
-    block on the default layout runs in-process, where the cluster's start and the
-    worker's model load would cost more than they save."""
+    """Where blocks run. The local cluster starts on first need: one input that is a
+    single block, or whose default layout is one worker, runs in-process (with the same
+    block threads a worker has), where the cluster's start and the worker's imports and
+    model load would cost more than they save."""
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
@@ -126,7 +127,8 @@ class Executor:
     def client_for(self, blocks: int, more_inputs: bool):
         cfg = self.cfg
         if self.client is None and cfg.scheduler != "sync":
-            small = blocks <= 1 and not more_inputs and not cfg.workers and not cfg.scheduler
+            one_worker = blocks <= 1 or worker_layout(cfg)[0] == 1
+            small = one_worker and not more_inputs and not cfg.workers and not cfg.scheduler
             if small:
                 return None
             self.client = self._stack.enter_context(dask_client(cfg))
@@ -280,7 +282,7 @@ def run_one(
     channels = int(array.shape[0])
     classes = spec.classes or channels
     shape = tuple(int(s) for s in array.shape[1:])
-    plan = make_plan(spec, shape, channels, classes, cfg)
+    plan = make_plan(spec, shape, channels, classes, cfg, array.dtype.itemsize)
     tissue = find_tissue(inp, shape, cfg)
     writer = sink.create_image(
         out,

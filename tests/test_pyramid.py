@@ -106,3 +106,44 @@ def test_level_region_halves_y_and_x_only():
     r = Region((3, 1024, 2048), (2, 1024, 1023))
     assert level_region(r, "czyx", 2) == Region((3, 256, 512), (2, 256, 255))
     assert level_region(Region((0, 0), (517, 389)), "cyx", 1) == Region((0, 0), (258, 194))
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "float32"])
+@pytest.mark.parametrize("block,written", [(32, 0), (64, 1), (128, 2), (1024, 5)])
+def test_a_run_writes_the_pyramid_of_the_dask_pass(tmp_path, dtype, block, written):
+    """Through ``pipeline.run.run``: blocks write levels 1..L from memory, the rest is
+    built after; every level equals the dask pass over the stored level 0."""
+    import zarr
+    from conftest import write_tiff
+
+    from pipeline.config import RunConfig
+    from pipeline.run import run
+
+    image = np.random.default_rng(3).integers(0, 256, (389, 517, 3), dtype=np.uint8)
+    path = write_tiff(tmp_path / "odd.tif", image, tile=(64, 64), photometric="rgb")
+    cfg = RunConfig(
+        backend="identity",
+        tile=(64,),
+        overlap=16,
+        dtype=dtype,
+        chunk=32,
+        block=block,
+        pyramid_min=16,
+        skip_background=False,
+        scheduler="sync",
+    )
+    report = run([str(path)], tmp_path / "out.zarr", None, cfg)
+    assert report.ok, report.inputs[0].message
+    group = zarr.open_group(str(tmp_path / "out.zarr" / "odd"), mode="r")
+    levels = [
+        group[str(k)][:] for k in range(len(group.attrs["ome"]["multiscales"][0]["datasets"]))
+    ]
+    shape, chunks = levels[0].shape, (3, 32, 32)
+    assert block_levels(shape, "cyx", chunks, (3, block, block), 16) == written
+    want = dask_pyramid(levels[0], "cyx", chunks, 16)
+    assert len(levels) == len(want) == 6
+    for k, (g, w) in enumerate(zip(levels, want)):
+        assert g.dtype == w.dtype and g.shape == w.shape, k
+        np.testing.assert_array_equal(g, w, err_msg=f"level {k}")
+    if dtype == "uint8":
+        np.testing.assert_array_equal(levels[0], image.transpose(2, 0, 1))  # identity

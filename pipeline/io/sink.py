@@ -202,13 +202,22 @@ def create_image(
     return writer
 
 
+#: zstd level of the output chunks. Level 1 writes a 4096² RGB block of a real slide
+#: about 3x faster than zarr's default (level 3, the old setting) for 6 % more bytes:
+#: at the default level, compressing the output was the slowest stage of a block.
+ZSTD_LEVEL = 1
+
+
 def _create_level(group, writer: ImageWriter, level: int, shape: Sequence[int]):
+    from zarr.codecs import ZstdCodec
+
     return group.create_array(
         str(level),
         shape=tuple(shape),
         chunks=level_chunks(writer.chunks, shape),
         dtype=writer.dtype,
         fill_value=0,
+        compressors=[ZstdCodec(level=ZSTD_LEVEL)],
         dimension_names=list(writer.axes),
         config=_ARRAY_CONFIG,
     )
