@@ -17,8 +17,10 @@ that many blocks.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, Union
@@ -215,8 +217,8 @@ def _open_sink(path: str) -> zarr.Array:
 def forget_sink(path: str) -> None:
     """Drop the cached output handles of the image whose level ``path`` is (every level),
     after the image is finished or discarded."""
-    folder = path.rstrip("/").rpartition("/")[0]
-    for key in [k for k in _SINKS if k == path or k.rpartition("/")[0] == folder]:
+    folder = os.path.dirname(path.rstrip("/\\"))
+    for key in [k for k in _SINKS if k == path or os.path.dirname(k) == folder]:
         _SINKS.pop(key, None)
 
 
@@ -357,7 +359,6 @@ def process_block(job: BlockJob, *shared: dict) -> BlockResult:
     Tiles are added in lattice order whatever their origin, so a pixel's value does not
     depend on the block layout. Idempotent: a rerun writes the same bytes.
     """
-    import torch
 
     t0 = time.perf_counter()
     lat = job.lattice
@@ -373,7 +374,7 @@ def process_block(job: BlockJob, *shared: dict) -> BlockResult:
     with _Section(backend) as section:
         t2 = time.perf_counter()
         stream = iter(()) if box is None else _predictions(job, backend, box, local, section.device)
-        on_device = {t: torch.from_numpy(p).to(section.device) for t, p in ready.items()}
+        on_device = {t: _tensor(p, section.device) for t, p in ready.items()}
         prob = blend_block(
             job.write,
             lat,
@@ -403,6 +404,16 @@ def process_block(job: BlockJob, *shared: dict) -> BlockResult:
         "write": time.perf_counter() - t3,
     }
     return result
+
+
+def _tensor(pred: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A shared tile's prediction on the device; it is only read, so a read-only array
+    (as Dask hands results between workers) is used as it is."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not writable.*", category=UserWarning)
+        return torch.from_numpy(pred).to(device)
 
 
 def write_block(job: BlockJob, out: np.ndarray) -> None:

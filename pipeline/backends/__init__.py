@@ -313,9 +313,9 @@ def load_backend(
     ConfigError, DeviceError, ModelError
     """
     _check_load_options(model, backend, precision, threads)
-    if backend == "identity":
-        return IdentityBackend(identity_spec(_check_overrides(overrides)))
     dev = resolve_device(device)
+    if backend == "identity":
+        return IdentityBackend(identity_spec(_check_overrides(overrides)), dev)
     spec = read_model_spec(model or "", backend=backend, overrides=overrides)
     half_ok = spec.format == "torchscript" or ort_provider == "tensorrt"
     if precision != "fp32" and (not half_ok or not dev.startswith("cuda")):

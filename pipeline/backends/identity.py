@@ -54,9 +54,9 @@ class IdentityBackend(CheckedBackend):
     """Returns its input as float32 (a copy from :meth:`predict`); ``classes=0`` means
     "as many as the input"."""
 
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, device: str = "cpu") -> None:
         self.spec = spec
-        self.device = "cpu"
+        self.device = device  # where the pipeline runs its blocks (the host ceiling there)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         return np.array(batch, dtype=np.float32, copy=True)
