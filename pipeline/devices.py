@@ -49,6 +49,10 @@ def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     """
     import torch
 
+    if device.type != "cpu" and array.dtype.kind == "u" and array.dtype.itemsize > 1:
+        # torch's CUDA kernels lack unsigned 16/32/64-bit types: widen to a signed type
+        # that holds every value (the scale still comes from the stored dtype)
+        array = array.astype(np.int32 if array.dtype.itemsize == 2 else np.int64)
     host = torch.from_numpy(np.ascontiguousarray(array))
     if device.type == "cpu":
         return host

@@ -45,14 +45,15 @@ __all__ = [
 Tile = tuple[int, ...]
 Runner = Callable[["torch.Tensor"], "torch.Tensor"]
 
-_LOCKS: dict[str, threading.Lock] = {}
+_LOCKS: dict[str, threading.RLock] = {}
 _LOCKS_GUARD = threading.Lock()
 
 
-def device_lock(device: str) -> threading.Lock:
-    """The lock held while a block uses ``device`` in this process (one per device)."""
+def device_lock(device: str) -> threading.RLock:
+    """The lock held while a block uses ``device`` in this process (one per device;
+    reentrant, so a holder may call code that takes it too)."""
     with _LOCKS_GUARD:
-        return _LOCKS.setdefault(str(device), threading.Lock())
+        return _LOCKS.setdefault(str(device), threading.RLock())
 
 
 class HostBox:

@@ -280,7 +280,10 @@ def _batch_size(job: BlockJob, backend: Backend, channels: int) -> int:
     if key not in _BATCHES:
         from pipeline.backends.tuning import auto_batch_size
 
-        _BATCHES[key] = auto_batch_size(_runner(job, backend), sample, _device_name(backend))
+        device = _device_name(backend)
+        with device_lock(str(torch_device(device))):  # measured alone on the device
+            if key not in _BATCHES:
+                _BATCHES[key] = auto_batch_size(_runner(job, backend), sample, device)
     return _BATCHES[key]
 
 
