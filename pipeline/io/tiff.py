@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import re
 import threading
 import xml.etree.ElementTree as ET
@@ -63,10 +62,6 @@ MEMMAP_PIECE = 512
 #: missing or out-of-file data (a 10,000-page stack would take long to scan).
 MAX_PAGES_CHECKED = 256
 
-#: Threads tifffile's Zarr store decodes the tiles of one read with (the codecs release
-#: the GIL): a 4096² JPEG block reads in about 0.6x the time of one thread.
-DECODE_THREADS = max(1, min(4, os.cpu_count() or 1))
-
 
 def open_tiff_level(path: str, series: int, level: int, mode: str = "zarr") -> Any:
     """Open one level of one series read-only, without decoding pixels.
@@ -78,8 +73,8 @@ def open_tiff_level(path: str, series: int, level: int, mode: str = "zarr") -> A
         return tifffile.memmap(path, series=series, level=level, mode="r")
     tif = tifffile.TiffFile(path)
     guard_decoders(tif.series[series].levels[level])
-    store = tif.series[series].aszarr(level=level, maxworkers=DECODE_THREADS)
-    return zarr.open_array(store, mode="r")
+    # a read's tiles decode on 4 threads (the codecs release the GIL): 0.6x the time
+    return zarr.open_array(tif.series[series].aszarr(level=level, maxworkers=4), mode="r")
 
 
 _DAMAGED_HINT = "the file is damaged or truncated (an interrupted copy?); copy or export it again"
