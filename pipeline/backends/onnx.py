@@ -143,6 +143,10 @@ class OnnxBackend(CheckedBackend):
         # Some exports fix the batch size (often 1): feed them in slices of that size.
         self._batch = input_facts(self._session)["batch"]
         self._bound = IoBindingRunner(self._session, self._out_shape)
+        # TensorRT builds an engine per input shape (minutes): a smaller last batch is
+        # padded to the largest one seen instead of getting its own engine
+        self._pad = device.startswith("cuda") and provider == "tensorrt"
+        self._largest = 0
 
     def _out_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         classes = self.spec.classes or shape[1]
@@ -173,6 +177,11 @@ class OnnxBackend(CheckedBackend):
 
         if batch.device.type == "cpu":
             return torch.from_numpy(self.run(batch.contiguous().numpy()))
+        n = batch.shape[0]
+        self._largest = max(self._largest, n)
+        if self._pad and n < self._largest:
+            fill = batch.new_zeros((self._largest - n, *batch.shape[1:]))
+            return self._sliced(self._bound, torch.cat([batch, fill]), torch.cat)[:n]
         return self._sliced(self._bound, batch, torch.cat)
 
     def close(self) -> None:

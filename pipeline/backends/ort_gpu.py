@@ -96,7 +96,7 @@ def gpu_providers(
             hint="install onnxruntime-gpu (and TensorRT for --ort-provider tensorrt), or "
             "use the torchscript backend",
         )
-    cuda: dict[str, Any] = {"device_id": index, "cudnn_conv_algo_search": "HEURISTIC"}
+    cuda: dict[str, Any] = {"device_id": index}
     if stream is not None:
         cuda.update(has_user_compute_stream="1", user_compute_stream=str(stream))
     providers: list[Any] = [(_CUDA_EP, cuda), _CPU_EP]
