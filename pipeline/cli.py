@@ -23,24 +23,19 @@ import json
 import logging
 import os
 import sys
-import time
 import unicodedata
+from pathlib import Path
 
 import click
 
+from pipeline.cli_options import RUN_EPILOG, given_options, run_options
 from pipeline.config import (
     ACTIVATIONS,
-    BACKENDS,
-    BLENDS,
-    DTYPES,
     MODEL_FORMATS,
     NORMALIZATIONS,
-    NORMALIZE,
-    ORT_PROVIDERS,
     PADDINGS,
-    PRECISIONS,
-    TTA,
 )
+from pipeline.describe import inspect_path, open_hints, render
 from pipeline.errors import InputError, PipelineError
 
 EXIT_OK, EXIT_FAILED_INPUTS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -51,106 +46,62 @@ def _fail(exc: PipelineError, code: int = EXIT_USAGE) -> None:
     sys.exit(code)
 
 
-class _Bar:
-    """A one-line progress bar on stderr (redrawn at most 5 times a second)."""
-
-    def __init__(self) -> None:
-        self.last = 0.0
-        self.tty = sys.stderr.isatty()
-
-    def __call__(self, name: str, done: int, total: int) -> None:
-        now = time.monotonic()
-        if done not in (0, total) and now - self.last < (0.2 if self.tty else 10):
-            return
-        self.last = now
-        width = 30
-        filled = int(width * done / max(total, 1))
-        line = f"{name[:30]:30s} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} blocks"
-        click.echo(("\r" if self.tty else "") + line, err=True, nl=not self.tty or done == total)
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog="""\b
+Start here:
+  pipeline demo --folder demo          synthetic slides, a small trained U-Net, a run
+  pipeline inspect SLIDE.svs           what the pipeline sees in a file
+  pipeline run SLIDES/ --out OUT.zarr --model MODEL.onnx
+  pipeline inspect OUT.zarr            the images of an output, their states and shapes
+""",
+)
 @click.version_option(package_name="unet-pipeline")
-@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def main(verbose: int) -> None:
     """Segment very large biomedical images with a U-Net, tile by tile, into OME-Zarr."""
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
-@main.command()
+@main.command(epilog=RUN_EPILOG)
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("--out", "-o", required=True, help="Output Zarr group (created if missing).")
-@click.option("--model", "-m", help="Model file (.pt TorchScript or .onnx).")
-@click.option("--tile", help="Network input size: N or Z,Y,X.")
-@click.option("--overlap", type=int, help="Overlap between tiles in output pixels.")
-@click.option("--blend", type=click.Choice(BLENDS))
 @click.option(
-    "--batch-size",
-    type=int,
-    help="Tiles per forward pass (default: 8 on CPU; on a GPU as many as fill it).",
-)
-@click.option("--backend", type=click.Choice(BACKENDS))
-@click.option("--device", help="auto, cpu, cuda or cuda:N.")
-@click.option(
-    "--precision",
-    type=click.Choice(PRECISIONS),
-    help="fp32 (default); fp16/bf16 on a GPU (TorchScript autocast, or TensorRT engines).",
+    "--out",
+    "-o",
+    required=True,
+    help="Output folder, an OME-Zarr group ending in .zarr (created if missing); each input "
+    "becomes one image in it, beside report.json.",
 )
 @click.option(
-    "--tta",
-    type=click.Choice(TTA),
-    help="Test-time augmentation: mean over the axis flips (flip) or the 8 rotations and "
-    "flips of square tiles (d4). Default: none.",
+    "--model",
+    "-m",
+    help="Model file: TorchScript (.pt) or ONNX (.onnx), e.g. from `pipeline export`.",
+    show_default="none; needed unless --backend identity",
 )
-@click.option(
-    "--ort-provider",
-    type=click.Choice(ORT_PROVIDERS),
-    help="ONNX Runtime on a GPU: cuda (auto) or tensorrt (engines built on first use and "
-    "cached in ~/.cache/pipeline/trt).",
-)
-@click.option(
-    "--cuda-graphs/--no-cuda-graphs",
-    default=None,
-    help="Replay the network as a CUDA graph (TorchScript on a GPU; default: off).",
-)
-@click.option("--dtype", type=click.Choice(DTYPES))
-@click.option("--normalize", type=click.Choice(NORMALIZE))
-@click.option("--workers", type=int, help="Local Dask worker processes.")
-@click.option("--threads-per-worker", type=int)
-@click.option("--scheduler", help="Address of an existing Dask scheduler ('sync': in-process).")
-@click.option("--chunk", type=int, help="Output chunk size (y and x).")
-@click.option("--block", type=int, help="Block side in pixels (a multiple of --chunk).")
-@click.option("--in-channels", type=int, help="Input channels of a model without metadata.")
-@click.option("--classes", type=int, help="Classes of a model without metadata.")
-@click.option("--series", type=int, help="Image series to read (default: the main image).")
-@click.option("--level", type=int, help="Input pyramid level to run on.")
-@click.option("--mpp", type=float, help="Run at this resolution (micrometres per pixel).")
-@click.option(
-    "--mpp-input", type=float, help="Pixel size of the inputs, when files lack it or are wrong."
-)
-@click.option("--channels", help="Input channels to use, e.g. 0,1,2.")
-@click.option(
-    "--skip-background/--no-skip-background",
-    default=None,
-    help="Detect tissue and skip tiles with none (default: on).",
-)
-@click.option("--mask", type=click.Path(exists=True), help="A tissue mask image to use instead.")
-@click.option("--extensions", help="File suffixes searched for in folders, e.g. .svs,.ndpi.")
+@run_options
 @click.option(
     "--config",
     "config_file",
     type=click.Path(dir_okay=False),
-    help="YAML file of defaults (see configs/default.yaml).",
+    help="YAML file of option values (the keys of configs/default.yaml); options given "
+    "here override it.",
+    show_default="none",
 )
-def run(inputs, out, model, config_file, **options) -> None:
-    """Segment INPUTS (files, folders or .txt lists of paths) into OUT, one NGFF image per input."""
+@click.pass_context
+def run(ctx, inputs, out, model, config_file, **options) -> None:
+    """Segment INPUTS (image files, folders, .txt lists of paths) into OUT, one image each.
+
+    Each input gets one line of what will run, then a progress bar; the end shows a
+    table of the inputs and how to open the result.
+    """
     from pipeline.config import resolve_config
     from pipeline.io.discover import find_inputs
+    from pipeline.progress import TerminalProgress
     from pipeline.run import run as run_pipeline
 
     try:
-        cfg = resolve_config(config_file, options)
+        cfg = resolve_config(config_file, given_options(ctx, options))
         found = find_inputs(inputs, cfg.extensions, exclude=[out])
         if not found.paths and all(r.state == "skipped" for r in found.results):
             others = f" ({len(found.results)} other files skipped)" if found.results else ""
@@ -160,7 +111,10 @@ def run(inputs, out, model, config_file, **options) -> None:
                 hint=f"give image files, list files (.txt) or folders with "
                 f"{', '.join(cfg.extensions)} files (see --extensions)",
             )
-        report = run_pipeline(found.paths, out, model, cfg, progress=_Bar(), decided=found.results)
+        with TerminalProgress() as progress:
+            report = run_pipeline(
+                found.paths, out, model, cfg, progress=progress, decided=found.results
+            )
     except PipelineError as exc:
         _fail(exc)
     except KeyboardInterrupt:
@@ -223,6 +177,12 @@ def _summary(report, out) -> None:
         f"{report.seconds:.1f} s ({report.mpix_per_s:.2f} Mpix/s); "
         f"report: {_printable(str(out))}/report.json"
     )
+    done = [Path(r.output).name for r in report.inputs if r.state == "done" and r.output]
+    hints = open_hints(out, done, (report.config or {}).get("ngff"))
+    if hints:
+        click.echo("open it with:")
+        for hint in hints:
+            click.echo(f"  {_printable(hint)}")
 
 
 def _row(state: str, name: str, seconds: str, mpix: str, tissue: str, detail: str) -> str:
@@ -289,45 +249,114 @@ def _take(text: str, width: int) -> str:
     return "".join(out)
 
 
-@main.command()
+def _choice(flag: str, choices, default: str, text: str):
+    return click.option(
+        flag, type=click.Choice(choices), default=default, show_default=True, help=text
+    )
+
+
+@main.command(
+    epilog="""\b
+Examples:
+  pipeline export unet.onnx --in-channels 3 --classes 1 --weights trained.pth --mpp 0.5
+  pipeline export tissue.pt --in-channels 3 --classes 3 --class-names tumor,stroma
+  pipeline export unet_valid.pt --padding valid --in-channels 1 --classes 2 --weights w.pth
+  pipeline export unet3d.onnx --ndim 3 --in-channels 1 --classes 1 --base 16 --depth 3
+"""
+)
 @click.argument("out")
 @click.option(
     "--weights",
     type=click.Path(exists=True, dir_okay=False),
-    help="State dict to load (read with weights_only=True).",
+    help="Trained weights: a state dict saved with torch.save (read with weights_only=True).",
+    show_default="none: random weights, for testing the pipeline only",
 )
-@click.option("--in-channels", type=int, default=1, show_default=True)
-@click.option("--classes", type=int, default=1, show_default=True)
-@click.option("--base", type=int, default=64, show_default=True)
-@click.option("--depth", type=int, default=4, show_default=True)
-@click.option("--ndim", type=click.Choice(["2", "3"]), default="2", show_default=True)
-@click.option("--padding", type=click.Choice(PADDINGS), default="same", show_default=True)
+@click.option("--in-channels", type=int, default=1, show_default=True, help="Input channels.")
 @click.option(
-    "--activation",
-    type=click.Choice(("auto", *ACTIVATIONS)),
-    default="auto",
-    show_default=True,
+    "--classes", type=int, default=1, show_default=True, help="Output channels (classes)."
 )
-@click.option("--normalize", type=click.Choice(NORMALIZATIONS), default="dtype", show_default=True)
+@click.option("--base", type=int, default=64, show_default=True, help="Filters of the first level.")
+@click.option(
+    "--depth",
+    type=int,
+    default=4,
+    show_default=True,
+    help="Down-sampling steps; tile sizes are multiples of 2^depth.",
+)
+@_choice("--ndim", ("2", "3"), "2", "2D or 3D convolutions.")
+@_choice(
+    "--padding",
+    PADDINGS,
+    "same",
+    "same: output as large as the input; valid: the original U-Net, output smaller by a "
+    "margin (blended with crop).",
+)
+@_choice(
+    "--activation",
+    ("auto", *ACTIVATIONS),
+    "auto",
+    "Output activation built into the file; auto: sigmoid for one class, softmax for several.",
+)
+@_choice(
+    "--normalize",
+    NORMALIZATIONS,
+    "dtype",
+    "How `pipeline run` scales integer input for this model: dtype (divided by the type's "
+    "maximum) or none.",
+)
 @click.option(
     "--format",
     "fmt",
     type=click.Choice(MODEL_FORMATS),
-    help="Default: from OUT's suffix (.pt/.ts or .onnx).",
+    help="Model file format.",
+    show_default="from OUT's suffix: .pt/.ts TorchScript, .onnx ONNX",
 )
 @click.option(
     "--mpp",
     type=float,
-    help="Training resolution (µm/px): `pipeline run` uses it unless --mpp/--level.",
+    help="Training resolution in µm per pixel: `pipeline run` runs at it unless given "
+    "--mpp or --level.",
+    show_default="none declared",
+)
+@click.option(
+    "--class-names",
+    help="Class names stored in the file, comma-separated: the foreground classes, or all "
+    "with background first; `pipeline run` names labels and channels with them.",
+    show_default="none: class 1, class 2...",
 )
 def export(
-    out, weights, in_channels, classes, base, depth, ndim, padding, activation, normalize, fmt, mpp
+    out,
+    weights,
+    in_channels,
+    classes,
+    base,
+    depth,
+    ndim,
+    padding,
+    activation,
+    normalize,
+    fmt,
+    mpp,
+    class_names,
 ) -> None:
-    """Export a U-Net (fresh, or with --weights) to a TorchScript or ONNX model file OUT."""
+    """Export a U-Net (fresh, or with --weights) to a TorchScript or ONNX model file OUT.
+
+    The file carries what running it needs (axes, channels, classes, margin, size step,
+    activation, normalisation, and optionally resolution and class names).
+    """
+    from pipeline.classes import label_names, parse_class_names
     from pipeline.model.export import export_model
 
     try:
-        spec = export_model(
+        names = parse_class_names(class_names)
+        if names is not None:
+            label_names(classes, names)  # the count must fit the classes
+        extra: dict = {"trained": weights is not None}
+        if mpp is not None:
+            extra["mpp"] = mpp
+        if names is not None:
+            extra["class_names"] = list(names)
+        export_model(
             out,
             weights=weights,
             in_channels=in_channels,
@@ -339,32 +368,54 @@ def export(
             activation=activation,
             normalize=normalize,
             fmt=fmt,
-            extra=None if mpp is None else {"mpp": mpp},
+            extra=extra,
         )
+        info = inspect_path(out)
     except PipelineError as exc:
         _fail(exc)
-    click.echo(json.dumps(spec.to_dict(), indent=2))
+    if weights is None:
+        click.echo(
+            "warning: no --weights given: the model's weights are random (untrained). It runs "
+            "and tests the pipeline; its segmentations mean nothing.",
+            err=True,
+        )
+    click.echo(render(info))
 
 
-@main.command()
+@main.command(
+    epilog="""\b
+Examples:
+  pipeline inspect slide.svs            series, levels, shapes, chunks, pixel size
+  pipeline inspect unet.onnx            a model's geometry, classes and resolution
+  pipeline inspect masks.zarr           an output's images with their states and shapes
+  pipeline inspect slide.svs --json     the same facts as JSON
+"""
+)
 @click.argument("path")
-def inspect(path) -> None:
-    """Show series, levels, shapes, dtypes, chunks and pixel size of an image or model."""
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    default=False,
+    show_default="off",
+    help="Print JSON (floats to 6 significant digits) instead of a table.",
+)
+def inspect(path, as_json) -> None:
+    """Show what the pipeline sees in PATH: an image, a model or an output."""
     try:
-        if path.lower().endswith((".onnx", ".pt", ".ts", ".pth")):
-            from pipeline.backends import read_model_spec
-
-            info = read_model_spec(path).to_dict()
-        else:
-            from pipeline.io.sources import describe
-
-            info = describe(path)
+        info = inspect_path(path)
     except PipelineError as exc:
         _fail(exc, EXIT_FAILED_INPUTS)
-    click.echo(json.dumps(info, indent=2, default=str))
+    click.echo(json.dumps(info, indent=2, default=str) if as_json else render(info))
 
 
-@main.command()
+@main.command(
+    epilog="""\b
+Examples:
+  pipeline demo --folder demo
+  pipeline demo --folder /tmp/demo --seconds 20
+"""
+)
 @click.option(
     "--folder",
     default=".",
@@ -372,7 +423,12 @@ def inspect(path) -> None:
     type=click.Path(file_okay=False),
     help="Where to write the demo slides, model and output.",
 )
-@click.option("--seconds", default=60.0, show_default=True, help="Training time budget.")
+@click.option(
+    "--seconds",
+    default=60.0,
+    show_default=True,
+    help="Training time budget in seconds (less: a weaker model).",
+)
 def demo(folder, seconds) -> None:
     """Make small synthetic slides and a small trained U-Net, then run the pipeline."""
     from pipeline.demo import run_demo

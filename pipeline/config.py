@@ -18,8 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.classes import DEFAULT_THRESHOLD, parse_class_names
 from pipeline.errors import ConfigError
 from pipeline.io.formats import SEARCHED_SUFFIXES
+from pipeline.io.ngff import DEFAULT_VERSION, VERSIONS
 
 #: How tile predictions are blended (``auto``: crop for valid models, else gaussian).
 BLENDS = ("auto", "gaussian", "cosine", "constant", "crop")
@@ -43,6 +45,8 @@ PADDINGS = ("same", "valid")
 TTA = ("none", "flip", "d4")
 #: ONNX Runtime's provider on a GPU (``tensorrt``: opt-in, builds engines on first use).
 ORT_PROVIDERS = ("auto", "cuda", "tensorrt")
+#: NGFF versions written (``--ngff``): 0.4 on Zarr v2, 0.5 on Zarr v3.
+NGFF_VERSIONS = VERSIONS
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,7 @@ class RunConfig:
     device: str = "auto"
     precision: str = "fp32"
     dtype: str = "uint8"
+    ngff: str = DEFAULT_VERSION
     normalize: str = "auto"
     workers: int | None = None
     threads_per_worker: int | None = None
@@ -70,6 +75,8 @@ class RunConfig:
     pyramid_min: int = 256
     in_channels: int | None = None
     classes: int | None = None
+    class_names: tuple[str, ...] | None = None
+    threshold: float = DEFAULT_THRESHOLD
     series: int | None = None
     level: int | None = None
     mpp: float | None = None
@@ -91,6 +98,18 @@ class RunConfig:
         _check_choice("normalize", self.normalize, NORMALIZE)
         _check_choice("tta", self.tta, TTA)
         _check_choice("ort_provider", self.ort_provider, ORT_PROVIDERS)
+        if isinstance(self.ngff, float):  # YAML reads `ngff: 0.4` as a number
+            object.__setattr__(self, "ngff", str(self.ngff))
+        _check_choice("ngff", self.ngff, NGFF_VERSIONS)
+        if isinstance(self.threshold, bool) or not (
+            isinstance(self.threshold, (int, float)) and 0.0 <= self.threshold <= 1.0
+        ):
+            raise ConfigError(
+                f"threshold must be a probability in 0..1, got {self.threshold!r}",
+                where="option threshold",
+            )
+        if self.class_names is not None:
+            object.__setattr__(self, "class_names", parse_class_names(self.class_names))
         for name in (
             "batch_size",
             "workers",
@@ -144,7 +163,7 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        for key in ("tile", "channels", "extensions"):
+        for key in ("tile", "channels", "extensions", "class_names"):
             if d[key] is not None:
                 d[key] = list(d[key])
         return d

@@ -387,11 +387,14 @@ def _summarise(echo: Echo, report: RunReport, out: Path, folder: Path) -> None:
         detail = r.output if r.state == "done" else f"{r.reason}: {r.message}"
         shape = "x".join(str(s) for s in r.shape or [])
         echo(f"  {r.state:6s} {r.name:12s} {shape:>12s} {r.seconds:6.1f} s  {detail}")
-    echo(f"\nMasks (NGFF 0.5 OME-Zarr, probability x 255, level 0 at {PIXEL_SIZE_UM} µm/px): {out}")
+    ngff = (report.config or {}).get("ngff", "?")
+    echo(
+        f"\nMasks (NGFF {ngff} OME-Zarr, probability x 255, level 0 at {PIXEL_SIZE_UM} µm/px): {out}"
+    )
     echo(f"Ground truth masks: {folder / 'truth'}; run report: {out / 'report.json'}")
     first = out / report.inputs[0].name
     echo("Look at them with:")
-    echo(f"  pipeline inspect {first}")
+    echo(f"  pipeline inspect {out}")
     echo(f"  napari --plugin napari-ome-zarr {first}   # pip install napari napari-ome-zarr")
     echo(
         f"  pipeline run {folder / 'slides'} --out OTHER.zarr --model {folder / 'unet.onnx'}"

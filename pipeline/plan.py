@@ -63,6 +63,33 @@ def resolve_overlap(spec: ModelSpec, cfg: RunConfig, out_tile: int, blend: Blend
     return out_tile // 4
 
 
+def check_options(spec: ModelSpec, cfg: RunConfig) -> None:
+    """Refuse a ``--tile``, ``--overlap`` or ``--tta`` the model cannot take, before any
+    work: what :func:`make_plan` checks that does not depend on the image.
+
+    Raises
+    ------
+    ConfigError
+        ``TileError`` for a tile the model does not accept, an overlap too large, or
+        ``--tta d4`` with tiles that are not square.
+    """
+    tile = model_tile(spec, cfg)
+    check_tta(cfg.tta, tile)
+    blend = resolve_blend(spec, cfg)
+    for t in tile:
+        _stride(spec, cfg, t - 2 * spec.margin, blend)
+
+
+def _stride(spec: ModelSpec, cfg: RunConfig, out_tile: int, blend: BlendMode) -> int:
+    overlap = resolve_overlap(spec, cfg, out_tile, blend)
+    try:
+        return choose_stride(out_tile, overlap, spec.step)
+    except ValueError as exc:
+        raise ConfigError(
+            str(exc), where="option --overlap", hint=f"use an overlap below {out_tile - spec.step}"
+        ) from None
+
+
 def make_plan(
     spec: ModelSpec,
     shape: tuple[int, ...],
@@ -78,15 +105,7 @@ def make_plan(
     check_tta(cfg.tta, tile)
     blend = resolve_blend(spec, cfg)
     out_tile = [t - 2 * spec.margin for t in tile]
-    strides = []
-    for o in out_tile:
-        overlap = resolve_overlap(spec, cfg, o, blend)
-        try:
-            strides.append(choose_stride(o, overlap, spec.step))
-        except ValueError as exc:
-            raise ConfigError(
-                str(exc), where="option --overlap", hint=f"use an overlap below {o - spec.step}"
-            ) from None
+    strides = [_stride(spec, cfg, o, blend) for o in out_tile]
     lattice = Lattice(
         shape,
         (1,) * extra + tuple(tile),

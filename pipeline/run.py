@@ -23,8 +23,9 @@ from pipeline.backends.base import ModelSpec
 from pipeline.config import RunConfig
 from pipeline.errors import INTERNAL_ERROR, ConfigError, PipelineError
 from pipeline.inprocess import run_in_threads
-from pipeline.io import sink
-from pipeline.plan import Plan, make_plan
+from pipeline.io import ngff, sink
+from pipeline.io.collection import write_collection
+from pipeline.plan import Plan, check_options, make_plan
 from pipeline.report import InputResult, RunReport
 from pipeline.stages import (
     BLOCK_THREADS,
@@ -99,8 +100,7 @@ def dask_client(cfg: RunConfig) -> Iterator[object | None]:
     with (
         LocalCluster(
             n_workers=workers,
-            # one block computes while others read and write (stages.BLOCK_THREADS)
-            threads_per_worker=BLOCK_THREADS,
+            threads_per_worker=BLOCK_THREADS,  # one block computes, others read and write
             processes=True,
             host="127.0.0.1",
             dashboard_address=None,
@@ -115,9 +115,8 @@ def dask_client(cfg: RunConfig) -> Iterator[object | None]:
 
 class Executor:
     """Where blocks run. The local cluster starts on first need: one input that is a
-    single block, or whose default layout is one worker, runs in-process (with the same
-    block threads a worker has), where the cluster's start and the worker's imports and
-    model load would cost more than they save."""
+    single block or whose default layout is one worker runs in-process (on the block
+    threads a worker has): the cluster's start and imports would cost more than they save."""
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
@@ -179,8 +178,12 @@ def run(
     see :func:`pipeline.io.discover.find_inputs`); they are added to the report as they are.
     """
     t0 = time.perf_counter()
-    sink.open_root(out)  # refuses an output that cannot be a Zarr group before any work
+    fmt = ngff.get_format(cfg.ngff)
+    sink.check_root(out, fmt)  # a file, or an output of the other NGFF version
     spec = resolve_model(model, cfg)
+    check_options(spec, cfg)
+    # usage errors (exit 2) are all raised above: OUT is created only now
+    sink.open_root(out, fmt)
     report = RunReport(model=spec.to_dict(), config=cfg.to_dict())
     names = sink.unique_names(inputs)
     ref = backend_ref(spec, cfg)
@@ -214,6 +217,7 @@ def run(
             result.seconds = round(time.perf_counter() - t1, 3)
     report.inputs.extend(decided)
     report.seconds = time.perf_counter() - t0
+    write_collection(out, fmt)  # the root lists its images; listing it raises no warnings
     report.write(Path(out) / "report.json")
     return report
 
@@ -284,21 +288,14 @@ def run_one(
     shape = tuple(int(s) for s in array.shape[1:])
     plan = make_plan(spec, shape, channels, classes, cfg, array.dtype.itemsize)
     tissue = find_tissue(inp, shape, cfg)
+    axes = "c" + spatial_axes
+    full, chunks, block = (classes, *shape), (classes, *plan.chunks), (classes, *plan.block)
     writer = sink.create_image(
-        out,
-        result.name,
-        (classes, *shape),
-        "c" + spatial_axes,
-        (classes, *plan.chunks),
-        cfg.dtype,
-        block=(classes, *plan.block),
-        min_size=cfg.pyramid_min,
+        out, result.name, full, axes, chunks, cfg.dtype, cfg.ngff, block, cfg.pyramid_min
     )
     try:
-        levels = tuple(writer.level_path(k) for k in range(1, writer.block_levels + 1))
-        tasks = make_tasks(
-            plan, inp.ref, ref, spec, classes, cfg, writer.level_path(0), tissue, levels
-        )
+        sinks = (writer.level_path(0), tissue, writer.block_paths())
+        tasks = make_tasks(plan, inp.ref, ref, spec, classes, cfg, *sinks)
         result.shape, result.blocks = [classes, *shape], len(tasks)
         result.tiles = run_blocks(
             tasks, client_for(len(tasks)), lambda d, n: progress and progress(result.name, d, n)
@@ -307,11 +304,17 @@ def run_one(
             result.tissue_fraction = round(tissue.fraction, 4)
             result.skipped_tiles = plan.lattice.n_tiles - result.tiles
         levels = sink.write_pyramid(writer, cfg.pyramid_min)
-        sink.write_metadata(writer, levels, pixel_size, provenance(spec, plan, cfg, inp, tissue))
+        sink.write_metadata(
+            writer,
+            levels,
+            pixel_size,
+            provenance(spec, plan, cfg, inp, tissue),
+            class_names=cfg.class_names or spec.class_names,
+        )
         if tissue is not None:
             from pipeline.io.labels import write_tissue_labels
 
-            write_tissue_labels(writer.staging, tissue, shape, "c" + spatial_axes, pixel_size)
+            write_tissue_labels(writer.staging, tissue, shape, axes, pixel_size, fmt=cfg.ngff)
         result.output = str(sink.publish(writer))
         result.pixels = int(array[0].size)
     except BaseException:
@@ -397,8 +400,7 @@ def make_tasks(
 
 
 def run_local(tasks: list[Task], threads: int = BLOCK_THREADS) -> Iterator[BlockResult]:
-    """The in-process path: blocks in order on ``threads`` threads (one computes while
-    others read and write), each shared result dropped after its last user."""
+    """The in-process path: blocks on ``threads`` threads, results in order."""
     return run_in_threads(tasks, predict_shared, process_block, threads)
 
 

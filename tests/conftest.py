@@ -61,13 +61,20 @@ def cli(*args: object):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
+def output_dirs(out: Path) -> list[str]:
+    """The folders in OUT besides the group that lists its images (``OME``), sorted."""
+    return sorted(p.name for p in out.iterdir() if p.is_dir() and p.name != "OME")
+
+
 def ngff_images(out: Path) -> dict:
-    """Read every image in OUT with the ome-zarr reference reader: name -> image node."""
+    """Read every image OUT lists with the ome-zarr reference reader: name -> image node."""
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Multiscales, Reader
 
+    from pipeline.io.collection import read_collection
+
     images = {}
-    for child in sorted(p for p in out.iterdir() if p.is_dir()):
+    for child in [out / name for name in read_collection(out) or ()]:
         nodes = list(Reader(parse_url(str(child)))())
         assert nodes, f"ome-zarr found no image in {child}"
         node = nodes[0]

@@ -25,7 +25,7 @@ MAX_LINES = 500
 #: Top to bottom; each layer lists independent units (a module or a package).
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("pipeline.cli",),
-    ("pipeline.demo",),
+    ("pipeline.demo", "pipeline.progress", "pipeline.describe", "pipeline.cli_options"),
     ("pipeline.run",),
     ("pipeline.cluster", "pipeline.outputs", "pipeline.inprocess"),
     ("pipeline.stages", "pipeline.tissue", "pipeline.slurm"),
@@ -40,6 +40,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "pipeline.blend",
         "pipeline.tiling",
         "pipeline.tissue_mask",
+        "pipeline.classes",
         "pipeline.pyramid",
         "pipeline.devices",
     ),
@@ -51,7 +52,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 IO_LAYERS: tuple[tuple[str, ...], ...] = (
     ("pipeline.io.discover", "pipeline.io.masks", "pipeline.io.labels"),
     ("pipeline.io.model_input", "pipeline.io.sink"),
-    ("pipeline.io.model_view", "pipeline.io.channels"),
+    ("pipeline.io.model_view", "pipeline.io.channels", "pipeline.io.class_labels"),
+    ("pipeline.io.collection",),
     ("pipeline.io.sources",),
     ("pipeline.io.lazy",),
     ("pipeline.io.tiff", "pipeline.io.zarr_source"),

@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
-from conftest import cli, write_tiff
+from conftest import cli, output_dirs, write_tiff
+
+from pipeline.io.collection import read_collection
 
 AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 NUCLEI = "nuclei2d/bbbc007/images"
@@ -103,9 +105,10 @@ def test_folder_with_good_and_broken_slides(tmp_path, data_dir):
     assert report["codec 34999.tif"]["reason"] == "unsupported-format"
     assert report["dangling.svs"]["reason"] == "not-found"
     # one published group per good slide, nothing for the broken ones, no staging left
-    groups = sorted(p.name for p in out.iterdir() if p.is_dir())
-    assert groups == sorted(report[n]["name"] for n in expected)
-    assert sorted(p.name for p in out.iterdir() if not p.is_dir()) == ["report.json", "zarr.json"]
+    assert output_dirs(out) == sorted(report[n]["name"] for n in expected)
+    assert read_collection(out) == output_dirs(out)  # the root lists exactly those
+    root_files = sorted(p.name for p in out.iterdir() if not p.is_dir())
+    assert root_files == [".zattrs", ".zgroup", ".zmetadata", "report.json"]  # NGFF 0.4
 
 
 def tree(root: Path) -> set[str]:
@@ -149,7 +152,7 @@ def test_real_world_names_get_distinct_safe_outputs_inside_out(tmp_path, monkeyp
     groups = [e["name"] for e in entries]
     assert len({g.lower() for g in groups}) == len(groups), groups
     assert {"report_json", "zarr_json", "CON_", "a.b.c"} <= set(groups)
-    assert json.loads((out / "zarr.json").read_text())["node_type"] == "group"  # intact
+    assert json.loads((out / ".zgroup").read_text())["zarr_format"] == 2  # intact
     # everything new is inside OUT
     assert {p for p in tree(tmp_path) - before if not p.startswith("out.zarr")} == set()
 
@@ -162,7 +165,7 @@ def test_rerun_replaces_outputs_and_keeps_names(tmp_path):
     for _ in range(2):
         result = cli("run", folder, "--out", out, "--backend", "identity", "--scheduler", "sync")
         assert result.exit_code == 0, result.output
-        assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["c_a_b", "in_a_b"]
+        assert output_dirs(out) == read_collection(out) == ["c_a_b", "in_a_b"]
 
 
 @pytest.mark.skipif(AS_ROOT, reason="running as root: a chmod 000 file is still readable")

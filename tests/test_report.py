@@ -159,7 +159,9 @@ def test_many_skipped_inputs_are_counted_per_reason(capsys):
         + [result("/s/b.svs", "skipped", reason="duplicate")]
     )
     lines = summary(report, capsys)
-    assert len(lines) == 5  # header, done, one line per skip reason, totals
+    # header, done, one line per skip reason, totals, then how to open the result
+    assert len(lines) == 8 and lines[5] == "open it with:"
     assert lines[2].split()[:4] == ["skipped", "20", "inputs", "-"]
     assert "not-an-image: n0.txt, n1.txt" in lines[2]
     assert lines[4].startswith("1 done, 21 skipped;")
+    assert lines[6] == "  napari: napari /o.zarr/a   (each image with its labels)"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
-from conftest import cli, ngff_images
+from conftest import cli, ngff_images, output_dirs
 
 from pipeline.config import RunConfig
 from pipeline.run import run
@@ -73,7 +73,9 @@ def test_background_chunks_are_not_stored(tmp_path):
     )
     assert report.ok
     chunk_files = [
-        p for p in (out / "sparse" / "0").rglob("*") if p.is_file() and p.name != "zarr.json"
+        p
+        for p in (out / "sparse" / "0").rglob("*")
+        if p.is_file() and p.name not in ("zarr.json", ".zarray", ".zattrs")
     ]
     assert len(chunk_files) == 1  # only the chunk with signal, of 9
     arr = zarr.open_array(str(out / "sparse" / "0"), mode="r")
@@ -149,7 +151,7 @@ def test_bad_input_refused_clearly_and_others_go_on(tmp_path, kind, data_dir):
     assert states[bad.name]["state"] == "failed" and states[bad.name]["reason"] != "internal-error"
     assert bad.name in states[bad.name]["message"]
     # nothing that looks like an output image for the bad file (no staging left either)
-    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["good"]
+    assert output_dirs(out) == ["good"]
 
 
 def test_model_file_that_is_not_a_model(tmp_path, data_dir):
@@ -158,6 +160,7 @@ def test_model_file_that_is_not_a_model(tmp_path, data_dir):
     result = cli("run", data_dir / SVS, "--out", tmp_path / "o.zarr", "--model", model)
     assert result.exit_code == 2
     assert "model.onnx" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "o.zarr").exists()  # exit 2: nothing was made
 
 
 def test_rgb_image_given_to_one_channel_model(tmp_path, data_dir, valid_model):
@@ -166,15 +169,33 @@ def test_rgb_image_given_to_one_channel_model(tmp_path, data_dir, valid_model):
     assert result.exit_code == 1
     assert "got 3 channels, model expects 1" in result.output
     assert "CMU-1-Small-Region.svs" in result.output
-    assert not [p for p in out.iterdir() if p.is_dir()]
+    assert not output_dirs(out)
 
 
 def test_tile_the_model_cannot_take(tmp_path, data_dir, rgb_model):
-    result = cli(
-        "run", data_dir / SVS, "--out", tmp_path / "o.zarr", "--model", rgb_model, "--tile", "100"
-    )
-    assert result.exit_code in (1, 2)
+    """A usage error (exit 2) found before any work: no input ran and OUT was not made."""
+    out = tmp_path / "o.zarr"
+    result = cli("run", data_dir / SVS, "--out", out, "--model", rgb_model, "--tile", "100")
+    assert result.exit_code == 2, result.output
     assert "tile 100" in result.output and "96" in result.output and "104" in result.output
+    assert not out.exists()
+
+
+def test_usage_errors_leave_an_existing_output_as_it_was(tmp_path, data_dir, rgb_model):
+    out = tmp_path / "o.zarr"
+    good = cli("run", data_dir / SVS, "--out", out, "--backend", "identity", "--level", "0")
+    assert good.exit_code == 0, good.output
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    for args in (
+        ("--model", rgb_model, "--tile", "100"),  # a tile the model cannot take
+        ("--model", rgb_model, "--overlap", "1000"),  # an overlap larger than the tile
+        ("--model", tmp_path / "missing.onnx"),  # no model file
+        ("--backend", "identity", "--ngff", "0.5"),  # OUT holds NGFF 0.4 images
+    ):
+        result = cli("run", data_dir / SVS, "--out", out, *args)
+        assert result.exit_code == 2, (args, result.output)
+        assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before, args
+    assert "--ngff 0.4" in result.output and "NGFF 0.4" in result.output
 
 
 def test_unknown_config_key_and_python_tag_refused(tmp_path, data_dir):

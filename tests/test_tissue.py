@@ -15,7 +15,7 @@ from conftest import write_tiff
 from pipeline import tissue
 from pipeline.errors import ConfigError, InputError
 from pipeline.geometry import Region
-from pipeline.io import sink
+from pipeline.io import ngff, sink
 from pipeline.io.labels import write_tissue_labels
 from pipeline.io.model_input import open_for_model, open_level
 from pipeline.io.sources import open_image
@@ -340,13 +340,15 @@ def test_area_fraction_counts_partial_edge_cells():
 # --------------------------------------------------------------------------- labels
 
 
-def test_tissue_labels_read_back_with_ome_zarr(tmp_path):
+@pytest.mark.parametrize("version", ["0.4", "0.5"])
+def test_tissue_labels_read_back_with_ome_zarr(tmp_path, version):
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Label, Multiscales, Reader
 
+    fmt = ngff.get_format(version)
     shape, px = (600, 500), {"y": 0.5, "x": 0.5}
     writer = sink.create_image(
-        tmp_path / "out.zarr", "slide", (2, *shape), "cyx", (2, 256, 256), "uint8"
+        tmp_path / "out.zarr", "slide", (2, *shape), "cyx", (2, 256, 256), "uint8", version
     )
     zarr.open_array(writer.level_path(0), mode="r+")[:] = 7
     levels = sink.write_pyramid(writer, 100)
@@ -358,8 +360,8 @@ def test_tissue_labels_read_back_with_ome_zarr(tmp_path):
     )
     # another label already there stays listed
     other = zarr.open_group(str(writer.staging), mode="r+").require_group("labels")
-    other.attrs["ome"] = {"version": "0.5", "labels": ["cells"]}
-    write_tissue_labels(writer.staging, mask, shape, "cyx", px)
+    other.attrs.put(fmt.wrap(fmt.labels(["cells"])))
+    write_tissue_labels(writer.staging, mask, shape, "cyx", px, fmt=version)
     final = sink.publish(writer)
 
     nodes = list(Reader(parse_url(str(final)))())
@@ -376,16 +378,15 @@ def test_tissue_labels_read_back_with_ome_zarr(tmp_path):
         assert scale == [1.0, 8.0 * 2**k, 8.0 * 2**k]  # 0.5 µm x 16 px per cell
         assert np.asarray(level).max() == 1  # "any" pooling keeps the tissue
     assert set(node.metadata["color"]) == {0, 1}
-    labels = zarr.open_group(str(final / "labels"), mode="r").attrs["ome"]
-    assert labels == {"version": "0.5", "labels": ["cells", "tissue"]}
+    labels = zarr.open_group(str(final / "labels"), mode="r").attrs.asdict()
+    assert fmt.unwrap(labels) == {"labels": ["cells", "tissue"]}
     attrs = zarr.open_group(str(final / "labels" / "tissue"), mode="r").attrs.asdict()
-    assert attrs["ome"]["image-label"]["source"] == {"image": "../../"}
+    assert fmt.unwrap(attrs)["image-label"]["source"] == {"image": "../../"}
     assert attrs["pipeline"]["tissue"]["method"] == "otsu-od"
-    assert zarr.open_array(str(final / "labels/tissue/0"), mode="r").metadata.dimension_names == (
-        "c",
-        "y",
-        "x",
-    )
+    array = zarr.open_array(str(final / "labels/tissue/0"), mode="r")
+    assert array.metadata.zarr_format == fmt.zarr_format
+    if version == "0.5":
+        assert array.metadata.dimension_names == ("c", "y", "x")
 
 
 def test_labels_refuse_a_crop(tmp_path):

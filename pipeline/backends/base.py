@@ -97,6 +97,14 @@ class ModelSpec:
         value = self.extra.get("mpp", (self.extra.get("extra") or {}).get("mpp"))
         return None if value is None else float(value)
 
+    @property
+    def class_names(self) -> tuple[str, ...] | None:
+        """Class names the model file declares (``pipeline export --class-names``)."""
+        value = self.extra.get("class_names", (self.extra.get("extra") or {}).get("class_names"))
+        if not isinstance(value, (list, tuple)) or not value:
+            return None
+        return tuple(str(v) for v in value)
+
     def with_(self, **changes: Any) -> ModelSpec:
         return replace(self, **changes)
 

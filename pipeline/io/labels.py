@@ -1,6 +1,6 @@
 """The tissue mask written beside the prediction as NGFF labels: ``<image>/labels/tissue``.
 
-OME-Zarr (:data:`pipeline.io.ngff.VERSION`) on Zarr v3. The ``labels`` group lists
+OME-Zarr in the image's NGFF version (:mod:`pipeline.io.ngff`). The ``labels`` group lists
 its label images; each label image is a multiscale image of integers with
 ``image-label`` metadata (colours, properties, source). It has as many levels as the
 image, each halving y and x like the image's pyramid. The mask stays on its coarse
@@ -18,18 +18,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline.io import ngff
+from pipeline.io.class_labels import add_label_name
 
 if TYPE_CHECKING:
     from pipeline.tissue_mask import TissueMask
 
 __all__ = ["TISSUE_COLORS", "write_tissue_labels"]
 
-#: Background transparent, tissue translucent green.
-TISSUE_COLORS = (
-    {"label-value": 0, "rgba": [0, 0, 0, 0]},
-    {"label-value": 1, "rgba": [0, 200, 83, 110]},
-)
-_PROPERTIES = ({"label-value": 0, "class": "background"}, {"label-value": 1, "class": "tissue"})
+#: RGBA of labels 0 and 1: background transparent, tissue translucent green.
+TISSUE_COLORS = ((0, 0, 0, 0), (0, 200, 83, 110))
+#: Names of labels 0 and 1.
+TISSUE_NAMES = ("background", "tissue")
 _CHUNK = 1024
 
 
@@ -42,6 +41,7 @@ def write_tissue_labels(
     *,
     name: str = "tissue",
     levels: int | None = None,
+    fmt: ngff.NgffFormat | str | None = None,
 ) -> str:
     """Write ``mask`` as the label image ``name`` of an NGFF image group.
 
@@ -64,6 +64,8 @@ def write_tissue_labels(
     levels
         Number of levels; default: as many as the image's multiscales lists (1 if it
         has none yet).
+    fmt
+        The image's NGFF version (default: :data:`pipeline.io.ngff.DEFAULT_VERSION`).
 
     Returns
     -------
@@ -80,7 +82,8 @@ def write_tissue_labels(
         raise ValueError("write the whole mask, not a crop")
     if mask.mask.ndim > len(spatial):
         raise ValueError(f"a {mask.mask.ndim}-D mask cannot label a {len(spatial)}-D image")
-    image = zarr.open_group(os.fspath(image_group_path), mode="r+", zarr_format=3)
+    fmt = ngff.get_format(fmt)
+    image = zarr.open_group(os.fspath(image_group_path), mode="r+", zarr_format=fmt.zarr_format)
     if levels is None:
         levels = ngff.level_count(image.attrs)
     lead = len(spatial) - mask.mask.ndim
@@ -101,19 +104,15 @@ def write_tissue_labels(
             dtype="uint8",
             fill_value=0,
             chunks=tuple(1 if a in "cz" else min(_CHUNK, n) for a, n in zip(axes, full)),
-            dimension_names=list(axes),
+            **fmt.array_options(axes),
         )
         array[...] = np.broadcast_to(data, full)
     group.attrs.update(
         {
-            **ngff.ome(
+            **fmt.wrap(
                 {
-                    "multiscales": [ngff.multiscale(name, axes, pixel_size, levels, "max", cell)],
-                    "image-label": {
-                        "colors": [dict(c) for c in TISSUE_COLORS],
-                        "properties": [dict(p) for p in _PROPERTIES],
-                        "source": {"image": "../../"},
-                    },
+                    "multiscales": [fmt.multiscale(name, axes, pixel_size, levels, "max", cell)],
+                    "image-label": fmt.image_label(TISSUE_COLORS, TISSUE_NAMES),
                 }
             ),
             "pipeline": {
@@ -125,8 +124,7 @@ def write_tissue_labels(
             },
         }
     )
-    listed = list(labels.attrs.get("ome", {}).get("labels", []))
-    labels.attrs.update(ngff.ome({"labels": listed + [name] if name not in listed else listed}))
+    add_label_name(os.path.join(os.fspath(image_group_path), "labels"), name, fmt)
     return os.path.join(os.fspath(image_group_path), "labels", name)
 
 

@@ -220,7 +220,16 @@ def open_for_model(
         target_mpp=target,
         mpp_input=None if mpp_input is None else float(mpp_input),
     )
-    return _build(ref)
+    inp = _build(ref)
+    if not {"y", "x"} & set(inp.pixel_size):
+        log.warning(
+            "%s has no pixel size: it runs on its own pixels (the model's training resolution "
+            "is not matched) and the output's scale is 1 per pixel, with no unit. If you know "
+            "it, --mpp-input UM gives level 0's micrometres per pixel: it is written into the "
+            "output, and --mpp or the model's resolution can then pick the matching level",
+            where,
+        )
+    return inp
 
 
 @functools.lru_cache(maxsize=16)

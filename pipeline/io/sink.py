@@ -23,8 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.classes import channel_names, label_colors
 from pipeline.errors import OutputError
 from pipeline.io import ngff
+from pipeline.io.collection import RESERVED_NAMES, drop_consolidated, root_format
 from pipeline.io.formats import NAME_SUFFIXES
 from pipeline.pyramid import block_levels, level_chunks, pyramid_shapes
 
@@ -36,8 +38,9 @@ _WINDOWS_DEVICES = {
     "NUL",
     *(f"{d}{i}" for d in ("COM", "LPT") for i in range(10)),
 }
-#: Suffixes of files the output root holds itself (Zarr metadata, the run report, locks).
-_ROOT_SUFFIXES = {"json", "jsonl", "lock", "tmp", "log"}
+#: Suffixes of files the output root holds itself (Zarr metadata, the run report and page,
+#: previews, polygons, locks).
+_ROOT_SUFFIXES = {"json", "jsonl", "lock", "tmp", "log", "html", "png", "geojson"}
 
 
 def sanitize_name(path: str | os.PathLike) -> str:
@@ -48,7 +51,7 @@ def sanitize_name(path: str | os.PathLike) -> str:
     anything but letters, digits, ``.``, ``_`` and ``-`` (spaces, brackets, separators,
     ``..``) becomes ``_``; it never starts with ``.``, ``_`` or ``-`` nor ends with ``.``
     or ``_``; Windows device names (``CON``, ``LPT1``...) and names the output root uses
-    itself (``zarr.json``, ``report.json``) get a ``_``. A name with no ASCII left becomes
+    itself (``zarr.json``, ``report.json``, ``index.html``, the ``OME`` group) get a ``_``. A name with no ASCII left becomes
     ``image-<hash>`` (the hash of the original name, so different names stay apart).
     """
     name = Path(os.fspath(path).rstrip("/\\")).name
@@ -62,7 +65,7 @@ def sanitize_name(path: str | os.PathLike) -> str:
         digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:8]
         return f"image-{digest}" if name.strip("._- ") else "image"
     stem, dot, rest = clean.partition(".")
-    if stem.upper() in _WINDOWS_DEVICES:
+    if stem.upper() in _WINDOWS_DEVICES or (not dot and stem.lower() in RESERVED_NAMES):
         clean = f"{stem}_{dot}{rest}"
     head, dot, suffix = clean.rpartition(".")
     if dot and suffix.lower() in _ROOT_SUFFIXES:
@@ -120,27 +123,60 @@ def _with_folders(paths: Sequence[str | os.PathLike], bases: list[str]) -> list[
     return bases
 
 
-def open_root(out: str | os.PathLike):
-    """Open (or create) the output root group, refusing non-group paths."""
-    import zarr
+def check_root(out: str | os.PathLike, fmt: ngff.NgffFormat | str | None = None) -> None:
+    """Refuse an output that cannot take ``fmt``'s images, without creating anything.
 
+    Raises
+    ------
+    OutputError
+        ``out`` is a file, or a Zarr group of the other Zarr format (an output holds one
+        NGFF version).
+    """
+    fmt = ngff.get_format(fmt)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise OutputError(
             "output exists and is not a folder", where=out, hint="choose a new path ending in .zarr"
         )
+    found = root_format(out) if out.is_dir() else None
+    if found is not None and found != fmt.zarr_format:
+        other = next(f for f in ngff.FORMATS.values() if f.zarr_format == found)
+        raise OutputError(
+            f"holds NGFF {other.version} (Zarr v{found}) images; --ngff {fmt.version} cannot "
+            "be added to it",
+            where=out,
+            hint=f"run with --ngff {other.version}, or choose a new output path",
+        )
+
+
+def open_root(out: str | os.PathLike, fmt: ngff.NgffFormat | str | None = None):
+    """Open (or create) the output root group for writing ``fmt``'s images.
+
+    Its consolidated metadata is dropped: the run is about to change the root, and
+    :func:`pipeline.io.collection.write_collection` writes it again at the end.
+    """
+    import zarr
+
+    fmt = ngff.get_format(fmt)
+    check_root(out, fmt)
+    out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        return zarr.open_group(str(out), mode="a", zarr_format=3)
+        drop_consolidated(out)
+        return zarr.open_group(
+            str(out), mode="a", zarr_format=fmt.zarr_format, use_consolidated=False
+        )
     except OSError as exc:
         raise OutputError(
             f"cannot write the output ({exc.strerror or exc})",
             where=out,
             hint="check permissions and free space",
         ) from exc
-    except Exception as exc:  # zarr raises its own types for a v2 or broken root
+    except Exception as exc:  # zarr raises its own types for a broken root
         raise OutputError(
-            f"not a Zarr v3 group: {exc}", where=out, hint="choose a new output path"
+            f"not a Zarr v{fmt.zarr_format} group: {exc}",
+            where=out,
+            hint="choose a new output path",
         ) from exc
 
 
@@ -161,7 +197,12 @@ class ImageWriter:
     axes: str  # "cyx" or "czyx"
     chunks: tuple[int, ...]  # per axis, including c
     dtype: str
+    ngff: str = ngff.DEFAULT_VERSION
     block_levels: int = 0  # levels 1..block_levels are written by the blocks themselves
+
+    @property
+    def format(self) -> ngff.NgffFormat:
+        return ngff.get_format(self.ngff)
 
     @property
     def final(self) -> Path:
@@ -169,6 +210,10 @@ class ImageWriter:
 
     def level_path(self, level: int) -> str:
         return str(self.staging / str(level))
+
+    def block_paths(self) -> tuple[str, ...]:
+        """Paths of the pyramid levels (1, 2...) the blocks write from memory."""
+        return tuple(self.level_path(k) for k in range(1, self.block_levels + 1))
 
 
 def create_image(
@@ -178,7 +223,7 @@ def create_image(
     axes: str,
     chunks: Sequence[int],
     dtype: str,
-    *,
+    fmt: ngff.NgffFormat | str | None = None,
     block: Sequence[int] | None = None,
     min_size: int = 256,
 ) -> ImageWriter:
@@ -190,36 +235,28 @@ def create_image(
     """
     import zarr
 
+    fmt = ngff.get_format(fmt)
     root = Path(root)
     staging = root / f".{name}.partial-{uuid.uuid4().hex[:8]}"
-    group = zarr.open_group(str(staging), mode="w", zarr_format=3)
+    group = zarr.open_group(str(staging), mode="w", zarr_format=fmt.zarr_format)
     chunks = level_chunks(chunks, shape)
     shapes = pyramid_shapes(shape, axes, min_size)
     written = 0 if block is None else block_levels(shape, axes, chunks, block, min_size)
-    writer = ImageWriter(root, name, staging, axes, chunks, dtype, written)
+    writer = ImageWriter(root, name, staging, axes, chunks, dtype, fmt.version, written)
     for level in range(written + 1):
         _create_level(group, writer, level, shapes[level])
     return writer
 
 
-#: zstd level of the output chunks. Level 1 writes a 4096² RGB block of a real slide
-#: about 3x faster than zarr's default (level 3, the old setting) for 6 % more bytes:
-#: at the default level, compressing the output was the slowest stage of a block.
-ZSTD_LEVEL = 1
-
-
 def _create_level(group, writer: ImageWriter, level: int, shape: Sequence[int]):
-    from zarr.codecs import ZstdCodec
-
     return group.create_array(
         str(level),
         shape=tuple(shape),
         chunks=level_chunks(writer.chunks, shape),
         dtype=writer.dtype,
         fill_value=0,
-        compressors=[ZstdCodec(level=ZSTD_LEVEL)],
-        dimension_names=list(writer.axes),
         config=_ARRAY_CONFIG,
+        **writer.format.array_options(writer.axes),
     )
 
 
@@ -247,15 +284,28 @@ def write_pyramid(writer: ImageWriter, min_size: int = 256) -> int:
 
 
 def write_metadata(
-    writer: ImageWriter, levels: int, pixel_size: dict[str, float], attrs: dict[str, Any]
+    writer: ImageWriter,
+    levels: int,
+    pixel_size: dict[str, float],
+    attrs: dict[str, Any],
+    class_names: Sequence[str] | None = None,
 ) -> None:
-    """NGFF multiscales (level 0 first, see :mod:`pipeline.io.ngff`) plus provenance
-    under ``pipeline``."""
+    """NGFF multiscales (level 0 first, see :mod:`pipeline.io.ngff`), the channels named
+    after the classes (``omero.channels[].label``, see :func:`pipeline.classes.channel_names`)
+    in their label colours, and provenance under ``pipeline``."""
     import zarr
 
-    group = zarr.open_group(str(writer.staging), mode="r+")
-    multiscale = ngff.multiscale(writer.name, writer.axes, pixel_size, levels, "mean")
-    group.attrs.update({**ngff.ome({"multiscales": [multiscale]}), "pipeline": attrs})
+    fmt = writer.format
+    group = zarr.open_group(str(writer.staging), mode="r+", zarr_format=fmt.zarr_format)
+    multiscale = fmt.multiscale(writer.name, writer.axes, pixel_size, levels, "mean")
+    classes = int(group["0"].shape[0])
+    names = channel_names(classes, class_names)
+    colors = label_colors(len(names) + 1)[1:] if classes == 1 else label_colors(classes)
+    # background (label 0) is transparent as a label but shown grey as a channel
+    colors = [(128, 128, 128) if c[3] == 0 else c[:3] for c in colors]
+    window = (0.0, 255.0) if writer.dtype == "uint8" else (0.0, 1.0)
+    content = {"multiscales": [multiscale], "omero": ngff.omero_channels(names, colors, window)}
+    group.attrs.update({**fmt.wrap(content), "pipeline": attrs})
 
 
 def publish(writer: ImageWriter) -> Path:

@@ -46,6 +46,7 @@ import numpy as np
 import shapely
 from rasterio import features as rio_features
 
+from pipeline.classes import PALETTE as CLASS_PALETTE
 from pipeline.errors import ConfigError, InputError, OutputError
 from pipeline.outputs.polygons import (
     CONNECTIVITY,
@@ -76,18 +77,9 @@ __all__ = [
 
 OBJECT_TYPES = ("annotation", "detection")
 AREA_MEASUREMENT = "Area px^2"
-# default class colours, class k -> PALETTE[(k - 1) % len(PALETTE)]: saturated, told apart
-# on pink H&E and on dark fluorescence
-PALETTE: tuple[tuple[int, int, int], ...] = (
-    (220, 50, 47),
-    (38, 139, 210),
-    (133, 153, 0),
-    (211, 54, 130),
-    (42, 161, 152),
-    (181, 137, 0),
-    (108, 113, 196),
-    (203, 75, 22),
-)
+# default class colours, class k -> PALETTE[(k - 1) % len(PALETTE)]: the classes' colours
+# everywhere (the label image, previews), see pipeline.classes
+PALETTE = CLASS_PALETTE
 
 
 def feature_collection(

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipeline.classes import PALETTE as CLASS_PALETTE
+from pipeline.classes import class_labels
 from pipeline.errors import OutputError
 from pipeline.outputs._files import write_atomic
 
@@ -51,17 +53,8 @@ logger = logging.getLogger(__name__)
 MAX_SIDE = 2048
 #: The input level read for a preview is the coarsest one at least this long (longer side).
 PREVIEW_SIZE = 1024
-#: Colours of labels 1, 2, 3... (cycled): bright hues that stand out on H&E and on grey.
-PALETTE: tuple[tuple[int, int, int], ...] = (
-    (0, 230, 90),
-    (255, 50, 50),
-    (40, 130, 255),
-    (255, 210, 0),
-    (190, 70, 255),
-    (0, 220, 220),
-    (255, 130, 0),
-    (255, 90, 190),
-)
+#: Colours of labels 1, 2, 3... (cycled): the classes' colours everywhere (pipeline.classes).
+PALETTE = CLASS_PALETTE
 
 Colours = Mapping[int, Sequence[int]] | Sequence[Sequence[int]]
 
@@ -135,22 +128,15 @@ def compose_preview(
 
 
 def labels_from_probabilities(probabilities: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """``(C, h, w)`` class probabilities → ``(h, w)`` uint8 labels (0 = background).
-
-    uint8 values are probability × 255. One class: 1 where ``p >= threshold``. Several:
-    the index of the most probable class (channel 0 being background). NaN counts as 0.
+    """``(C, h, w)`` class probabilities → ``(h, w)`` labels (0 = background), the way the
+    class label image makes them (:func:`pipeline.classes.class_labels`): uint8 values
+    are probability × 255; one class: 1 where ``p >= threshold``; several: the most
+    probable class (channel 0 being background). NaN counts as 0.
     """
     probs = np.asarray(probabilities)
     if probs.ndim != 3 or probs.shape[0] == 0:
         raise ValueError(f"probabilities must be (C, h, w) with C >= 1, got {probs.shape}")
-    if probs.shape[0] == 1:
-        p = probs[0].astype(np.float32)
-        if probs.dtype == np.uint8:
-            p /= 255.0
-        return (np.nan_to_num(p, nan=0.0) >= threshold).astype(np.uint8)
-    if probs.dtype.kind == "f":
-        probs = np.nan_to_num(probs, nan=0.0)
-    return np.argmax(probs, axis=0).astype(np.uint8 if probs.shape[0] < 256 else np.uint16)
+    return class_labels(probs, threshold)
 
 
 def to_rgb8(image: np.ndarray) -> np.ndarray:

@@ -1,0 +1,242 @@
+"""The class label image of an output: ``IMAGE/labels/classes``, written block by block.
+
+How a run uses it
+-----------------
+1. :func:`create_class_labels`, once per input, in the driver, right after the image's
+   staging group is created: the label group and its level-0 array, with the image's
+   chunk grid (``c`` of length 1). Nothing is listed yet.
+2. :func:`write_label_block`, on the worker, once per block, with the block's blended
+   probabilities: labels (:func:`pipeline.classes.class_labels`) written into exactly the
+   chunks the block writes in the image, so every label chunk has one writer, like the
+   image's. Background-only chunks are not stored.
+3. :func:`finish_class_labels`, once per input, after the blocks (and the image's
+   pyramid): label levels 1.. by nearest-neighbour picking (a label is never averaged),
+   NGFF ``image-label`` metadata (colours, class names, the source image) and the entry in
+   the image's ``labels`` list. Runs where the tissue labels are written (one process).
+
+The label image has the image's axes (``c`` of length 1) and the same level shapes and
+scales, so it lines up with every level of the image in napari, QuPath and OMERO.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.classes import (
+    DEFAULT_THRESHOLD,
+    class_labels,
+    label_colors,
+    label_dtype,
+    label_names,
+)
+from pipeline.io.ngff import NgffFormat, get_format
+
+__all__ = [
+    "LABEL_NAME",
+    "ClassLabels",
+    "add_label_name",
+    "create_class_labels",
+    "finish_class_labels",
+    "open_label_level",
+    "write_label_block",
+]
+
+#: Name of the class label image inside the image's ``labels`` group.
+LABEL_NAME = "classes"
+_ARRAY_CONFIG = {"write_empty_chunks": False}
+
+
+@dataclass(frozen=True)
+class ClassLabels:
+    """A class label image being written (picklable: it travels to workers)."""
+
+    path: str  # the label image group, IMAGE/labels/classes
+    axes: str  # the image's axes, e.g. "cyx"
+    classes: int  # probability channels of the model (1: threshold, >= 2: argmax)
+    threshold: float
+    ngff: str  # NGFF version
+
+    @property
+    def level0(self) -> str:
+        """Path of the level-0 array (what workers open)."""
+        return os.path.join(self.path, "0")
+
+
+def create_class_labels(
+    image_group: str | os.PathLike,
+    shape: Sequence[int],
+    axes: str,
+    chunks: Sequence[int],
+    classes: int,
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
+    fmt: NgffFormat | str | None = None,
+    name: str = LABEL_NAME,
+) -> ClassLabels:
+    """Create the label group and its empty level-0 array under ``image_group``.
+
+    Parameters
+    ----------
+    image_group
+        The image's (staging) group.
+    shape, axes, chunks
+        The image's level-0 shape, axes and chunks, ``c`` first (``c`` = probability
+        channels); the labels get ``c`` of length 1 and the same spatial chunks.
+    classes
+        Probability channels (see :mod:`pipeline.classes` for how they become labels).
+    threshold
+        Probability at which a one-class pixel is foreground.
+    fmt
+        NGFF version (default: :data:`~pipeline.io.ngff.DEFAULT_VERSION`).
+    """
+    import zarr
+
+    fmt = get_format(fmt)
+    if len(shape) != len(axes) or len(chunks) != len(axes) or axes[0] != "c":
+        raise ValueError(f"shape {tuple(shape)} / chunks {tuple(chunks)} do not fit axes {axes!r}")
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    label_shape = (1, *(int(n) for n in shape[1:]))
+    label_chunks = (1, *(min(int(c), n) for c, n in zip(chunks[1:], label_shape[1:])))
+    image = zarr.open_group(os.fspath(image_group), mode="r+", zarr_format=fmt.zarr_format)
+    labels = image.require_group("labels")
+    group = labels.create_group(name, overwrite=True)
+    group.create_array(
+        "0",
+        shape=label_shape,
+        chunks=label_chunks,
+        dtype=label_dtype(classes),
+        fill_value=0,
+        config=_ARRAY_CONFIG,
+        **fmt.array_options(axes),
+    )
+    return ClassLabels(
+        str(Path(image_group) / "labels" / name), axes, classes, threshold, fmt.version
+    )
+
+
+def open_label_level(labels: ClassLabels, level: int = 0):
+    """Open a level array of the labels for writing (a worker caches it per process)."""
+    import zarr
+
+    return zarr.open_array(os.path.join(labels.path, str(level)), mode="r+", config=_ARRAY_CONFIG)
+
+
+def write_label_block(
+    array: Any,
+    offset: Sequence[int],
+    probabilities: np.ndarray,
+    threshold: float = DEFAULT_THRESHOLD,
+) -> np.ndarray:
+    """Write the labels of one block's probabilities into the level-0 label array.
+
+    Parameters
+    ----------
+    array
+        The level-0 label array (:func:`open_label_level`), or anything indexable the same
+        way (a numpy array in tests).
+    offset
+        Level-0 position of the block's first pixel, spatial axes only.
+    probabilities
+        ``(K, *spatial)`` blended probabilities of the block's write region, in the
+        output dtype (uint8 ``p x 255``, float16 or float32).
+    threshold
+        As for :func:`pipeline.classes.class_labels`.
+
+    Returns
+    -------
+    numpy.ndarray
+        The labels written, ``(1, *spatial)``.
+    """
+    labels = class_labels(probabilities, threshold)[None]
+    index = (slice(0, 1), *(slice(int(o), int(o) + n) for o, n in zip(offset, labels.shape[1:])))
+    array[index] = labels.astype(array.dtype, copy=False)
+    return labels
+
+
+def finish_class_labels(
+    labels: ClassLabels,
+    level_shapes: Sequence[Sequence[int]],
+    pixel_size: Mapping[str, float],
+    *,
+    names: Sequence[str] | None = None,
+) -> str:
+    """Write levels 1.., the NGFF metadata, and list the labels in the image's ``labels``.
+
+    Parameters
+    ----------
+    labels
+        From :func:`create_class_labels`, with level 0 written.
+    level_shapes
+        The image's level shapes, level 0 first (``c`` first, any length): the labels get
+        the same spatial shapes.
+    pixel_size
+        µm per level-0 pixel of the spatial axes that have one.
+    names
+        Class names (see :func:`pipeline.classes.label_names`).
+
+    Returns
+    -------
+    str
+        The label image's path.
+    """
+    import dask.array as da
+    import zarr
+
+    fmt = get_format(labels.ngff)
+    group = zarr.open_group(labels.path, mode="r+", zarr_format=fmt.zarr_format)
+    level0 = group["0"]
+    yx = [labels.axes.index("y"), labels.axes.index("x")]
+    for level in range(1, len(level_shapes)):
+        shape = (1, *(int(n) for n in level_shapes[level][1:]))
+        previous = da.from_zarr(group[str(level - 1)])
+        # nearest: every second pixel in y and x, cut to the image's (floored) level shape
+        picked = previous[
+            tuple(slice(None, None, 2) if i in yx else slice(None) for i in range(previous.ndim))
+        ]
+        picked = picked[tuple(slice(0, n) for n in shape)]
+        chunks = tuple(min(c, n) for c, n in zip(level0.chunks, shape))
+        target = group.create_array(
+            str(level),
+            shape=shape,
+            chunks=chunks,
+            dtype=level0.dtype,
+            fill_value=0,
+            config=_ARRAY_CONFIG,
+            **fmt.array_options(labels.axes),
+        )
+        # chunk-aligned tasks: each output chunk has exactly one writer
+        da.store(picked.rechunk(chunks), target, lock=False)
+    all_names = label_names(labels.classes, names)
+    content = {
+        "multiscales": [
+            fmt.multiscale(LABEL_NAME, labels.axes, pixel_size, len(level_shapes), "nearest")
+        ],
+        "image-label": fmt.image_label(label_colors(len(all_names)), all_names),
+    }
+    rule = (
+        {"rule": "threshold", "threshold": labels.threshold}
+        if labels.classes == 1
+        else {"rule": "argmax"}
+    )
+    group.attrs.put({**fmt.wrap(content), "pipeline": {"classes": rule}})
+    add_label_name(Path(labels.path).parent, Path(labels.path).name, fmt)
+    return labels.path
+
+
+def add_label_name(labels_group: str | os.PathLike, name: str, fmt: NgffFormat | str) -> None:
+    """Add ``name`` to the ``labels`` list of an image's ``labels`` group (kept in order)."""
+    import zarr
+
+    fmt = get_format(fmt)
+    group = zarr.open_group(os.fspath(labels_group), mode="r+", zarr_format=fmt.zarr_format)
+    listed = list(fmt.unwrap(group.attrs.asdict()).get("labels", []))
+    if name not in listed:
+        listed.append(name)
+    group.attrs.put(fmt.wrap(fmt.labels(listed)))

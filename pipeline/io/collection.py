@@ -1,0 +1,249 @@
+"""The output root as a whole: the images it lists, and listing it without Zarr warnings.
+
+An output root holds one NGFF image per input, and files that are not Zarr: the run
+report (``report.json``), the run page (``index.html``), previews and GeoJSON files, and
+hidden internal folders (staging images, the run's ledger and lock).
+
+What the root says about its images
+-----------------------------------
+NGFF 0.4 and 0.5 describe several images in one hierarchy with the transitional
+``bioformats2raw.layout`` metadata: the root carries ``"bioformats2raw.layout": 3`` and
+its ``OME`` group a ``series`` list of the image groups' paths. Bio-Formats (QuPath,
+OMERO, Fiji), ngff-zarr and ome-zarr-models read it; readers "MAY ignore other groups or
+arrays under the root" (NGFF 0.4, "bf2raw"). No ``OME/METADATA.ome.xml`` is written: it
+is optional ("SHOULD"), and a partial OME-XML that disagrees with the arrays would
+mislead Bio-Formats more than none.
+
+Listing without warnings
+------------------------
+zarr-python warns "Object at X is not recognized as a component of a Zarr hierarchy" for
+every entry of a group's folder that is not a Zarr node (``report.json`` and
+``index.html`` included) whenever a group's members are listed, unless the group has
+*consolidated metadata*: then members come from it and the folder is not listed. So the
+root gets consolidated metadata covering exactly the listed images and the ``OME`` group
+(:func:`write_collection`), which also hides half-written (hidden) images from readers.
+Consolidated metadata must never be stale: a run drops it before it changes the root
+(:func:`drop_consolidated`) and writes it again when its images are in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline.io.ngff import COLLECTION_GROUP, COLLECTION_KEY, FORMATS, NgffFormat, detect_format
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "RESERVED_NAMES",
+    "drop_consolidated",
+    "find_images",
+    "group_content",
+    "image_summary",
+    "read_collection",
+    "root_format",
+    "write_collection",
+]
+
+#: Names in the output root that are not input images (image names must avoid them).
+RESERVED_NAMES = frozenset({COLLECTION_GROUP.lower(), "previews", "geojson", "labels"})
+_METADATA_FILES = {2: (".zgroup", ".zattrs", ".zmetadata"), 3: ("zarr.json",)}
+
+
+def root_format(out: str | os.PathLike) -> int | None:
+    """The Zarr format of an existing output root folder (2 or 3), None if it is no group."""
+    out = Path(out)
+    if (out / "zarr.json").is_file():
+        return 3
+    if (out / ".zgroup").is_file():
+        return 2
+    return None
+
+
+def find_images(out: str | os.PathLike, zarr_format: int) -> list[str]:
+    """Names of the NGFF images directly in ``out`` (not hidden), sorted.
+
+    A child is an image when its folder holds group metadata of ``zarr_format`` with
+    ``multiscales``; hidden folders (staging images, internal state) never are.
+    """
+    out = Path(out)
+    names = []
+    with os.scandir(out) as entries:
+        for entry in entries:
+            if entry.name.startswith(".") or not entry.is_dir():
+                continue
+            content = group_content(Path(entry.path), zarr_format)
+            if content is not None and content.get("multiscales"):
+                names.append(entry.name)
+    return sorted(names)
+
+
+def group_content(folder: Path, zarr_format: int) -> dict[str, Any] | None:
+    """The NGFF content of a group folder's attributes, or None if it is not a group."""
+    try:
+        if zarr_format == 3:
+            meta = json.loads((folder / "zarr.json").read_text(encoding="utf-8"))
+            if meta.get("node_type") != "group":
+                return None
+            attrs = meta.get("attributes") or {}
+        else:
+            if not (folder / ".zgroup").is_file():
+                return None
+            path = folder / ".zattrs"
+            attrs = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError):
+        return None
+    return _format_of(zarr_format).unwrap(attrs)
+
+
+def _format_of(zarr_format: int) -> NgffFormat:
+    """NGFF metadata sits where its Zarr format puts it: top level in v2, under ``ome`` in v3."""
+    return FORMATS["0.4" if zarr_format == 2 else "0.5"]
+
+
+def read_collection(out: str | os.PathLike) -> list[str] | None:
+    """The image paths the root's collection metadata lists, or None if it has none."""
+    out = Path(out)
+    zarr_format = root_format(out)
+    if zarr_format is None:
+        return None
+    root = group_content(out, zarr_format) or {}
+    if root.get(COLLECTION_KEY) is None:
+        return None
+    group = group_content(out / COLLECTION_GROUP, zarr_format) or {}
+    series = group.get("series")
+    return [str(s) for s in series] if isinstance(series, list) else None
+
+
+def write_collection(
+    out: str | os.PathLike, fmt: NgffFormat, images: Sequence[str] | None = None
+) -> list[str]:
+    """List the root's images in its metadata and consolidate it (see the module docstring).
+
+    Parameters
+    ----------
+    out
+        The output root, a Zarr group of ``fmt``'s Zarr format.
+    fmt
+        The NGFF version of the root and its images.
+    images
+        Image names to list, in order; default: every image found (:func:`find_images`).
+
+    Returns
+    -------
+    list of str
+        The names listed.
+
+    Notes
+    -----
+    Call it in one process at a time (the driver), after images are published: it
+    rewrites the root's and the ``OME`` group's metadata.
+    """
+    import zarr
+
+    out = Path(out)
+    names = list(images) if images is not None else find_images(out, fmt.zarr_format)
+    root = zarr.open_group(str(out), mode="r+", zarr_format=fmt.zarr_format, use_consolidated=False)
+    root_attrs, group_attrs = fmt.collection(names)
+    kept = {k: v for k, v in root.attrs.asdict().items() if k not in (COLLECTION_KEY, "ome")}
+    root.attrs.put({**kept, **root_attrs})
+    group = root.require_group(COLLECTION_GROUP)
+    group.attrs.put(group_attrs)
+    _consolidate(root, [*names, COLLECTION_GROUP])
+    return names
+
+
+def drop_consolidated(out: str | os.PathLike) -> None:
+    """Remove the root's consolidated metadata (before anything in the root changes)."""
+    zarr_format = root_format(out)
+    if zarr_format == 2:
+        with contextlib.suppress(FileNotFoundError):  # never consolidated
+            os.remove(Path(out) / ".zmetadata")
+    elif zarr_format == 3:
+        path = Path(out) / "zarr.json"
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        if meta.pop("consolidated_metadata", None) is not None:
+            tmp = path.with_name(f".zarr.json.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
+            os.replace(tmp, path)
+
+
+def _consolidate(root: Any, names: Sequence[str]) -> None:
+    """Consolidated metadata of ``root`` made of the subtrees of ``names`` only.
+
+    zarr's own ``consolidate_metadata`` walks every member, which would take in hidden
+    half-written images and warn about the report files; this is its recipe on a chosen
+    set of children (zarr-python 3 API: ``ConsolidatedMetadata`` and the group's
+    ``_save_metadata``).
+    """
+    from zarr.core.group import ConsolidatedMetadata, GroupMetadata
+    from zarr.core.sync import sync
+
+    flat: dict[str, Any] = {}
+    for name in names:
+        child = root[name]
+        flat[name] = child.metadata
+        for path, node in child.members(max_depth=None):
+            flat[f"{name}/{path}"] = node.metadata
+    for key, meta in flat.items():
+        if isinstance(meta, GroupMetadata) and meta.consolidated_metadata is None:
+            flat[key] = dataclasses.replace(
+                meta, consolidated_metadata=ConsolidatedMetadata(metadata={})
+            )
+    ConsolidatedMetadata._flat_to_nested(flat)
+    group = root._async_group
+    metadata = dataclasses.replace(
+        group.metadata, consolidated_metadata=ConsolidatedMetadata(metadata=flat)
+    )
+    with warnings.catch_warnings():
+        # consolidated metadata is a zarr-python convention in Zarr v3 (an extension field
+        # with must_understand = false): other readers ignore it, which is what we want
+        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+        sync(dataclasses.replace(group, metadata=metadata)._save_metadata())
+
+
+def image_summary(out: str | os.PathLike, name: str, zarr_format: int) -> dict[str, Any]:
+    """Shape, axes, levels, dtype, pixel size and label images of one image of the root."""
+    import zarr
+
+    path = Path(out) / name
+    group = zarr.open_group(str(path), mode="r", zarr_format=zarr_format)
+    attrs = group.attrs.asdict()
+    fmt = detect_format(attrs)
+    content = _format_of(zarr_format).unwrap(attrs)
+    multiscale = (content.get("multiscales") or [{}])[0]
+    datasets = multiscale.get("datasets") or []
+    axes = "".join(
+        a.get("name", "?") if isinstance(a, Mapping) else str(a) for a in multiscale.get("axes", [])
+    )
+    first = group[datasets[0]["path"]] if datasets else None
+    scale = _scale(datasets[0]) if datasets else []
+    labels = []
+    if "labels" in group:
+        labels_attrs = group["labels"].attrs.asdict()
+        labels = list(_format_of(zarr_format).unwrap(labels_attrs).get("labels", []))
+    return {
+        "name": name,
+        "ngff": fmt.version if fmt is not None else None,
+        "axes": axes,
+        "shape": list(first.shape) if first is not None else None,
+        "dtype": str(first.dtype) if first is not None else None,
+        "levels": len(datasets),
+        "pixel_size": {a: s for a, s in zip(axes, scale) if a in "zyx"},
+        "labels": labels,
+    }
+
+
+def _scale(dataset: Mapping[str, Any]) -> list[float]:
+    for transform in dataset.get("coordinateTransformations") or []:
+        if transform.get("type") == "scale":
+            return [float(s) for s in transform.get("scale", [])]
+    return []

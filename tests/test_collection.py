@@ -1,0 +1,143 @@
+"""The output root as a whole: it lists its images the NGFF way, validates, and lists
+without Zarr warnings although report files, previews and hidden folders sit in it."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+
+import pytest
+import zarr
+from ngff_helpers import blobs, write_image
+
+from pipeline.io.class_labels import create_class_labels, finish_class_labels, open_label_level
+from pipeline.io.class_labels import write_label_block as write_labels
+from pipeline.io.collection import (
+    drop_consolidated,
+    find_images,
+    image_summary,
+    read_collection,
+    root_format,
+    write_collection,
+)
+from pipeline.io.ngff import get_format
+
+NAMES = ["CMU-1-Small-Region", "slide_2"]
+
+
+def make_root(path: Path, version: str, names=NAMES) -> Path:
+    """An output root as a run leaves it: images with class labels, report files, a
+    preview folder, a hidden half-written image and a hidden internal folder."""
+    fmt = get_format(version)
+    zarr.open_group(str(path), mode="w", zarr_format=fmt.zarr_format)
+    for i, name in enumerate(names):
+        add_image(path, name, version, seed=i)
+    (path / "report.json").write_text("{}")
+    (path / "index.html").write_text("<!doctype html>")
+    (path / "previews").mkdir()
+    (path / "previews" / f"{names[0]}.png").write_bytes(b"\x89PNG")
+    write_image(path / ".slide_3.partial-0a1b2c3d", blobs(1, (40, 40)), version)
+    (path / ".ledger").mkdir()
+    (path / ".ledger" / "inputs.jsonl").write_text("{}\n")
+    return path
+
+
+def add_image(root: Path, name: str, version: str, seed: int = 0) -> None:
+    probs = blobs(1, (150, 130), seed=seed)
+    shapes = write_image(root / name, probs, version)
+    labels = create_class_labels(root / name, probs.shape, "cyx", (1, 64, 64), 1, fmt=version)
+    write_labels(open_label_level(labels), (0, 0), probs)
+    finish_class_labels(labels, shapes, {"y": 0.5, "x": 0.5}, names=["tissue"])
+
+
+def members(path: Path) -> list[str]:
+    """List the whole hierarchy the way Zarr users do; any Zarr warning is an error."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        group = zarr.open_group(str(path), mode="r")
+        return sorted(k for k, _ in group.members(max_depth=None))
+
+
+@pytest.mark.parametrize("version", ["0.4", "0.5"])
+def test_root_lists_its_images_and_lists_without_warnings(tmp_path, version):
+    out = make_root(tmp_path / "out.zarr", version)
+    assert root_format(out) == get_format(version).zarr_format
+    assert find_images(out, root_format(out)) == sorted(NAMES)
+    assert write_collection(out, get_format(version)) == sorted(NAMES)
+    assert read_collection(out) == sorted(NAMES)
+    listed = members(out)
+    assert {k.split("/")[0] for k in listed} == {*NAMES, "OME"}  # hidden ones stay hidden
+    assert f"{NAMES[0]}/labels/classes/0" in listed
+    group = zarr.open_group(str(out), mode="r")
+    assert group[f"{NAMES[1]}/0"].shape == (1, 150, 130)
+
+
+def test_without_consolidated_metadata_zarr_warns_about_report_files(tmp_path):
+    """Why the root is consolidated: plain files at the root do warn in zarr 3."""
+    out = make_root(tmp_path / "out.zarr", "0.5")
+    write_collection(out, get_format("0.5"))
+    drop_consolidated(out)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        list(zarr.open_group(str(out), mode="r").members(max_depth=None))
+    messages = " ".join(str(w.message) for w in caught)
+    assert "Object at report.json is not recognized" in messages
+
+
+@pytest.mark.parametrize("version", ["0.4", "0.5"])
+def test_dropping_then_rewriting_picks_up_new_images(tmp_path, version):
+    out = make_root(tmp_path / "out.zarr", version, names=["a"])
+    write_collection(out, get_format(version))
+    drop_consolidated(out)
+    drop_consolidated(out)  # twice is fine (nothing to drop)
+    add_image(out, "b", version)
+    write_collection(out, get_format(version))
+    assert read_collection(out) == ["a", "b"]
+    assert "b/0" in members(out)
+
+
+def test_root_validates_as_an_ngff_collection(tmp_path):
+    from ome_zarr_models import open_ome_zarr
+    from ome_zarr_models.v04.image import Image as ImageV04
+    from ome_zarr_models.v05.bioformats2raw import BioFormats2Raw as B2RV05
+    from ome_zarr_models.v05.image import Image as ImageV05
+
+    for version, image_model in (("0.4", ImageV04), ("0.5", ImageV05)):
+        out = make_root(tmp_path / f"{version}.zarr", version)
+        write_collection(out, get_format(version))
+        root = zarr.open_group(str(out), mode="r")
+        if version == "0.4":
+            assert type(open_ome_zarr(root)).__name__ == "BioFormats2Raw"
+        else:
+            B2RV05.from_zarr(root)
+        for name in read_collection(out):
+            image_model.from_zarr(zarr.open_group(str(out / name), mode="r"))
+
+
+@pytest.mark.parametrize("version", ["0.4", "0.5"])
+def test_ome_zarr_info_prints_every_listed_image(tmp_path, version):
+    """The real ``ome_zarr`` CLI on each image the root lists (ome-zarr-py's reader does
+    not follow collection metadata, so ``ome_zarr info OUT`` itself prints nothing)."""
+    cli = shutil.which("ome_zarr")
+    if cli is None:
+        pytest.skip("ome_zarr CLI not installed (test extra)")
+    out = make_root(tmp_path / "out.zarr", version)
+    write_collection(out, get_format(version))
+    for name in read_collection(out):
+        result = subprocess.run([cli, "info", str(out / name)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        assert f"{name} [zgroup]" in result.stdout
+        assert f"version: {version}" in result.stdout
+        assert "(1, 150, 130)" in result.stdout
+        assert "labels/classes" in result.stdout
+
+
+def test_image_summary_for_inspect(tmp_path):
+    out = make_root(tmp_path / "out.zarr", "0.4")
+    info = image_summary(out, NAMES[0], 2)
+    assert info["ngff"] == "0.4" and info["axes"] == "cyx"
+    assert info["shape"] == [1, 150, 130] and info["dtype"] == "uint8"
+    assert info["levels"] == 3 and info["labels"] == ["classes"]
+    assert info["pixel_size"] == {"y": 0.5, "x": 0.5}
