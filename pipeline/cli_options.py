@@ -16,6 +16,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
+from pipeline.backends.tuning import CPU_BATCH
 from pipeline.config import (
     BACKENDS,
     BLENDS,
@@ -31,6 +32,8 @@ from pipeline.config import (
 __all__ = ["RUN_EPILOG", "given_options", "run_options"]
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(RunConfig)}
+#: Shown as the default though the config's is None (decided per device): the CPU's.
+_DEFAULTS["batch_size"] = CPU_BATCH
 
 #: (flags, RunConfig field, click type, help, how a None default is derived)
 _RUN: tuple[tuple[str, str, Any, str, str | None], ...] = (
@@ -46,8 +49,9 @@ _RUN: tuple[tuple[str, str, Any, str, str | None], ...] = (
      "How overlapping tile predictions are combined: gaussian (sigma = tile/8), cosine "
      "(ramp over the overlap), constant (plain average), crop (each pixel from the one tile "
      "that owns it); auto: crop for valid models, else gaussian.", None),
-    ("--batch-size", "batch_size", int, "Tiles per forward pass (more uses more memory).",
-     "8 on CPU; on a GPU as many as fill it (pixels per batch, free memory)"),
+    ("--batch-size", "batch_size", int,
+     "Tiles per forward pass (more uses more memory). Not given: 8 on a CPU; on a GPU as "
+     "many as fill it (by pixels per batch and free memory).", None),
     ("--backend", "backend", click.Choice(BACKENDS),
      "Model runtime; auto: from the model file. identity writes the normalised input "
      "(tests, I/O benchmarks; no --model needed).", None),

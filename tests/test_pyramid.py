@@ -135,9 +135,7 @@ def test_a_run_writes_the_pyramid_of_the_dask_pass(tmp_path, dtype, block, writt
     report = run([str(path)], tmp_path / "out.zarr", None, cfg)
     assert report.ok, report.inputs[0].message
     group = zarr.open_group(str(tmp_path / "out.zarr" / "odd"), mode="r")
-    levels = [
-        group[str(k)][:] for k in range(len(group.attrs["ome"]["multiscales"][0]["datasets"]))
-    ]
+    levels = [group[str(k)][:] for k in range(sum(name.isdigit() for name in group.array_keys()))]
     shape, chunks = levels[0].shape, (3, 32, 32)
     assert block_levels(shape, "cyx", chunks, (3, block, block), 16) == written
     want = dask_pyramid(levels[0], "cyx", chunks, 16)
