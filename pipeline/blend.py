@@ -1,8 +1,7 @@
-"""Blending weights and the per-block merger.
+"""Blending modes and the weight window of one tile.
 
-A :class:`BlockMerger` holds accumulators the size of one block's write region (never
-the image): every tile that touches the block adds ``weight * prediction`` where it
-overlaps the block, and :meth:`BlockMerger.result` divides by the summed weight.
+The per-block merger that uses them (accumulators the size of one block's write
+region, on the model's device) is :class:`pipeline.merge.TensorMerger`.
 """
 
 from __future__ import annotations
@@ -11,8 +10,6 @@ import enum
 from functools import lru_cache
 
 import numpy as np
-
-from pipeline.geometry import Region
 
 
 class BlendMode(str, enum.Enum):
@@ -64,65 +61,3 @@ def tile_weights(
     out = w.astype(np.float32)
     out.setflags(write=False)
     return out
-
-
-class BlockMerger:
-    """Weighted average of tile predictions over one block's write region."""
-
-    def __init__(self, region: Region, classes: int, mode: BlendMode) -> None:
-        self.region = region
-        self.mode = BlendMode(mode)
-        self.acc = np.zeros((classes, *region.shape), dtype=np.float32)
-        self.wsum = None if self.mode is BlendMode.CROP else np.zeros(region.shape, np.float32)
-        self._filled = 0
-
-    def add(
-        self,
-        pred: np.ndarray,
-        tile_out: Region,
-        weights: np.ndarray | None,
-        owned: Region | None = None,
-    ) -> None:
-        """Add one tile's prediction ``(K, *tile_out.shape)``.
-
-        In crop mode ``owned`` is the part of the tile that alone provides the output.
-        """
-        target = (owned if self.mode is BlendMode.CROP else tile_out).intersect(self.region)
-        if target.empty:
-            return
-        dst = (slice(None), *target.relative_to(self.region).to_slices())
-        src_sl = target.relative_to(tile_out).to_slices()
-        if self.mode is BlendMode.CROP:
-            self.acc[dst] = pred[(slice(None), *src_sl)]
-            self._filled += target.size
-            return
-        w = weights[src_sl]
-        self.acc[dst] += pred[(slice(None), *src_sl)] * w
-        self.wsum[dst[1:]] += w
-
-    def skip(
-        self, tile_out: Region, weights: np.ndarray | None, owned: Region | None = None
-    ) -> None:
-        """Count a tile that was not run (no tissue) as predicting zeros."""
-        target = (owned if self.mode is BlendMode.CROP else tile_out).intersect(self.region)
-        if target.empty:
-            return
-        if self.mode is BlendMode.CROP:
-            self._filled += target.size
-            return
-        self.wsum[target.relative_to(self.region).to_slices()] += weights[
-            target.relative_to(tile_out).to_slices()
-        ]
-
-    def result(self) -> np.ndarray:
-        """Blended probabilities ``(K, *region.shape)`` float32."""
-        if self.mode is BlendMode.CROP:
-            if self._filled != self.region.size:
-                raise RuntimeError(
-                    f"crop blending covered {self._filled} of {self.region.size} pixels of {self.region}"
-                )
-            return self.acc
-        if not np.all(self.wsum > 0):
-            raise RuntimeError(f"tiles do not cover block {self.region}")
-        self.acc /= self.wsum
-        return self.acc

@@ -16,6 +16,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
+from pipeline.backends.tuning import CPU_BATCH
 from pipeline.config import (
     BACKENDS,
     BLENDS,
@@ -23,13 +24,17 @@ from pipeline.config import (
     DTYPES,
     NGFF_VERSIONS,
     NORMALIZE,
+    ORT_PROVIDERS,
     PRECISIONS,
+    TTA,
     RunConfig,
 )
 
 __all__ = ["RUN_EPILOG", "given_options", "run_options"]
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(RunConfig)}
+#: Shown as the default though the config's is None (decided per device): the CPU's.
+_DEFAULTS["batch_size"] = CPU_BATCH
 
 #: (flags, RunConfig field, click type, help, how a None default is derived)
 _RUN: tuple[tuple[str, str, Any, str, str | None], ...] = (
@@ -45,7 +50,9 @@ _RUN: tuple[tuple[str, str, Any, str, str | None], ...] = (
      "How overlapping tile predictions are combined: gaussian (sigma = tile/8), cosine "
      "(ramp over the overlap), constant (plain average), crop (each pixel from the one tile "
      "that owns it); auto: crop for valid models, else gaussian.", None),
-    ("--batch-size", "batch_size", int, "Tiles per forward pass (more uses more memory).", None),
+    ("--batch-size", "batch_size", int,
+     "Tiles per forward pass (more uses more memory). Not given: 8 on a CPU; on a GPU as "
+     "many as fill it (by pixels per batch and free memory).", None),
     ("--backend", "backend", click.Choice(BACKENDS),
      "Model runtime; auto: from the model file. identity writes the normalised input "
      "(tests, I/O benchmarks; no --model needed).", None),
@@ -53,7 +60,18 @@ _RUN: tuple[tuple[str, str, Any, str, str | None], ...] = (
      "Where the model runs: cpu, cuda, cuda:N; auto: the GPU when there is one. A GPU "
      "asked for that is missing is an error.", None),
     ("--precision", "precision", click.Choice(PRECISIONS),
-     "Arithmetic of the model: fp32, or fp16/bf16 on a GPU (faster).", None),
+     "Arithmetic of the model: fp32, or fp16/bf16 on a GPU (faster; TorchScript under "
+     "autocast, ONNX through --ort-provider tensorrt).", None),
+    ("--tta", "tta", click.Choice(TTA),
+     "Test-time augmentation: flip averages the predictions over the axis flips (4 in 2D, "
+     "8 in 3D), d4 over the 8 rotations and flips of square tiles; per tile before "
+     "blending, so valid models stay exact (and it costs 4x or 8x the model's time).", None),
+    ("--ort-provider", "ort_provider", click.Choice(ORT_PROVIDERS),
+     "ONNX Runtime on a GPU: cuda, or tensorrt (opt-in: engines built on first use, fp16 "
+     "with --precision fp16, cached in ~/.cache/pipeline/trt); auto: cuda.", None),
+    ("--cuda-graphs/--no-cuda-graphs", "cuda_graphs", bool,
+     "Replay a TorchScript network on a GPU as a CUDA graph (fewer kernel launches: "
+     "helps small networks).", None),
     ("--dtype", "dtype", click.Choice(DTYPES),
      "Output values: uint8 (probability x 255, rounded), float16 or float32.", None),
     ("--ngff", "ngff", click.Choice(NGFF_VERSIONS),
@@ -76,7 +94,7 @@ _RUN: tuple[tuple[str, str, Any, str, str | None], ...] = (
      "Threads each worker gives the model.", "the cores divided among the workers"),
     ("--scheduler", "scheduler", str,
      "Address of a running Dask scheduler (tcp://host:8786), or sync to run in this process "
-     "(debugging).", "a local cluster; in-process for a single block"),
+     "(debugging).", "a local cluster; in-process for a single block or one worker"),
     ("--cluster", "cluster", click.Choice(CLUSTERS),
      "Where blocks run: local (a Dask cluster here, or --scheduler) or slurm (workers as "
      "Slurm jobs through dask-jobqueue: jobqueue.yaml, DASK_JOBQUEUE__SLURM__*, and the "

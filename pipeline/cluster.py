@@ -63,6 +63,7 @@ from typing import Any
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError
 from pipeline.slurm import SlurmSettings, cluster_kwargs, import_jobqueue
+from pipeline.stages import BLOCK_THREADS
 
 __all__ = [
     "SlurmSettings",
@@ -85,13 +86,14 @@ def open_cluster(cfg: RunConfig) -> Iterator[tuple[Any, int]]:
     _quiet_distributed()
     if cfg.cluster == "slurm":
         settings = slurm_settings(cfg)
-        processes, _ = slurm_layout(settings)
+        processes, cores = slurm_layout(settings)
+        threads = max(1, cores)  # a Slurm worker's task threads: its cores
         with slurm_client(settings, cfg.jobs or 1) as client:
-            yield client, (cfg.jobs or 1) * processes
+            yield client, (cfg.jobs or 1) * processes * threads
         return
     with dask_client(cfg) as client:
         slots = sum(client.nthreads().values()) if cfg.scheduler else worker_layout(cfg)[0]
-        yield client, max(1, slots)
+        yield client, max(1, slots) * (1 if cfg.scheduler else BLOCK_THREADS)
 
 
 def _quiet_distributed() -> None:
@@ -144,7 +146,7 @@ def dask_client(cfg: RunConfig) -> Iterator[Any]:
         dask.config.set({"distributed.scheduler.worker-saturation": 1.0}),
         LocalCluster(
             n_workers=workers,
-            threads_per_worker=1,
+            threads_per_worker=BLOCK_THREADS,  # one block computes, others read and write
             processes=True,
             host="127.0.0.1",
             dashboard_address=None,

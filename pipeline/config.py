@@ -43,6 +43,10 @@ ACTIVATIONS = ("sigmoid", "softmax", "none")
 PADDINGS = ("same", "valid")
 #: Where blocks run: a local Dask cluster (or ``scheduler``), or Slurm jobs (dask-jobqueue).
 CLUSTERS = ("local", "slurm")
+#: Test-time augmentation: none, the axis flips, or the 8 symmetries of the (y, x) square.
+TTA = ("none", "flip", "d4")
+#: ONNX Runtime's provider on a GPU (``tensorrt``: opt-in, builds engines on first use).
+ORT_PROVIDERS = ("auto", "cuda", "tensorrt")
 #: NGFF versions written (``--ngff``): 0.4 on Zarr v2, 0.5 on Zarr v3.
 NGFF_VERSIONS = VERSIONS
 
@@ -58,7 +62,7 @@ class RunConfig:
     tile: tuple[int, ...] | None = None
     overlap: int | None = None
     blend: str = "auto"
-    batch_size: int = 8
+    batch_size: int | None = None
     backend: str = "auto"
     device: str = "auto"
     precision: str = "fp32"
@@ -89,6 +93,9 @@ class RunConfig:
     #: The ``slurm:`` section (partition, account, walltime, cores, memory, processes,
     #: gpus...), validated by :class:`pipeline.slurm.SlurmSettings` when a run starts.
     slurm: Mapping[str, Any] | None = dataclasses.field(default=None, hash=False)
+    tta: str = "none"
+    ort_provider: str = "auto"
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("cluster", self.cluster, CLUSTERS)
@@ -103,6 +110,8 @@ class RunConfig:
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("normalize", self.normalize, NORMALIZE)
+        _check_choice("tta", self.tta, TTA)
+        _check_choice("ort_provider", self.ort_provider, ORT_PROVIDERS)
         if isinstance(self.ngff, float):  # YAML reads `ngff: 0.4` as a number
             object.__setattr__(self, "ngff", str(self.ngff))
         _check_choice("ngff", self.ngff, NGFF_VERSIONS)

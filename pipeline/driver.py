@@ -23,8 +23,9 @@ that kills its worker on every attempt (Dask's ``KilledWorker``, after
 worker also strikes the blocks that were waiting on it; when it kills its workers again
 it fails its input as ``worker-crash`` naming the block.
 
-The same loop runs in-process with :class:`SyncClient` (``scheduler="sync"``, single-block
-runs): each task runs when it is submitted.
+The same loop runs in-process: with :class:`SyncClient` (``scheduler="sync"``) each task
+runs when it is submitted; with :class:`ThreadClient` (one input on a one-worker layout)
+tasks run on a few threads of this process.
 """
 
 from __future__ import annotations
@@ -205,7 +206,7 @@ class Driver:
         inp.running.discard(fut)
         if kind == "block":
             self.queued -= 1
-        error = fut.exception() if fut.status != "finished" else None
+        error = _error(fut)
         if error is not None and kind == "block" and not inp.failed and _killed(error):
             # a dying worker also strikes the blocks assigned to it that were not running:
             # a block that was not itself running at its workers' deaths tries again
@@ -342,6 +343,62 @@ class SyncClient:
         pass
 
 
+class ThreadClient:
+    """The part of ``distributed.Client`` the driver uses, running tasks in this process on
+    ``threads`` threads: the in-process twin of a worker with several block threads (one
+    block computes while the next reads and the previous one writes).
+
+    Tasks start in the order they are submitted (first in, first out), and the driver
+    submits a block's first-phase dependencies before the block, so a task that waits for
+    another only ever waits for one that started before it: no deadlock.
+    """
+
+    def __init__(self, threads: int) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="block")
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **options: Any) -> Any:
+        return self.pool.submit(_call_resolved, fn, args)
+
+    def cancel(self, futures: Sequence[Any]) -> None:
+        for fut in futures:
+            fut.cancel()
+
+    def __enter__(self) -> ThreadClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _call_resolved(fn: Callable[..., Any], args: Sequence[Any]) -> Any:
+    from concurrent.futures import Future
+
+    return fn(*(a.result() if isinstance(a, Future) else a for a in args))
+
+
+class _ThreadCompletion:
+    def __init__(self) -> None:
+        import queue
+
+        self.done: queue.SimpleQueue = queue.SimpleQueue()
+
+    def add(self, fut: Any) -> None:
+        fut.add_done_callback(self.done.put)
+
+    def __next__(self) -> Any:
+        return self.done.get()
+
+
+def _error(fut: Any) -> BaseException | None:
+    """The exception a finished future holds, or None (Dask's, in-process and threads')."""
+    status = getattr(fut, "status", None)
+    if status is not None:  # distributed.Future, SyncFuture
+        return fut.exception() if status != "finished" else None
+    return fut.exception()  # concurrent.futures.Future, done
+
+
 class _SyncCompletion:
     def __init__(self) -> None:
         self.done: collections.deque = collections.deque()
@@ -356,6 +413,8 @@ class _SyncCompletion:
 def _completion(client: Any) -> Any:
     if isinstance(client, SyncClient):
         return _SyncCompletion()
+    if isinstance(client, ThreadClient):
+        return _ThreadCompletion()
     from distributed import as_completed
 
     return as_completed()

@@ -14,9 +14,12 @@ from pipeline.blend import BlendMode
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError
 from pipeline.tiling import BlockGrid, Lattice, choose_stride
+from pipeline.tta import check_tta
 
 DEFAULT_TILE = {2: 256, 3: 64}
 DEFAULT_CHUNK = {2: 1024, 3: 128}
+#: Default blocks hold whole chunks of this many pyramid levels when the budget allows.
+ALIGN_LEVELS = 2
 
 
 @dataclass(frozen=True)
@@ -61,15 +64,17 @@ def resolve_overlap(spec: ModelSpec, cfg: RunConfig, out_tile: int, blend: Blend
 
 
 def check_options(spec: ModelSpec, cfg: RunConfig) -> None:
-    """Refuse a ``--tile`` or ``--overlap`` the model cannot take, before any work: what
-    :func:`make_plan` checks that does not depend on the image.
+    """Refuse a ``--tile``, ``--overlap`` or ``--tta`` the model cannot take, before any
+    work: what :func:`make_plan` checks that does not depend on the image.
 
     Raises
     ------
     ConfigError
-        ``TileError`` for a tile the model does not accept, else an overlap too large.
+        ``TileError`` for a tile the model does not accept, an overlap too large, or
+        ``--tta d4`` with tiles that are not square.
     """
     tile = model_tile(spec, cfg)
+    check_tta(cfg.tta, tile)
     blend = resolve_blend(spec, cfg)
     for t in tile:
         _stride(spec, cfg, t - 2 * spec.margin, blend)
@@ -86,11 +91,18 @@ def _stride(spec: ModelSpec, cfg: RunConfig, out_tile: int, blend: BlendMode) ->
 
 
 def make_plan(
-    spec: ModelSpec, shape: tuple[int, ...], channels: int, classes: int, cfg: RunConfig
+    spec: ModelSpec,
+    shape: tuple[int, ...],
+    channels: int,
+    classes: int,
+    cfg: RunConfig,
+    itemsize: int = 1,
 ) -> Plan:
-    """Plan one image of spatial ``shape`` (len ``spec.ndim`` or ``spec.ndim + 1``)."""
+    """Plan one image of spatial ``shape`` (len ``spec.ndim`` or ``spec.ndim + 1``);
+    ``itemsize``: bytes per stored input value."""
     extra = len(shape) - spec.ndim  # 1: a 2D model running slice by slice on a volume
     tile = model_tile(spec, cfg)
+    check_tta(cfg.tta, tile)
     blend = resolve_blend(spec, cfg)
     out_tile = [t - 2 * spec.margin for t in tile]
     strides = [_stride(spec, cfg, o, blend) for o in out_tile]
@@ -107,7 +119,7 @@ def make_plan(
     chunk = cfg.chunk or DEFAULT_CHUNK[spec.ndim]
     chunks = tuple(min(chunk, n) for n in shape[extra:])
     chunks = (1,) * extra + chunks
-    block = block_shape(shape, chunks, lattice, channels, classes, cfg)
+    block = block_shape(shape, chunks, lattice, channels, classes, cfg, itemsize)
     return Plan(lattice, blend, chunks, block, spec.ndim)
 
 
@@ -118,11 +130,18 @@ def block_shape(
     channels: int,
     classes: int,
     cfg: RunConfig,
+    itemsize: int = 1,
 ) -> tuple[int, ...]:
     """Block = whole chunks, as large as the per-worker memory budget allows.
 
-    Bytes per block pixel: float32 accumulators (classes + weight), the normalised
-    float32 input and its raw copy; the halo is counted as a fraction of the block.
+    On y and x a block grows in steps of ``2**ALIGN_LEVELS`` chunks when the budget
+    allows it (else 2, else 1), so that it also holds whole chunks of the first pyramid
+    levels, which it then writes from memory (:func:`pipeline.pyramid.block_levels`).
+
+    Bytes counted: the computing block's float32 accumulators (classes + weight) and
+    the output of two blocks (the one computing, the one being written) per block pixel;
+    the stored input (``itemsize`` per channel) of two blocks (the one computing, the
+    one being read) per input pixel, the halo included.
     """
     if cfg.block is not None:
         side = [max(c, (cfg.block // c) * c) for c in chunks]
@@ -130,19 +149,34 @@ def block_shape(
             1 if c == 1 and i < len(shape) - 2 else s for i, (c, s) in enumerate(zip(chunks, side))
         ]
         return tuple(min(s, -(-n // c) * c) for s, n, c in zip(side, shape, chunks))
-    per_pixel = 4 * (classes + 1) + 5 * channels
-    budget = cfg.memory_budget_mb * 2**20 / per_pixel
-    block = list(chunks)
-    # grow the axis with the fewest chunks in the block until the budget is used
+    out_bytes = 4 if cfg.dtype == "float32" else 2 if cfg.dtype == "float16" else 1
+    per_block_px = 4 * (classes + 1) + 2 * classes * out_bytes
+    per_input_px = 2 * channels * itemsize
+
+    def fits(block: list[int]) -> bool:
+        box = math.prod(b + t for b, t in zip(block, lattice.tile))
+        need = math.prod(block) * per_block_px + box * per_input_px
+        return need <= cfg.memory_budget_mb * 2**20
+
+    yx = {len(shape) - 2, len(shape) - 1}
+    for level in range(ALIGN_LEVELS, -1, -1):
+        step = [c * 2**level if a in yx else c for a, c in enumerate(chunks)]
+        block = [min(s, -(-n // c) * c) for s, n, c in zip(step, shape, chunks)]
+        if level == 0 or fits(block):
+            return _grow(block, step, shape, fits)
+    raise AssertionError("unreachable")
+
+
+def _grow(block: list[int], step: list[int], shape: tuple[int, ...], fits) -> tuple[int, ...]:
+    """Grow the axis with the smallest block by its step while the budget holds."""
     while True:
         grown = None
         for axis in sorted(range(len(shape)), key=lambda a: block[a]):
             if block[axis] >= shape[axis]:
                 continue
             trial = block.copy()
-            trial[axis] += chunks[axis]
-            halo = math.prod(b + lattice.tile[a] for a, b in enumerate(trial)) / math.prod(trial)
-            if math.prod(trial) * halo <= budget:
+            trial[axis] += step[axis]
+            if fits(trial):
                 grown = trial
                 break
         if grown is None:

@@ -20,9 +20,15 @@ from pathlib import Path
 from pipeline import faults
 from pipeline.backends.base import ModelSpec
 from pipeline.batch import Batch
-from pipeline.cluster import model_threads, open_cluster, slurm_layout, slurm_settings
+from pipeline.cluster import (
+    model_threads,
+    open_cluster,
+    slurm_layout,
+    slurm_settings,
+    worker_layout,
+)
 from pipeline.config import RunConfig
-from pipeline.driver import Driver, SyncClient
+from pipeline.driver import Driver, SyncClient, ThreadClient
 from pipeline.errors import UP_TO_DATE, ConfigError, PipelineError
 from pipeline.io import ngff, sink
 from pipeline.io.collection import write_collection
@@ -34,7 +40,7 @@ from pipeline.plan import check_options, make_plan
 from pipeline.report import InputResult, RunReport
 from pipeline.retry import retrying
 from pipeline.shard import Shard
-from pipeline.stages import BackendRef
+from pipeline.stages import BLOCK_THREADS, BackendRef
 from pipeline.tasks import InputJob, Model, make_tasks, run_local
 
 log = logging.getLogger(__name__)
@@ -266,8 +272,9 @@ def _execute(batch: Batch, jobs: list[InputJob], spec: ModelSpec, cfg: RunConfig
         if cfg.scheduler == "sync":
             client, slots = SyncClient(), 1
         elif len(jobs) == 1 and cfg.cluster == "local" and not cfg.workers and not cfg.scheduler:
-            # one input: planned here first; a single block runs in-process, where a
-            # cluster's start and the worker's model load would cost more than they save
+            # one input: planned here first; a single block, or a default layout of one
+            # worker, runs in-process on a worker's block threads, where a cluster's start
+            # and its imports would cost more than they save
             step = batch.prepare(jobs[0])
             try:
                 ready[0] = step.fn(*step.args)
@@ -275,8 +282,8 @@ def _execute(batch: Batch, jobs: list[InputJob], spec: ModelSpec, cfg: RunConfig
                 batch.failed(jobs[0], exc, "opening and planning")
                 batch.settled(jobs[0], None)
                 return
-            if sum(not t.done for t in ready[0].tasks) <= 1:
-                client, slots = SyncClient(), 1
+            if sum(not t.done for t in ready[0].tasks) <= 1 or worker_layout(cfg)[0] == 1:
+                client, slots = stack.enter_context(ThreadClient(BLOCK_THREADS)), BLOCK_THREADS
             else:
                 client, slots = stack.enter_context(open_cluster(cfg))
         else:
@@ -307,6 +314,8 @@ def backend_ref(spec: ModelSpec, cfg: RunConfig) -> BackendRef:
         cfg.precision,
         tuple(sorted(overrides.items())),
         model_threads(cfg),
+        cfg.ort_provider,
+        cfg.cuda_graphs,
     )
 
 
@@ -330,7 +339,9 @@ def predict_array(
     spec = spec or resolve_model(model, cfg)
     channels = int(array.shape[0])
     classes = spec.classes or channels
-    plan = make_plan(spec, tuple(int(s) for s in array.shape[1:]), channels, classes, cfg)
+    plan = make_plan(
+        spec, tuple(int(s) for s in array.shape[1:]), channels, classes, cfg, array.dtype.itemsize
+    )
     ref = backend_ref(spec, cfg)
     out = np.zeros((classes, *array.shape[1:]), dtype=cfg.dtype)
     for res in run_local(make_tasks(plan, array, ref, spec, classes, cfg, None)):

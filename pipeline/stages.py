@@ -3,26 +3,50 @@
 :func:`process_block` is what a Dask worker runs. Everything it needs arrives in a
 frozen :class:`BlockJob` (coordinates and references, never pixels); the model and the
 input/output handles are opened once per worker process and cached.
+
+A block runs in three steps: its input box is read on the host in its stored dtype;
+then, holding the device's lock (:func:`pipeline.engine.device_lock`), it goes to the
+model's device once, where tiles are cut, scaled, predicted, blended and quantised
+(:mod:`pipeline.engine`), and comes back once in the output dtype; then its chunks are
+written, level 0 and the pyramid levels it owns (:mod:`pipeline.pyramid`), and any
+extra per-block outputs. With a few block threads per worker (:data:`BLOCK_THREADS`)
+one block computes while another reads and a third writes; memory stays bounded by
+that many blocks.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Protocol, Union
 
 import numpy as np
 
-from pipeline.blend import BlendMode, BlockMerger, tile_weights
-from pipeline.errors import ModelOutputError, ModelRunError, PipelineError
-from pipeline.geometry import Region, reflect_index
+from pipeline.blend import BlendMode
+from pipeline.devices import host_threads, torch_device
+from pipeline.engine import (
+    HostBox,
+    blend_block,
+    box_to_device,
+    device_lock,
+    finish_block,
+    read_box,
+    stream_predictions,
+)
+from pipeline.errors import ModelRunError, PipelineError
+from pipeline.geometry import Region
+from pipeline.pyramid import downsample, level_region
 from pipeline.tiling import Lattice
 from pipeline.tissue_mask import TissueMask
 
 if TYPE_CHECKING:
     import dask.array
+    import torch
     import zarr
 
     from pipeline.backends.base import Backend
@@ -33,6 +57,11 @@ log = logging.getLogger(__name__)
 #: What a block reads: an input's reference (opened on the worker, ``.open()``), or an
 #: array ``(C, *spatial)`` in memory (:func:`pipeline.run.predict_array`).
 Source = Union["InputRef", np.ndarray, "dask.array.Array"]
+
+#: Block tasks in flight per worker process: one computing, one reading, one writing.
+BLOCK_THREADS = 3
+
+Tile = tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -45,6 +74,15 @@ class BackendRef:
     precision: str = "fp32"
     overrides: tuple[tuple[str, int | str], ...] = ()
     threads: int | None = None
+    ort_provider: str = "auto"
+    cuda_graphs: bool = False
+
+
+class BlockOutput(Protocol):
+    """Something else a block writes from its final pixels (class labels, polygons...):
+    called once per block after its chunks are written, with the pixels it owns."""
+
+    def write(self, job: BlockJob, data: np.ndarray) -> None: ...
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,8 +107,16 @@ class BlockJob:
         How to load the model on the worker.
     sink
         Path of the output level-0 Zarr array, or None to return the pixels.
+    levels
+        Paths of the pyramid levels 1, 2... this block writes from its own pixels (their
+        chunks lie inside its region; see :func:`pipeline.pyramid.block_levels`).
     batch_size, normalize, out_dtype
-        Tiles per forward pass, input scaling (``dtype``/``none``), output dtype.
+        Tiles per forward pass (None: chosen per worker to fill the device), input
+        scaling (``dtype``/``none``), output dtype.
+    tta
+        Test-time augmentation (``none``, ``flip``, ``d4``; see :mod:`pipeline.tta`).
+    outputs
+        Further per-block writers (:class:`BlockOutput`), given the block's final pixels.
     tiles
         Every tile touching ``write``, in lattice order (empty: computed here).
     own
@@ -88,12 +134,15 @@ class BlockJob:
     source: Source
     backend: BackendRef
     sink: str | None = None
-    batch_size: int = 8
+    levels: tuple[str, ...] = ()
+    batch_size: int | None = None
     normalize: str = "dtype"
     out_dtype: str = "uint8"
     tiles: tuple[tuple[int, ...], ...] = ()
     own: tuple[tuple[int, ...], ...] = ()
     tissue: TissueMask | None = None
+    tta: str = "none"
+    outputs: tuple[BlockOutput, ...] = ()
 
     def runs(self, tile: tuple[int, ...]) -> bool:
         """A tile runs unless it has no tissue anywhere in its output, so every pixel
@@ -112,24 +161,30 @@ class BlockResult:
 
 
 _BACKENDS: dict[BackendRef, Backend] = {}
+_BATCHES: dict[tuple, int] = {}
 _SINKS: dict[str, zarr.Array] = {}
+_LOAD = threading.Lock()
 
 
 def get_backend(ref: BackendRef) -> Backend:
-    """The backend for ``ref``, loaded once per process."""
+    """The backend for ``ref``, loaded once per process (also with several block threads)."""
     backend = _BACKENDS.get(ref)
     if backend is None:
-        from pipeline.backends import load_backend
+        with _LOAD:
+            backend = _BACKENDS.get(ref)
+            if backend is None:
+                from pipeline.backends import load_backend
 
-        backend = load_backend(
-            ref.model,
-            backend=ref.backend,
-            device=worker_device(ref.device),
-            precision=ref.precision,
-            overrides=dict(ref.overrides),
-            threads=ref.threads,
-        )
-        _BACKENDS[ref] = backend
+                backend = _BACKENDS[ref] = load_backend(
+                    ref.model,
+                    backend=ref.backend,
+                    device=worker_device(ref.device),
+                    precision=ref.precision,
+                    overrides=dict(ref.overrides),
+                    threads=ref.threads,
+                    ort_provider=ref.ort_provider,
+                    cuda_graphs=ref.cuda_graphs,
+                )
     return backend
 
 
@@ -160,8 +215,11 @@ def _open_sink(path: str) -> zarr.Array:
 
 
 def forget_sink(path: str) -> None:
-    """Drop a cached output handle (after its image is finished or discarded)."""
-    _SINKS.pop(path, None)
+    """Drop the cached output handles of the image whose level ``path`` is (every level),
+    after the image is finished or discarded."""
+    folder = os.path.dirname(path.rstrip("/\\"))
+    for key in [k for k in _SINKS if k == path or os.path.dirname(k) == folder]:
+        _SINKS.pop(key, None)
 
 
 def read_region(array: np.ndarray | dask.array.Array, region: Region) -> np.ndarray:
@@ -170,66 +228,10 @@ def read_region(array: np.ndarray | dask.array.Array, region: Region) -> np.ndar
     Only the in-image bounding box of the mirrored coordinates is read, so a lazy array
     decodes just the tiles it touches.
     """
-    shape = array.shape[1:]
-    idx = [reflect_index(np.arange(o, e), n) for o, e, n in zip(region.offset, region.end, shape)]
-    lo = [int(i.min()) for i in idx]
-    hi = [int(i.max()) + 1 for i in idx]
-    box = array[(slice(None), *(slice(a, b) for a, b in zip(lo, hi)))]
-    box = box.compute(scheduler="synchronous") if hasattr(box, "compute") else np.asarray(box)
-    if all(
-        len(i) == b - a and i[0] == a and np.all(np.diff(i) == 1) for i, a, b in zip(idx, lo, hi)
-    ):
-        return box
-    return box[np.ix_(np.arange(box.shape[0]), *(i - a for i, a in zip(idx, lo)))]
-
-
-def normalize(data: np.ndarray, mode: str) -> np.ndarray:
-    """Scale to float32: ``dtype`` divides integers by their dtype's maximum."""
-    if mode == "dtype" and data.dtype == np.bool_:
-        return data.astype(np.float32)
-    if mode == "dtype" and np.issubdtype(data.dtype, np.integer):
-        return np.divide(data, np.float32(np.iinfo(data.dtype).max), dtype=np.float32)
-    return data.astype(np.float32, copy=False)
-
-
-def to_output_dtype(prob: np.ndarray, dtype: str) -> np.ndarray:
-    """uint8: probability × 255, rounded and clipped; float dtypes keep the value."""
-    if dtype == "uint8":
-        return np.rint(np.clip(prob, 0.0, 1.0) * 255.0).astype(np.uint8)
-    return prob.astype(dtype)
-
-
-def _check_finite(job: BlockJob, pred: np.ndarray) -> None:
-    # the shape is the backend's check (CheckedBackend); a NaN is only visible here
-    if not np.isfinite(pred).all():
-        raise ModelOutputError(
-            f"model output contains NaN or Inf in block {job.write}",
-            where=job.backend.model,
-            hint="check the input for NaN/Inf and the model's normalisation",
-        )
-
-
-def _predict(job: BlockJob, arr: np.ndarray) -> np.ndarray:
-    """One batch ``(B, C, *tile)`` through the model; a 2D model on a volume sees ``z`` dropped."""
-    lat = job.lattice
-    squeeze = lat.ndim - job.model_ndim
-    if squeeze:
-        arr = arr.reshape(arr.shape[:2] + arr.shape[2 + squeeze :])
-    try:
-        pred = np.asarray(
-            get_backend(job.backend).predict(np.ascontiguousarray(arr)), dtype=np.float32
-        )
-    except (PipelineError, MemoryError):
-        raise
-    except Exception as exc:  # the runtime's own message says what the model rejected
-        raise ModelRunError(
-            f"model failed on a batch of shape {arr.shape}: {type(exc).__name__}: {exc}",
-            where=job.backend.model,
-            hint="check that the model takes this many channels and this tile size "
-            "(pipeline inspect MODEL)",
-        ) from None
-    _check_finite(job, pred)
-    return pred.reshape(pred.shape[:2] + lat.out_tile)
+    box = read_box(array, region)
+    index = [np.arange(box.data.shape[0])]
+    index += [np.arange(n) if i is None else i for i, n in zip(box.index, box.data.shape[1:])]
+    return box.data if all(i is None for i in box.index) else box.data[np.ix_(*index)]
 
 
 def _bounds(regions: list[Region]) -> Region:
@@ -240,43 +242,117 @@ def _bounds(regions: list[Region]) -> Region:
     )
 
 
-def predict_stream(
-    job: BlockJob,
-    tiles: list[tuple[int, ...]],
-    *,
-    per_batch: bool = False,
-    timer: dict[str, float] | None = None,
-) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
-    """Yield ``(tile, prediction)`` for ``tiles`` in order, run in batches.
+def _runner(job: BlockJob, backend: Backend) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The model on a batch tensor; a runtime's own failure becomes a ModelRunError."""
+    predict = getattr(backend, "predict_tensor", None)
+    if predict is None:  # a backend with the numpy protocol only
 
-    The input is read once for all tiles, or per batch with ``per_batch`` (the first
-    phase's shared tiles lie along block edges, where one bounding box would be wasteful).
-    """
-    if not tiles:
-        return
-    timer = {} if timer is None else timer
+        def predict(batch: torch.Tensor) -> torch.Tensor:
+            import torch
+
+            out = backend.predict(batch.detach().cpu().contiguous().numpy())
+            return torch.from_numpy(np.asarray(out, dtype=np.float32)).to(batch.device)
+
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        try:
+            return predict(batch)
+        except (PipelineError, MemoryError):
+            raise
+        except Exception as exc:  # the runtime's own message says what the model rejected
+            raise ModelRunError(
+                f"model failed on a batch of shape {tuple(batch.shape)}: "
+                f"{type(exc).__name__}: {exc}",
+                where=job.backend.model,
+                hint="check that the model takes this many channels and this tile size "
+                "(pipeline inspect MODEL)",
+            ) from None
+
+    return run
+
+
+def _batch_size(job: BlockJob, backend: Backend, channels: int) -> int:
+    """``job.batch_size``, else the size that fills this worker's device (once per tile)."""
+    if job.batch_size:
+        return job.batch_size
     lat = job.lattice
-    source = job.source.open() if hasattr(job.source, "open") else job.source
-    read = x = None
-    for start in range(0, len(tiles), job.batch_size):
-        batch = tiles[start : start + job.batch_size]
-        t0 = time.perf_counter()
-        if per_batch or x is None:
-            read = _bounds([lat.in_region(t) for t in (batch if per_batch else tiles)])
-            x = normalize(read_region(source, read), job.normalize)
-        arr = np.stack(
-            [x[(slice(None), *lat.in_region(t).relative_to(read).to_slices())] for t in batch]
-        )
-        t1 = time.perf_counter()
-        pred = _predict(job, arr)
-        timer["read"] = timer.get("read", 0.0) + t1 - t0
-        timer["predict"] = timer.get("predict", 0.0) + time.perf_counter() - t1
-        yield from zip(batch, pred)
+    sample = (channels, *lat.tile[lat.ndim - job.model_ndim :])
+    key = (job.backend, sample)
+    if key not in _BATCHES:
+        from pipeline.backends.tuning import auto_batch_size
+
+        device = _device_name(backend)
+        with device_lock(str(torch_device(device))):  # measured alone on the device
+            if key not in _BATCHES:
+                _BATCHES[key] = auto_batch_size(_runner(job, backend), sample, device)
+    return _BATCHES[key]
 
 
-def predict_shared(job: BlockJob) -> dict[tuple[int, ...], np.ndarray]:
-    """First phase: the shared tiles this block owns, for the blocks that need them."""
-    return dict(predict_stream(job, [t for t in job.own if job.runs(t)], per_batch=True))
+def _device_name(backend: Backend) -> str:
+    return str(getattr(backend, "device", "cpu"))
+
+
+class _Section:
+    """The device section of a block: the device's lock, and on CPU one torch thread for
+    the small per-tile ops (:func:`pipeline.devices.host_threads` says why)."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.device = torch_device(_device_name(backend))
+        self.lock = device_lock(str(self.device))
+        self.threads = host_threads(1 if self.device.type == "cpu" else None)
+
+    def __enter__(self) -> _Section:
+        self.lock.acquire()
+        self.threads.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.threads.__exit__(*exc)
+        finally:
+            self.lock.release()
+
+
+def _predictions(job: BlockJob, backend: Backend, box: HostBox, tiles: list[Tile], device):
+    x = box_to_device(box, device)
+    return stream_predictions(
+        _runner(job, backend),
+        x,
+        box.region,
+        tiles,
+        lattice=job.lattice,
+        model_ndim=job.model_ndim,
+        batch_size=_batch_size(job, backend, int(x.shape[0])),
+        source_dtype=box.data.dtype,
+        normalize=job.normalize,
+        tta=job.tta,
+    )
+
+
+def _source(job: BlockJob):
+    return job.source.open() if hasattr(job.source, "open") else job.source
+
+
+def predict_shared(job: BlockJob) -> dict[Tile, np.ndarray]:
+    """First phase: the shared tiles this block owns, for the blocks that need them.
+
+    Their input is read per batch (they lie along the block's edges, where one bounding
+    box would be wasteful), all of it before the device section.
+    """
+    tiles = [t for t in job.own if job.runs(t)]
+    if not tiles:
+        return {}
+    backend = get_backend(job.backend)
+    source = _source(job)
+    lat = job.lattice
+    size = _batch_size(job, backend, int(source.shape[0]))
+    batches = [tiles[i : i + size] for i in range(0, len(tiles), size)]
+    boxes = [read_box(source, _bounds([lat.in_region(t) for t in b])) for b in batches]
+    out: dict[Tile, np.ndarray] = {}
+    with _Section(backend) as section:
+        for batch, box in zip(batches, boxes):
+            for t, pred in _predictions(job, backend, box, batch, section.device):
+                out[t] = pred.detach().to("cpu", copy=True).numpy()
+    return out
 
 
 def process_block(job: BlockJob, *shared: dict) -> BlockResult:
@@ -286,40 +362,72 @@ def process_block(job: BlockJob, *shared: dict) -> BlockResult:
     Tiles are added in lattice order whatever their origin, so a pixel's value does not
     depend on the block layout. Idempotent: a rerun writes the same bytes.
     """
+
     t0 = time.perf_counter()
     lat = job.lattice
-    crop = job.blend is BlendMode.CROP
-    tiles = list(job.tiles) or lat.tiles_touching(job.write, owned=crop)
-    ready: dict[tuple[int, ...], np.ndarray] = {}
+    tiles = list(job.tiles) or lat.tiles_touching(job.write, owned=job.blend is BlendMode.CROP)
+    ready: dict[Tile, np.ndarray] = {}
     for part in shared:
         ready.update(part)
     skipped = {t for t in tiles if not job.runs(t)}
     local = [t for t in tiles if t not in ready and t not in skipped]
-    timer: dict[str, float] = {}
-    stream = predict_stream(job, local, timer=timer)
-    merger = BlockMerger(job.write, job.classes, job.blend)
-    weights = None if crop else tile_weights(job.blend, lat.out_tile, lat.overlap)
-    for t in tiles:
-        owned = lat.owned_region(t) if crop else None
-        if t in skipped:
-            merger.skip(lat.out_region(t), weights, owned)
-            continue
-        pred = ready.get(t)
-        if pred is None:
-            got, pred = next(stream)
-            assert got == t  # the stream follows the same order
-        merger.add(pred, lat.out_region(t), weights, owned)
-    prob = merger.result()
-    if job.tissue is not None:
-        prob *= job.tissue.upsample(job.write)  # glass is background
-    out = to_output_dtype(prob, job.out_dtype)
+    box = read_box(_source(job), _bounds([lat.in_region(t) for t in local])) if local else None
+    backend = get_backend(job.backend)
     t1 = time.perf_counter()
+    with _Section(backend) as section:
+        t2 = time.perf_counter()
+        stream = iter(()) if box is None else _predictions(job, backend, box, local, section.device)
+        on_device = {t: _tensor(p, section.device) for t, p in ready.items()}
+        prob = blend_block(
+            job.write,
+            lat,
+            job.blend,
+            job.classes,
+            tiles,
+            stream,
+            ready=on_device,
+            skipped=skipped,
+            device=section.device,
+        )
+        mask = None if job.tissue is None else job.tissue.upsample(job.write)  # glass: 0
+        out = finish_block(prob, job.out_dtype, mask=mask, where=job.backend.model, block=job.write)
+    t3 = time.perf_counter()
     own_run = sum(job.runs(t) for t in job.own)
     result = BlockResult(job.index, job.write, len(local) + own_run, job.write.size)
     if job.sink is None:
         result.data = out
     else:
-        _open_sink(job.sink)[(slice(None), *job.write.to_slices())] = out
-    blend = t1 - t0 - timer.get("read", 0.0) - timer.get("predict", 0.0)
-    result.seconds = {**timer, "blend": blend, "write": time.perf_counter() - t1}
+        write_block(job, out)
+    for output in job.outputs:
+        output.write(job, out)
+    result.seconds = {
+        "read": t1 - t0,
+        "wait": t2 - t1,
+        "compute": t3 - t2,
+        "write": time.perf_counter() - t3,
+    }
     return result
+
+
+def _tensor(pred: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A shared tile's prediction on the device; it is only read, so a read-only array
+    (as Dask hands results between workers) is used as it is."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not writable.*", category=UserWarning)
+        return torch.from_numpy(pred).to(device)
+
+
+def write_block(job: BlockJob, out: np.ndarray) -> None:
+    """Level 0 of the block, then each pyramid level it owns, each computed from the
+    previous one as stored (:func:`pipeline.pyramid.downsample`); level 0 is never read."""
+    level0 = _open_sink(job.sink)
+    level0[(slice(None), *job.write.to_slices())] = out
+    axes = "c" + "zyx"[-job.write.ndim :]
+    data, chunks = out, level0.chunks
+    for k, path in enumerate(job.levels, 1):
+        target = _open_sink(path)
+        data = downsample(data, axes, chunks)
+        target[(slice(None), *level_region(job.write, axes, k).to_slices())] = data
+        chunks = target.chunks

@@ -32,6 +32,7 @@ from pipeline import __version__, faults
 from pipeline.backends.base import ModelSpec
 from pipeline.config import RunConfig
 from pipeline.errors import InputChangedError, InternalError
+from pipeline.inprocess import run_in_threads
 from pipeline.io import sink
 from pipeline.io.fingerprint import fingerprint, stamp
 from pipeline.io.staging import (
@@ -45,6 +46,7 @@ from pipeline.io.staging import (
 from pipeline.plan import Plan, make_plan
 from pipeline.retry import retrying
 from pipeline.stages import (
+    BLOCK_THREADS,
     BackendRef,
     BlockJob,
     BlockResult,
@@ -110,6 +112,7 @@ class Prepared:
     run_tiles: int = 0  # lattice tiles that run through the model (all blocks)
     all_tiles: int = 0
     pixels: int = 0  # spatial pixels of the image run on
+    block_levels: int = 0  # pyramid levels 1.. the blocks write themselves
     block_ids: tuple[str, ...] = ()  # every block's record name (see io.staging.block_id)
     info: dict[str, Any] = field(default_factory=dict)  # a complete stage's record
 
@@ -139,11 +142,13 @@ def make_tasks(
     cfg: RunConfig,
     sink_path: str | None,
     tissue: TissueMask | None = None,
+    levels: tuple[str, ...] = (),
 ) -> list[Task]:
     """One task per block, in raster order; a block only needs blocks before it.
 
     With a tissue mask, each job carries the mask around its block, and blocks where no
     tile has tissue are left out: their chunks stay unwritten (background, not stored).
+    ``levels``: the pyramid levels (1, 2...) blocks write from memory.
     """
     normalize = spec.normalize if cfg.normalize == "auto" else cfg.normalize
     grid = plan.grid()
@@ -163,12 +168,14 @@ def make_tasks(
             source=source,
             backend=ref,
             sink=sink_path,
+            levels=levels,
             batch_size=cfg.batch_size,
             normalize=normalize,
             out_dtype=cfg.dtype,
             tiles=tuple(touching),
             own=tuple(own),
             tissue=crop,
+            tta=cfg.tta,
         )
         if crop is not None and not any(job.runs(t) for t in touching):
             continue
@@ -177,16 +184,10 @@ def make_tasks(
     return [Task(t.job, tuple(i for i in t.needs if i in kept)) for t in tasks]
 
 
-def run_local(tasks: list[Task]) -> Iterator[BlockResult]:
-    """The in-process path: blocks in order, each shared result dropped after its last user."""
-    last_user = {j: t.job.index for t in tasks for j in t.needs}
-    shared: dict[int, dict] = {}
-    for task in tasks:
-        job = task.job
-        shared[job.index] = predict_shared(job) if job.own else {}
-        yield process_block(job, *(shared[i] for i in task.needs))
-        for i in [i for i in shared if last_user.get(i, -1) <= job.index]:
-            del shared[i]
+def run_local(tasks: list[Task], threads: int = BLOCK_THREADS) -> Iterator[BlockResult]:
+    """The in-process path without staging (:func:`pipeline.run.predict_array`): blocks on
+    ``threads`` threads, results in order."""
+    return run_in_threads(tasks, predict_shared, process_block, threads)
 
 
 def provenance(
@@ -244,13 +245,13 @@ def prepare_input(job: InputJob, model: Model) -> Prepared:
     channels = int(inp.array.shape[0])
     classes = spec.classes or channels
     shape = tuple(int(s) for s in inp.array.shape[1:])
-    plan = make_plan(spec, shape, channels, classes, cfg)
+    plan = make_plan(spec, shape, channels, classes, cfg, inp.array.dtype.itemsize)
     tissue = retrying(find_tissue, inp, shape, cfg, what=f"tissue of {job.path}")
     axes, chunks = "c" + inp.spatial_axes, (classes, *plan.chunks)
     try:
-        stage, done = _open_stage(area, job, (classes, *shape), axes, chunks, cfg.dtype, cfg.ngff)
-        level0 = str(stage.image / "0")
-        tasks = make_tasks(plan, inp.ref, model.ref, spec, classes, cfg, level0, tissue)
+        stage, writer, done = _open_stage(area, job, (classes, *shape), axes, chunks, plan, cfg)
+        sinks = (writer.level_path(0), tissue, writer.block_paths())
+        tasks = make_tasks(plan, inp.ref, model.ref, spec, classes, cfg, *sinks)
     except OSError as exc:
         _raise_if_full(exc, job)
         raise
@@ -265,8 +266,9 @@ def prepare_input(job: InputJob, model: Model) -> Prepared:
         tasks,
         block_ids=tuple(block_id(t.job.write) for t in tasks),
         shape=(classes, *shape),
-        axes=axes,
-        chunks=chunks,
+        axes=writer.axes,
+        chunks=writer.chunks,
+        block_levels=writer.block_levels,
         pixel_size=inp.pixel_size,
         provenance={**provenance(spec, plan, cfg, inp, tissue), "run_key": job.key},
         tissue=tissue,
@@ -295,18 +297,28 @@ def _open(job: InputJob, model: Model) -> ModelInput:
 
 
 def _open_stage(
-    area: StagingArea, job: InputJob, shape, axes, chunks, dtype, ngff: str
-) -> tuple[Stage, set]:
-    """The input's staging and the blocks written in it: the staged level 0 is continued
-    when it matches this plan, else the stage starts over."""
+    area: StagingArea,
+    job: InputJob,
+    shape: tuple[int, ...],
+    axes: str,
+    chunks: tuple[int, ...],
+    plan: Plan,
+    cfg: RunConfig,
+) -> tuple[Stage, sink.ImageWriter, set[str]]:
+    """The input's staging, its image writer and the blocks written in it: a staged image
+    is continued when its levels match this plan, else the stage starts over."""
     owner = {"input": job.path, "run": job.run}
     stage, reused = area.open_stage(job.name, job.key, owner)
-    if reused and sink.level_matches(stage.image / "0", shape, chunks, dtype):
-        return stage, stage.done_blocks()
-    if reused:  # same key, other plan (another version's layout): nothing can be trusted
+    args = (job.out, job.name, shape, axes, chunks, cfg.dtype, cfg.ngff)
+    block = (shape[0], *plan.block)
+    if reused:
+        writer = sink.reopen_image(*args, block, cfg.pyramid_min, staging=stage.image)
+        if writer is not None:
+            return stage, writer, stage.done_blocks()
+        # same key, other layout (another version's plan): nothing staged can be trusted
         stage, _ = area.open_stage(job.name, job.key, owner, fresh=True)
-    sink.create_image(job.out, job.name, shape, axes, chunks, dtype, ngff, staging=stage.image)
-    return stage, set()
+    writer = sink.create_image(*args, block, cfg.pyramid_min, staging=stage.image)
+    return stage, writer, set()
 
 
 def run_shared(prepared_job: InputJob, stage: Stage, job: BlockJob) -> dict:
@@ -363,7 +375,14 @@ def finalize_input(prepared: Prepared, model: Model) -> dict[str, Any]:
         )
     cfg = model.cfg
     writer = sink.ImageWriter(
-        Path(job.out), job.name, stage.image, prepared.axes, prepared.chunks, cfg.dtype, cfg.ngff
+        Path(job.out),
+        job.name,
+        stage.image,
+        prepared.axes,
+        prepared.chunks,
+        cfg.dtype,
+        cfg.ngff,
+        prepared.block_levels,
     )
     try:
         with _synchronous():

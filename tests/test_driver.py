@@ -116,6 +116,18 @@ def test_in_process_runs_only_unfinished_blocks_with_the_shared_tiles_they_need(
     assert [e for e in events(work, "shared") if e[0] == "b"] == [("b", 2), ("b", 3)]
 
 
+def test_threads_in_process_run_many_inputs_like_a_cluster():
+    from pipeline.driver import ThreadClient
+
+    work = Work(blocks=5, done={"b": (0, 1)}, kill_on="raise:c:3")
+    with ThreadClient(3) as client:
+        Driver(client, work, max_open=3, max_queued=7).run(["a", "b", "c", "d"])
+    assert sorted(events(work, "finished")) == [("a", "A"), ("b", "B"), ("d", "D")]
+    assert len([e for e in events(work, "block") if e[0] == "b"]) == 3
+    assert events(work, "failed") == [("c", "block 3 at y 0:64, x 192:256", "ValueError")]
+    assert events(work, "settled") == [("c",)]
+
+
 def test_fully_done_input_goes_straight_to_finishing():
     work = Work(blocks=3, done={"a": (0, 1, 2)})
     progress = []

@@ -135,3 +135,81 @@ def test_two_block_run_on_cuda_equals_cpu(torchscript, tmp_path, precision):
     levels = np.abs(gpu - cpu)  # uint8 levels: 1/255 of a probability each
     assert levels.max() <= round(TOL[precision] * 255), (precision, int(levels.max()))
     assert levels.mean() < 1
+
+
+# ------------------------------------------------- blocks on the device (issue 6)
+
+
+def test_identity_blocks_on_cuda_are_exact():
+    """Pinned transfers, tiles cut and blended on the GPU, quantised there: bit for bit."""
+    from pipeline.config import RunConfig
+    from pipeline.run import predict_array
+
+    image = np.random.default_rng(2).integers(0, 256, (3, 301, 257), dtype=np.uint8)
+    for blend in ("gaussian", "crop"):
+        for tta in ("none", "d4"):
+            cfg = RunConfig(
+                backend="identity", device="cuda", tile=(64,), overlap=16, blend=blend,
+                block=128, chunk=64, tta=tta,
+            )  # fmt: skip
+            np.testing.assert_array_equal(predict_array(image, None, cfg), image)
+
+
+def test_onnx_io_binding_keeps_tensors_on_the_device(weights):
+    ort = pytest.importorskip("onnxruntime")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip(f"onnxruntime has no CUDA provider ({ort.get_available_providers()})")
+    from pipeline.backends import load_backend
+
+    onnx = _export(weights, ".onnx")
+    batch = _batch()
+    with load_backend(onnx, backend="onnx", device="cpu") as cpu:
+        ref = cpu.predict(batch)
+    with load_backend(onnx, backend="onnx", device="cuda") as gpu:
+        got = gpu.predict_tensor(torch.from_numpy(batch).cuda())
+    assert got.is_cuda and got.dtype == torch.float32
+    assert np.abs(got.cpu().numpy() - ref).max() < TOL["fp32"]
+
+
+def test_tensorrt_provider_when_available(weights, tmp_path, monkeypatch):
+    ort = pytest.importorskip("onnxruntime")
+    if "TensorrtExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime has no TensorRT provider")
+    from pipeline.backends import load_backend
+    from pipeline.errors import DeviceError
+
+    monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path))
+    onnx = _export(weights, ".onnx")
+    batch = _batch()
+    with load_backend(onnx, backend="onnx", device="cpu") as cpu:
+        ref = cpu.predict(batch)
+    try:
+        gpu = load_backend(onnx, device="cuda", ort_provider="tensorrt", precision="fp16")
+    except DeviceError as exc:  # TensorRT's libraries missing on this machine
+        pytest.skip(str(exc))
+    with gpu:
+        got = gpu.predict_tensor(torch.from_numpy(batch).cuda()).cpu().numpy()
+    assert np.abs(got - ref).max() < TOL["bf16"]
+    assert any((tmp_path / "trt").iterdir())  # the engine was cached
+
+
+def test_cuda_graphs_replay_the_same_network(torchscript):
+    from pipeline.backends import load_backend
+
+    batch = torch.from_numpy(_batch(4)).cuda()
+    with load_backend(torchscript, device="cuda") as plain:
+        ref = plain.predict_tensor(batch)
+    with load_backend(torchscript, device="cuda", cuda_graphs=True) as graphed:
+        first = graphed.predict_tensor(batch)
+        again = graphed.predict_tensor(batch[:3])  # a smaller batch: padded, same graph
+    torch.testing.assert_close(first, ref, rtol=0, atol=TOL["fp32"])
+    torch.testing.assert_close(again, ref[:3], rtol=0, atol=TOL["fp32"])
+
+
+def test_auto_batch_size_fills_the_device(torchscript):
+    from pipeline.backends import load_backend
+    from pipeline.backends.tuning import MAX_BATCH, auto_batch_size
+
+    with load_backend(torchscript, device="cuda") as gpu:
+        size = auto_batch_size(gpu.predict_tensor, (3, 512, 512), "cuda")
+    assert 8 <= size <= MAX_BATCH  # an H200 fits far more than the CPU's 8 tiles of 512²

@@ -283,6 +283,8 @@ def load_backend(
     precision: str = "fp32",
     overrides: Mapping[str, Any] | None = None,
     threads: int | None = None,
+    ort_provider: str = "auto",
+    cuda_graphs: bool = False,
 ) -> Backend:
     """Load a model for inference on one device.
 
@@ -295,32 +297,38 @@ def load_backend(
     device
         ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (see :func:`resolve_device`).
     precision
-        ``fp32``, or ``fp16``/``bf16`` (TorchScript on CUDA only, via autocast).
+        ``fp32``, or ``fp16``/``bf16`` on CUDA: TorchScript via autocast, ONNX through
+        TensorRT engines (``ort_provider="tensorrt"``).
     overrides
         Spec fields that win over the file (see :func:`read_model_spec`).
     threads
         CPU threads for the runtime (None: its default).
+    ort_provider
+        ONNX Runtime's provider on a GPU: ``auto``/``cuda`` or ``tensorrt``.
+    cuda_graphs
+        TorchScript on CUDA: replay the network as a CUDA graph.
 
     Raises
     ------
     ConfigError, DeviceError, ModelError
     """
     _check_load_options(model, backend, precision, threads)
-    if backend == "identity":
-        return IdentityBackend(identity_spec(_check_overrides(overrides)))
     dev = resolve_device(device)
+    if backend == "identity":
+        return IdentityBackend(identity_spec(_check_overrides(overrides)), dev)
     spec = read_model_spec(model or "", backend=backend, overrides=overrides)
-    if precision != "fp32" and (spec.format != "torchscript" or not dev.startswith("cuda")):
+    half_ok = spec.format == "torchscript" or ort_provider == "tensorrt"
+    if precision != "fp32" and (not half_ok or not dev.startswith("cuda")):
         raise ConfigError(
-            f"precision {precision} needs the torchscript backend on a CUDA device (got "
-            f"{spec.format} on {dev})",
+            f"precision {precision} needs a CUDA device and the torchscript backend or "
+            f"--ort-provider tensorrt (got {spec.format} on {dev})",
             where="precision",
             hint="use precision 'fp32' here",
         )
     if spec.format == "torchscript":
         from pipeline.backends.torchscript import TorchScriptBackend
 
-        return TorchScriptBackend(spec, dev, precision, threads)
+        return TorchScriptBackend(spec, dev, precision, threads, cuda_graphs)
     from pipeline.backends.onnx import OnnxBackend
 
-    return OnnxBackend(spec, dev, threads)
+    return OnnxBackend(spec, dev, threads, ort_provider, precision)

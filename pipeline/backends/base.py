@@ -6,6 +6,11 @@ probabilities ``(B, K, *spatial_out)`` float32, where ``spatial_out`` is the inp
 size minus ``2 * margin`` on every spatial axis. :class:`CheckedBackend` checks both
 sides of every batch (:func:`check_batch`, :func:`check_output`) around the runtime's
 own call, once, for every backend.
+
+Two entries: :meth:`CheckedBackend.predict` takes and returns numpy arrays (for people
+and tests); :meth:`CheckedBackend.predict_tensor` takes and returns torch tensors on the
+backend's device, which is what the pipeline feeds (the batch was cut on that device,
+and the prediction is blended there).
 """
 
 from __future__ import annotations
@@ -13,12 +18,15 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from pipeline.config import ACTIVATIONS, NORMALIZATIONS
 from pipeline.errors import ChannelMismatchError, ConfigError, ModelError, TileError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "ACTIVATIONS",
@@ -127,6 +135,10 @@ class Backend(Protocol):
         """``(B, C, *spatial)`` float32 → ``(B, K, *(spatial - 2*margin))`` float32."""
         ...
 
+    def predict_tensor(self, batch: torch.Tensor) -> torch.Tensor:
+        """The same on torch tensors on the backend's device."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -135,7 +147,8 @@ class CheckedBackend:
 
     Subclasses set ``spec`` (the model's spec; a model file is loaded from
     ``spec.path``) and ``device`` (a resolved device: ``cpu``, ``cuda`` or ``cuda:N``),
-    and implement :meth:`run`.
+    and implement :meth:`run` (numpy) and, where the runtime can take device tensors,
+    :meth:`run_tensor`.
     """
 
     spec: ModelSpec
@@ -148,9 +161,24 @@ class CheckedBackend:
         check_output(self.spec, batch.shape, out.shape)
         return out
 
+    def predict_tensor(self, batch: torch.Tensor) -> torch.Tensor:
+        """``(B, C, *spatial)`` float32 on :attr:`device` → ``(B, K, *(spatial -
+        2*margin))`` float32 on the same device."""
+        check_batch(self.spec, batch)
+        out = self.run_tensor(batch)
+        check_output(self.spec, batch.shape, out.shape)
+        return out
+
     def run(self, batch: np.ndarray) -> np.ndarray:
         """The runtime's forward pass on a checked batch."""
         raise NotImplementedError
+
+    def run_tensor(self, batch: torch.Tensor) -> torch.Tensor:
+        """The forward pass on a checked tensor batch (by default through :meth:`run`)."""
+        import torch
+
+        out = self.run(batch.detach().cpu().contiguous().numpy())
+        return torch.from_numpy(np.asarray(out, dtype=np.float32)).to(batch.device)
 
     def close(self) -> None:
         """Release what the runtime holds (nothing by default)."""
@@ -202,9 +230,10 @@ def check_tile(spec: ModelSpec, tile: Sequence[int], where: str = "tile") -> Non
             )
 
 
-def check_batch(spec: ModelSpec, batch: np.ndarray) -> None:
-    """Check a ``(B, C, *spatial)`` batch against the spec before running the model."""
-    if not isinstance(batch, np.ndarray) or batch.ndim != spec.ndim + 2:
+def check_batch(spec: ModelSpec, batch: np.ndarray | torch.Tensor) -> None:
+    """Check a ``(B, C, *spatial)`` batch (numpy array or torch tensor) against the spec
+    before running the model."""
+    if getattr(batch, "ndim", None) != spec.ndim + 2 or not hasattr(batch, "shape"):
         shape = getattr(batch, "shape", None)
         raise ConfigError(
             f"expected a (B, C, {spec.ndim} spatial axes) array, got shape {shape}",

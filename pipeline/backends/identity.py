@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pipeline.backends.base import CheckedBackend, ModelSpec
 from pipeline.backends.files import validate_fields
 from pipeline.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def identity_spec(overrides: Mapping[str, Any] | None = None) -> ModelSpec:
@@ -48,11 +51,18 @@ def identity_spec(overrides: Mapping[str, Any] | None = None) -> ModelSpec:
 
 
 class IdentityBackend(CheckedBackend):
-    """Returns a float32 copy of its input; ``classes=0`` means "as many as the input"."""
+    """Returns its input as float32 (a copy from :meth:`predict`); ``classes=0`` means
+    "as many as the input"."""
 
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, device: str = "cpu") -> None:
         self.spec = spec
-        self.device = "cpu"
+        self.device = device  # where the pipeline runs its blocks (the host ceiling there)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         return np.array(batch, dtype=np.float32, copy=True)
+
+    def run_tensor(self, batch: torch.Tensor) -> torch.Tensor:
+        """The batch itself (no copy: the pipeline blends it before cutting the next)."""
+        import torch
+
+        return batch.to(torch.float32)

@@ -5,12 +5,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pipeline.backends.base import CheckedBackend, ModelSpec
+from pipeline.backends.ort_gpu import IoBindingRunner, gpu_providers
 from pipeline.errors import DeviceError, ModelError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -18,30 +22,29 @@ _CUDA_EP = "CUDAExecutionProvider"
 _CPU_EP = "CPUExecutionProvider"
 
 
-def _providers(device: str) -> list[Any]:
-    import onnxruntime as ort
-
+def _providers(device: str, provider: str, precision: str) -> list[Any]:
     if not device.startswith("cuda"):
         return [_CPU_EP]
-    available = ort.get_available_providers()
-    if _CUDA_EP not in available:
-        raise DeviceError(
-            f"requested {device} but onnxruntime has no CUDAExecutionProvider "
-            f"(available: {', '.join(available)})",
-            where="device",
-            hint="install onnxruntime-gpu, or use the torchscript backend or cpu",
-        )
-    index = int(device.split(":", 1)[1]) if ":" in device else 0
-    # CPU stays listed for the few ops CUDA lacks (shape arithmetic), as ORT recommends.
-    return [(_CUDA_EP, {"device_id": index}), _CPU_EP]
+    import torch
+
+    # ONNX Runtime queues its kernels on torch's stream: behind the tiles cut there
+    stream = torch.cuda.current_stream(torch.device(device)).cuda_stream
+    return gpu_providers(device, provider, precision, stream=stream)
 
 
 def make_session(
-    path: str | Path, device: str = "cpu", threads: int | None = None, quiet: bool = False
+    path: str | Path,
+    device: str = "cpu",
+    threads: int | None = None,
+    quiet: bool = False,
+    provider: str = "auto",
+    precision: str = "fp32",
 ) -> Any:
     """An ``InferenceSession`` with full graph optimisation on the requested device.
 
     ``quiet`` also hides error logs (the probe expects most of its runs to fail).
+    ``provider`` and ``precision`` choose the GPU provider
+    (:func:`~pipeline.backends.ort_gpu.gpu_providers`).
 
     Raises
     ------
@@ -58,7 +61,7 @@ def make_session(
     options.log_severity_level = 4 if quiet else 3
     if threads is not None:
         options.intra_op_num_threads = threads
-    providers = _providers(device)
+    providers = _providers(device, provider, precision)
     try:
         session = ort.InferenceSession(str(path), options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
@@ -67,13 +70,15 @@ def make_session(
             where=path,
             hint="check the file with `python -m onnx.checker`, or re-export it",
         ) from exc
-    if device.startswith("cuda") and _CUDA_EP not in session.get_providers():
+    wanted = [p if isinstance(p, str) else p[0] for p in providers if p != _CPU_EP]
+    missing = [p for p in wanted if p not in session.get_providers()]
+    if missing:
         # ORT drops a provider whose libraries fail to load with only a log line.
         raise DeviceError(
-            f"requested {device} but onnxruntime could not start CUDA (providers in use: "
-            f"{', '.join(session.get_providers())})",
+            f"requested {device} but onnxruntime could not start {', '.join(missing)} "
+            f"(providers in use: {', '.join(session.get_providers())})",
             where="device",
-            hint="check the CUDA/cuDNN versions onnxruntime-gpu needs",
+            hint="check the CUDA/cuDNN (and TensorRT) versions onnxruntime-gpu needs",
         )
     if len(session.get_inputs()) != 1:
         names = [i.name for i in session.get_inputs()]
@@ -117,33 +122,67 @@ class OnnxBackend(CheckedBackend):
         See :class:`~pipeline.backends.base.CheckedBackend`.
     threads
         ``SessionOptions.intra_op_num_threads`` (None: onnxruntime's default).
+    provider, precision
+        On a GPU: ``cuda`` (``auto``) or ``tensorrt``, whose engines may use fp16/bf16.
     """
 
-    def __init__(self, spec: ModelSpec, device: str, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        device: str,
+        threads: int | None = None,
+        provider: str = "auto",
+        precision: str = "fp32",
+    ) -> None:
         self.spec = spec
         self.device = device
-        self._session = make_session(spec.path or "", device, threads)
+        self._session = make_session(
+            spec.path or "", device, threads, provider=provider, precision=precision
+        )
         self._input = self._session.get_inputs()[0].name
         # Some exports fix the batch size (often 1): feed them in slices of that size.
         self._batch = input_facts(self._session)["batch"]
+        self._bound = IoBindingRunner(self._session, self._out_shape)
+        # TensorRT builds an engine per input shape (minutes): a smaller last batch is
+        # padded to the largest one seen instead of getting its own engine
+        self._pad = device.startswith("cuda") and provider == "tensorrt"
+        self._largest = 0
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(batch, dtype=np.float32)
+    def _out_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        classes = self.spec.classes or shape[1]
+        return (shape[0], classes, *(self.spec.output_size(s) for s in shape[2:]))
+
+    def _sliced(self, fn: Callable[[Any], Any], x: Any, concat: Callable[[list], Any]) -> Any:
         if self._batch is None or self._batch == x.shape[0]:
-            out = self._session.run(None, {self._input: x})[0]
-        elif x.shape[0] % self._batch == 0:
-            parts = [
-                self._session.run(None, {self._input: x[i : i + self._batch]})[0]
-                for i in range(0, x.shape[0], self._batch)
-            ]
-            out = np.concatenate(parts)
-        else:
+            return fn(x)
+        if x.shape[0] % self._batch:
             raise ModelError(
                 f"the model takes batches of exactly {self._batch}, got {x.shape[0]}",
                 where=self.spec.path,
                 hint=f"use a batch size that is a multiple of {self._batch}",
             )
+        return concat([fn(x[i : i + self._batch]) for i in range(0, x.shape[0], self._batch)])
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        out = self._sliced(
+            lambda b: self._session.run(None, {self._input: b})[0], x, np.concatenate
+        )
         return np.asarray(out, dtype=np.float32)
+
+    def run_tensor(self, batch: torch.Tensor) -> torch.Tensor:
+        """CPU: the tensor's memory handed to onnxruntime and back without a copy; CUDA:
+        input and output bound by device pointer (no host round trip)."""
+        import torch
+
+        if batch.device.type == "cpu":
+            return torch.from_numpy(self.run(batch.contiguous().numpy()))
+        n = batch.shape[0]
+        self._largest = max(self._largest, n)
+        if self._pad and n < self._largest:
+            fill = batch.new_zeros((self._largest - n, *batch.shape[1:]))
+            return self._sliced(self._bound, torch.cat([batch, fill]), torch.cat)[:n]
+        return self._sliced(self._bound, batch, torch.cat)
 
     def close(self) -> None:
         """Release the session (and its GPU memory arena)."""

@@ -18,8 +18,8 @@ metadata           at the top of the attributes;       under ``"ome"``, with
                    ``image-label`` carry ``version``
 chunk keys         ``0/1/2`` (``/`` separator)         ``c/0/1/2`` (default encoding)
 array axes         none stored (v2 has no names)       ``dimension_names``
-compression        Blosc LZ4 + shuffle (what           Zarr v3 default (Zstd)
-                   bioformats2raw, QuPath and jzarr
+compression        Blosc LZ4 + shuffle (what           Zstd, level 1 (3x faster to write
+                   bioformats2raw, QuPath and jzarr    than Zarr's default level 3)
                    write and read)
 =================  ==================================  ====================================
 
@@ -191,7 +191,11 @@ class FormatV05(NgffFormat):
         return content
 
     def array_options(self, axes: str) -> dict[str, Any]:
-        return {"dimension_names": list(axes)}
+        from zarr.codecs import ZstdCodec
+
+        # Zstd level 1, not Zarr's default 3: a 4096² RGB block of a real slide compresses
+        # about 3x faster for 6 % more bytes (at level 3 it was the slowest stage of a block)
+        return {"dimension_names": list(axes), "compressors": [ZstdCodec(level=1)]}
 
 
 FORMATS: dict[str, NgffFormat] = {f.version: f for f in (FormatV04(), FormatV05())}

@@ -1,9 +1,11 @@
 """OME-Zarr output: one NGFF image group per input inside the output root.
 
-An image is written under a staging folder (:mod:`pipeline.io.staging`) and moved to its
-final name only when every level is complete, so nothing that looks complete is left by a
-failed run. Level 0 is written block by block by the workers (one writer per chunk); each
-further pyramid level is computed from the previous one with chunk-aligned Dask tasks.
+An image is written under a staging folder (:mod:`pipeline.io.staging`) and moved to its final name
+only when every level is complete, so nothing that looks complete is left by a failed
+run. Level 0 is written block by block by the workers (one writer per chunk), and so are
+the pyramid levels whose chunks lie inside one block, from the block's own pixels; the
+remaining (small) levels are computed from the previous one with chunk-aligned Dask
+tasks.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pipeline.errors import OutputError
 from pipeline.io import ngff
 from pipeline.io.collection import RESERVED_NAMES, drop_consolidated, root_format
 from pipeline.io.formats import NAME_SUFFIXES
+from pipeline.pyramid import block_levels, level_chunks, pyramid_shapes
 
 _ARRAY_CONFIG = {"write_empty_chunks": False}
 _WINDOWS_DEVICES = {
@@ -194,6 +197,7 @@ class ImageWriter:
     chunks: tuple[int, ...]  # per axis, including c
     dtype: str
     ngff: str = ngff.DEFAULT_VERSION
+    block_levels: int = 0  # levels 1..block_levels are written by the blocks themselves
 
     @property
     def format(self) -> ngff.NgffFormat:
@@ -206,6 +210,10 @@ class ImageWriter:
     def level_path(self, level: int) -> str:
         return str(self.staging / str(level))
 
+    def block_paths(self) -> tuple[str, ...]:
+        """Paths of the pyramid levels (1, 2...) the blocks write from memory."""
+        return tuple(self.level_path(k) for k in range(1, self.block_levels + 1))
+
 
 def create_image(
     root: str | os.PathLike,
@@ -215,82 +223,112 @@ def create_image(
     chunks: Sequence[int],
     dtype: str,
     fmt: ngff.NgffFormat | str | None = None,
+    block: Sequence[int] | None = None,
+    min_size: int = 256,
     *,
     staging: str | os.PathLike | None = None,
 ) -> ImageWriter:
     """Create the staging group of one image with its level-0 array (nothing stored yet),
-    at ``staging`` (default: a new hidden folder in ``root``)."""
+    at ``staging`` (default: a new hidden folder in ``root``).
+
+    With ``block`` (the block shape, every axis), the pyramid levels whose chunks each lie
+    inside one block (:func:`pipeline.pyramid.block_levels`) are created too: the blocks
+    write them from their own pixels, and :func:`write_pyramid` builds only the rest.
+    """
     import zarr
 
-    fmt = ngff.get_format(fmt)
     root = Path(root)
     staging = Path(staging) if staging else root / f".{name}.partial-{uuid.uuid4().hex[:8]}"
-    group = zarr.open_group(str(staging), mode="w", zarr_format=fmt.zarr_format)
-    chunks = tuple(min(c, s) for c, s in zip(chunks, shape))
-    group.create_array(
-        "0",
+    writer = _writer(root, name, shape, axes, chunks, dtype, fmt, block, min_size, staging)
+    group = zarr.open_group(str(staging), mode="w", zarr_format=writer.format.zarr_format)
+    shapes = pyramid_shapes(shape, axes, min_size)
+    for level in range(writer.block_levels + 1):
+        _create_level(group, writer, level, shapes[level])
+    return writer
+
+
+def reopen_image(
+    root: str | os.PathLike,
+    name: str,
+    shape: Sequence[int],
+    axes: str,
+    chunks: Sequence[int],
+    dtype: str,
+    fmt: ngff.NgffFormat | str | None = None,
+    block: Sequence[int] | None = None,
+    min_size: int = 256,
+    *,
+    staging: str | os.PathLike,
+) -> ImageWriter | None:
+    """The writer of an image that :func:`create_image` made at ``staging`` with the same
+    arguments, to continue writing it; None unless every level it created is there and
+    matches (shape, chunks, dtype)."""
+    writer = _writer(Path(root), name, shape, axes, chunks, dtype, fmt, block, min_size, staging)
+    shapes = pyramid_shapes(shape, axes, min_size)
+    for level in range(writer.block_levels + 1):
+        if not level_matches(writer.level_path(level), shapes[level], writer.chunks, dtype):
+            return None
+    return writer
+
+
+def _writer(root, name, shape, axes, chunks, dtype, fmt, block, min_size, staging) -> ImageWriter:
+    fmt = ngff.get_format(fmt)
+    chunks = level_chunks(chunks, shape)
+    written = 0 if block is None else block_levels(shape, axes, chunks, block, min_size)
+    return ImageWriter(Path(root), name, Path(staging), axes, chunks, dtype, fmt.version, written)
+
+
+def _create_level(
+    group, writer: ImageWriter, level: int, shape: Sequence[int], overwrite: bool = False
+):
+    return group.create_array(
+        str(level),
         shape=tuple(shape),
-        chunks=chunks,
-        dtype=dtype,
+        chunks=level_chunks(writer.chunks, shape),
+        dtype=writer.dtype,
         fill_value=0,
         config=_ARRAY_CONFIG,
-        **fmt.array_options(axes),
+        **writer.format.array_options(writer.axes),
+        overwrite=overwrite,
     )
-    return ImageWriter(root, name, staging, axes, chunks, dtype, fmt.version)
 
 
 def level_matches(
     path: str | os.PathLike, shape: Sequence[int], chunks: Sequence[int], dtype: str
 ) -> bool:
     """True if ``path`` is a level array of this shape, chunking and dtype (a staged
-    level 0 that may be continued)."""
+    level that may be continued)."""
     import zarr
 
     try:
         arr = zarr.open_array(str(path), mode="r")
     except Exception:  # missing or damaged: not continued
         return False
-    chunks = tuple(min(c, s) for c, s in zip(chunks, shape))
+    chunks = level_chunks(chunks, shape)
     return arr.shape == tuple(shape) and arr.chunks == chunks and arr.dtype == np.dtype(dtype)
 
 
-def pyramid_shapes(shape: Sequence[int], axes: str, min_size: int = 256) -> list[tuple[int, ...]]:
-    """Shapes of level 0 and each 2× (y, x) downsampled level until y and x fit ``min_size``."""
-    shapes = [tuple(shape)]
-    yx = [axes.index("y"), axes.index("x")]
-    while max(shapes[-1][i] for i in yx) > min_size and min(shapes[-1][i] for i in yx) >= 2:
-        shapes.append(tuple(s // 2 if i in yx else s for i, s in enumerate(shapes[-1])))
-    return shapes
-
-
 def write_pyramid(writer: ImageWriter, min_size: int = 256) -> int:
-    """Compute levels 1.. from level 0 (mean over 2×2 in y, x); returns the level count."""
+    """Build the levels the blocks did not write, each from the previous one (mean over
+    2×2 in y, x, as :func:`pipeline.pyramid.downsample`), with chunk-aligned tasks; level
+    0 is read back only when no block wrote level 1. Returns the level count."""
     import dask.array as da
     import zarr
 
     group = zarr.open_group(str(writer.staging), mode="r+")
     shapes = pyramid_shapes(group["0"].shape, writer.axes, min_size)
     factors = {writer.axes.index("y"): 2, writer.axes.index("x"): 2}
-    for level in range(1, len(shapes)):
+    for level in range(writer.block_levels + 1, len(shapes)):
         src = da.from_zarr(group[str(level - 1)])
         down = da.coarsen(np.mean, src.astype(np.float32), factors, trim_excess=True)
         if writer.dtype == "uint8":
             down = da.rint(down).astype(np.uint8)
         else:
             down = down.astype(writer.dtype)
-        chunks = tuple(min(c, s) for c, s in zip(writer.chunks, shapes[level]))
-        target = group.create_array(
-            str(level),
-            shape=shapes[level],
-            chunks=chunks,
-            dtype=writer.dtype,
-            fill_value=0,
-            config=_ARRAY_CONFIG,
-            **writer.format.array_options(writer.axes),
-            overwrite=True,  # a level left by a run killed while finishing is redone
-        )
+        # a level left by a run killed while finishing is made again
+        target = _create_level(group, writer, level, shapes[level], overwrite=True)
         # chunk-aligned tasks: each output chunk has exactly one writer
-        da.store(down.rechunk(chunks), target, lock=False)
+        da.store(down.rechunk(target.chunks), target, lock=False)
     return len(shapes)
 
 

@@ -23,6 +23,7 @@ from pipeline.backends.base import ModelSpec
 from pipeline.backends.files import EXTRA_FILE, METADATA_KEY, build_metadata
 from pipeline.config import MODEL_FORMATS, NORMALIZATIONS
 from pipeline.errors import ConfigError, ModelError
+from pipeline.model.fold import fold_batchnorm
 from pipeline.model.unet import UNet
 
 log = logging.getLogger(__name__)
@@ -288,7 +289,10 @@ def export_model(
     meta = build_metadata(
         fmt=fmt, normalize=normalize, torch_version=torch.__version__, extra=user_extra, **info
     )
-    _write_atomically(net, example, out, fmt, meta)
+    # BatchNorm folded into the convolutions: the file runs one pass less per layer (the
+    # check below compares it with the network as given)
+    folded, meta["batchnorm_folded"] = fold_batchnorm(net)
+    _write_atomically(folded, example, out, fmt, meta)
     spec = read_model_spec(out, backend=fmt)
     if check:
         try:

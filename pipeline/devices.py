@@ -1,0 +1,129 @@
+"""Moving a block's pixels to the compute device and back, and the per-pixel maths
+done there: input scaling and output quantisation.
+
+Everything here takes and returns torch tensors; a CPU "device" is the same code on CPU
+tensors (zero-copy views of numpy arrays). On CUDA, data crosses the bus once each way
+in its smallest form (the stored dtype in, the output dtype out) through pinned host
+memory with non-blocking copies. The arithmetic is exactly what numpy did before
+(float32 division by the dtype's maximum in; ``rint(clip(p, 0, 1) * 255)`` with ties to
+even out), so outputs do not change with the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "host_threads",
+    "normalize_",
+    "quantize",
+    "to_device",
+    "to_host",
+    "torch_device",
+]
+
+
+def torch_device(name: str) -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N`` as a ``torch.device`` (CUDA with its index)."""
+    import torch
+
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``array`` as a tensor on ``device``, in its own dtype.
+
+    CPU: a zero-copy view. CUDA: one copy into pinned (page-locked) host memory, then
+    an asynchronous copy over the bus; the pinned block returns to torch's caching host
+    allocator only once that copy is done.
+    """
+    import torch
+
+    if device.type != "cpu" and array.dtype.kind == "u" and array.dtype.itemsize > 1:
+        # torch's CUDA kernels lack unsigned 16/32/64-bit types: widen to a signed type
+        # that holds every value (the scale still comes from the stored dtype)
+        array = array.astype(np.int32 if array.dtype.itemsize == 2 else np.int64)
+    host = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type == "cpu":
+        return host
+    pinned = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+    pinned.copy_(host)
+    return pinned.to(device, non_blocking=True)
+
+
+def to_host(tensor: torch.Tensor) -> np.ndarray:
+    """A numpy array of ``tensor`` (zero-copy on CPU; one synchronised copy from CUDA)."""
+    import torch
+
+    if tensor.device.type == "cpu":
+        return tensor.contiguous().numpy()
+    pinned = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    pinned.copy_(tensor, non_blocking=True)
+    torch.cuda.current_stream(tensor.device).synchronize()
+    return pinned.numpy()
+
+
+def scale_of(dtype: np.dtype | str, mode: str) -> float | None:
+    """The divisor ``normalize="dtype"`` applies to integers of ``dtype`` (None: none)."""
+    dtype = np.dtype(dtype)
+    if mode == "dtype" and np.issubdtype(dtype, np.integer):
+        return float(np.iinfo(dtype).max)
+    return None
+
+
+def normalize_(batch: torch.Tensor, source_dtype: np.dtype | str, mode: str) -> torch.Tensor:
+    """Scale a float32 ``batch`` (holding values of ``source_dtype``) in place.
+
+    ``dtype``: integers divided by their dtype's maximum (uint8 by 255), booleans and
+    floats unchanged; ``none``: unchanged. The division is float32, as numpy's was.
+    """
+    scale = scale_of(source_dtype, mode)
+    if scale is not None:
+        batch.div_(scale)
+    return batch
+
+
+def quantize(prob: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Output pixels from probabilities, in place where possible.
+
+    ``uint8``: ``rint(clip(p, 0, 1) * 255)`` (ties to even, as ``np.rint``);
+    ``float16``/``float32``: the value, rounded to the nearest representable. The
+    result is always new memory (``prob`` may be scratch the next block reuses).
+    """
+    import torch
+
+    if dtype == "uint8":
+        return prob.clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
+    return prob.to(getattr(torch, dtype), copy=True)
+
+
+@contextlib.contextmanager
+def host_threads(count: int | None) -> Iterator[None]:
+    """Run the enclosed torch CPU ops on ``count`` intra-op threads (None: unchanged).
+
+    A block's per-tile ops are small (a tile is ~10⁵ values): splitting each across
+    OpenMP threads costs a fork/join per op, which on a busy machine (a descheduled
+    thread) costs milliseconds per op. One thread does them in microseconds, and the
+    other cores read and write other blocks meanwhile.
+    """
+    import torch
+
+    if count is None or count == torch.get_num_threads():
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
