@@ -11,6 +11,7 @@ input as it ends.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -28,7 +29,7 @@ from pipeline.cluster import (
     worker_layout,
 )
 from pipeline.config import RunConfig
-from pipeline.driver import Driver, SyncClient, ThreadClient
+from pipeline.driver import Driver, Step, SyncClient, ThreadClient
 from pipeline.errors import UP_TO_DATE, ConfigError, PipelineError
 from pipeline.io import ngff, sink
 from pipeline.io.collection import write_collection
@@ -40,7 +41,7 @@ from pipeline.plan import check_options, make_plan
 from pipeline.report import InputResult, RunReport
 from pipeline.retry import retrying
 from pipeline.shard import Shard
-from pipeline.stages import BLOCK_THREADS, BackendRef
+from pipeline.stages import BLOCK_THREADS, BackendRef, predict_shared, process_block
 from pipeline.tasks import InputJob, Model, make_tasks, run_local
 
 log = logging.getLogger(__name__)
@@ -323,6 +324,71 @@ def _device(cfg: RunConfig) -> str:
     from pipeline.backends import resolve_device
 
     return resolve_device(cfg.device)
+
+
+def run_blocks(tasks: list, client, progress: Callable[[int, int], None]) -> int:
+    """Run bare block tasks (no staging, no ledger; e.g. for tests and benchmarks) on
+    ``client`` (a ``distributed.Client``; None: this process's block threads) through the
+    same driver as :func:`run`. Returns the tiles run."""
+    work = _Blocks(progress)
+    prepared = _Prepared([dataclasses.replace(t, done=False) for t in tasks])
+    with contextlib.ExitStack() as stack:
+        if client is None:
+            client, slots = stack.enter_context(ThreadClient(BLOCK_THREADS)), BLOCK_THREADS
+        else:
+            slots = max(1, sum(client.nthreads().values()))
+        Driver(client, work, max_open=1, max_queued=2 * slots + 1).run([None], {0: prepared})
+    if work.error is not None:
+        raise work.error
+    return work.tiles
+
+
+@dataclasses.dataclass
+class _Prepared:
+    tasks: list
+
+
+class _Blocks:
+    """The driver's :class:`~pipeline.driver.Work` for a bare list of block tasks."""
+
+    def __init__(self, progress: Callable[[int, int], None]) -> None:
+        self.progress, self.tiles, self.done, self.total, self.error = progress, 0, 0, 0, None
+
+    def name(self, item) -> str:
+        return "blocks"
+
+    def shared(self, prepared, task) -> Step:
+        return Step(predict_shared, (task.job,))
+
+    def block(self, prepared, task) -> Step:
+        return Step(process_block, (task.job,))
+
+    def finalize(self, item, prepared) -> Step:
+        return Step(len, ((),))
+
+    def prepared(self, item, prepared) -> None:
+        self.total = len(prepared.tasks)
+        self.progress(0, self.total)
+
+    def block_done(self, item, result) -> None:
+        self.tiles += result.tiles
+        self.done += 1
+        self.progress(self.done, self.total)
+
+    def failed(self, item, exc, what) -> None:
+        self.error = exc
+
+    def deaths(self, prepared, kind, task) -> int:
+        return 0
+
+    def finished(self, item, prepared, value) -> None:
+        pass
+
+    def settled(self, item, prepared) -> None:
+        pass
+
+    def prepare(self, item) -> Step:  # pragma: no cover - the tasks come prepared
+        raise AssertionError("bare block tasks are prepared already")
 
 
 def predict_array(
