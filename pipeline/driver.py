@@ -19,9 +19,10 @@ A failed input stops submitting; its tasks already submitted drain (they check t
 staging is discarded and return at once) and :meth:`Work.settled` is called when none is
 left running, so its staging can be deleted without a late task recreating it. A block
 that kills its worker on every attempt (Dask's ``KilledWorker``, after
-``distributed.scheduler.allowed-failures`` deaths) is submitted once more, since a dying
-worker also strikes the blocks that were waiting on it; when it kills its workers again
-it fails its input as ``worker-crash`` naming the block.
+``distributed.scheduler.allowed-failures`` deaths while it ran, told by the attempt marks
+of :meth:`Work.deaths`) fails its input as ``worker-crash`` naming the block; other tasks
+struck by those deaths (assigned to a dying worker, or depending on a task that was) are
+submitted again.
 
 The same loop runs in-process: with :class:`SyncClient` (``scheduler="sync"``) each task
 runs when it is submitted; with :class:`ThreadClient` (one input on a one-worker layout)
@@ -80,7 +81,8 @@ class _Input:
     last_user: dict[int, int] = field(default_factory=dict)
     owners: set[int] = field(default_factory=set)  # first phases that must run
     by_index: dict[int, Any] = field(default_factory=dict)
-    retried: list[int] = field(default_factory=list)  # blocks resubmitted after KilledWorker
+    retried: list[tuple[str, int]] = field(default_factory=list)  # resubmitted (KilledWorker)
+    replaced: dict = field(default_factory=dict)  # first-phase future -> its resubmission
     running: set = field(default_factory=set)  # this input's unfinished futures
     blocks_left: int = 0
     done: int = 0
@@ -207,15 +209,8 @@ class Driver:
         if kind == "block":
             self.queued -= 1
         error = _error(fut)
-        if error is not None and kind == "block" and not inp.failed and _killed(error):
-            # a dying worker also strikes the blocks assigned to it that were not running:
-            # a block that was not itself running at its workers' deaths tries again
-            if self.work.deaths(inp.prepared, kind, task) < _culprit_deaths() and (
-                inp.retried.count(task.job.index) < _RESUBMIT
-            ):
-                inp.retried.append(task.job.index)
-                self._submit(inp, kind, step, task, deps)
-                self.queued += 1
+        if error is not None and not inp.failed and _killed(error):
+            if self._resubmit(inp, fut, kind, task, step, deps):
                 return
         if not inp.failed:
             if error is not None:
@@ -223,6 +218,25 @@ class Driver:
             else:
                 self._advance(inp, kind, fut)
         self._settle(inp)
+
+    def _resubmit(self, inp: _Input, fut: Any, kind: str, task: Any, step: Step, deps) -> bool:
+        """A dying worker also strikes the tasks assigned to it that were not running, and
+        the tasks depending on those: a task that was not itself running at its workers'
+        deaths is submitted again (a few times), on the new first phases it needs. Opening
+        and finishing an input have no attempt marks: they are submitted again a few times."""
+        key = (kind, -1 if task is None else task.job.index)
+        if task is not None and self.work.deaths(inp.prepared, kind, task) >= _culprit_deaths():
+            return False
+        if inp.retried.count(key) >= _RESUBMIT:
+            return False
+        inp.retried.append(key)
+        deps = tuple(_latest(inp.replaced, d) for d in deps)
+        new = self._submit(inp, kind, step, task, deps)
+        if kind == "block":
+            self.queued += 1
+        elif kind == "shared":
+            inp.replaced[fut] = new
+        return True
 
     def _settle(self, inp: _Input) -> None:
         if inp.failed and not inp.running and not inp.closed:
@@ -255,6 +269,12 @@ class Driver:
     def _progress(self, inp: _Input) -> None:
         if self.progress is not None:
             self.progress(self.work.name(inp.item), inp.done, inp.total)
+
+
+def _latest(replaced: dict, fut: Any) -> Any:
+    while fut in replaced:
+        fut = replaced[fut]
+    return fut
 
 
 def _what(kind: str, task: Any) -> str:

@@ -100,7 +100,7 @@ class Work:
         self.log.append(("settled", item))
 
     def deaths(self, prepared, kind, task):
-        return 1 if self.kill_on == f"{prepared.name}:{task.job.index}" else 0
+        return int(kind == "block" and self.kill_on == f"{prepared.name}:{task.job.index}")
 
 
 def events(work, kind):
