@@ -214,7 +214,7 @@ class Driver:
                 return
         if not inp.failed:
             if error is not None:
-                self._fail(inp, _explain(error, kind, task), _what(kind, task))
+                self._fail(inp, self._explain(inp, error, kind, task), _what(kind, task))
             else:
                 self._advance(inp, kind, fut)
         self._settle(inp)
@@ -237,6 +237,33 @@ class Driver:
         elif kind == "shared":
             inp.replaced[fut] = new
         return True
+
+    def _explain(self, inp: _Input, error: BaseException, kind: str, task: Any) -> BaseException:
+        """Dask's ``KilledWorker`` names a task key; say which block died, and why it
+        matters. On a worker with several block threads the blocks that ran beside the
+        culprit at every death cannot be told from it: all of them are named."""
+        if not _killed(error):
+            return error
+        what = _what(kind, task)
+        if task is not None:
+            threshold = _culprit_deaths()
+            beside = [
+                t
+                for t in inp.prepared.tasks
+                if t is not task
+                and any(
+                    self.work.deaths(inp.prepared, k, t) >= threshold for k in ("block", "shared")
+                )
+            ]
+            if beside:
+                others = "; ".join(describe_task(t) for t in beside[:3])
+                what = f"{what} (or {others}, which ran on the same worker each time it died)"
+        return WorkerCrashError(
+            f"{what} killed its worker on every attempt (the worker process died: out of "
+            "memory, a crash in the model runtime, or killed from outside)",
+            hint="lower --block or memory_budget_mb, or check the worker logs; "
+            "the input's other blocks are kept for a rerun",
+        )
 
     def _settle(self, inp: _Input) -> None:
         if inp.failed and not inp.running and not inp.closed:
@@ -315,19 +342,6 @@ def _killed(error: BaseException) -> bool:
     except ImportError:  # pragma: no cover - distributed is a dependency
         return False
     return isinstance(error, KilledWorker)
-
-
-def _explain(error: BaseException, kind: str, task: Any) -> BaseException:
-    """Dask's ``KilledWorker`` says which task key died; say which block, and why it matters."""
-    if not _killed(error):
-        return error
-    what = _what(kind, task)
-    return WorkerCrashError(
-        f"{what} killed its worker on every attempt (the worker process died: out of "
-        "memory, a crash in the model runtime, or killed from outside)",
-        hint="lower --block or memory_budget_mb, or check the worker logs; "
-        "the input's other blocks are kept for a rerun",
-    )
 
 
 class SyncFuture:

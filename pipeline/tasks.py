@@ -407,6 +407,7 @@ def finalize_input(prepared: Prepared, model: Model) -> dict[str, Any]:
         raise
     finally:
         forget_sink(writer.level_path(0))
+    stage.remove_orphans()  # every block has ended: what a killed writer left is garbage
     try:  # the pixels read are the pixels the key was made from (not a mix)
         now = retrying(fingerprint, job.path, what=f"reading {job.path}")
     except OSError:

@@ -177,3 +177,15 @@ def test_a_halted_stage_is_continued_and_its_attempt_marks_cleared(tmp_path):
     again, reused = area.open_stage("a", KEY, {})
     assert reused and not again.is_discarded() and again.done_blocks() == {block_id(region)}
     assert again.deaths("block", region) == 0
+
+
+def test_temporary_files_of_killed_writers_are_removed(tmp_path):
+    area = StagingArea(tmp_path)
+    stage, _ = area.open_stage("a", KEY, {})
+    chunk = stage.image / "0" / "c" / "0" / "1"
+    chunk.parent.mkdir(parents=True)
+    chunk.write_bytes(b"kept")
+    orphan = chunk.with_suffix(".0123456789abcdef0123456789abcdef.partial")
+    orphan.write_bytes(b"half a chunk")
+    assert stage.remove_orphans() == 1
+    assert chunk.exists() and not orphan.exists()

@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 import time
 import uuid
@@ -52,6 +53,8 @@ from pipeline.errors import DiskFullError, OutputError, ReadOnlyOutputError
 
 KEY_CHARS = 12
 _STOP_FLAGS = ("discarded", "halted")
+#: The temporary name zarr's local store writes a chunk under before renaming it.
+_ORPHAN = re.compile(r"\.[0-9a-f]{32}\.partial$")
 
 
 def block_id(region: Any) -> str:
@@ -129,6 +132,19 @@ class Stage:
 
     def is_complete(self) -> bool:
         return (self.dir / "complete.json").is_file() and self.image.is_dir()
+
+    def remove_orphans(self) -> int:
+        """Delete the temporary files that writers killed mid-write left in the image
+        (zarr writes a chunk to ``<key>.<32 hex>.partial`` and renames it); only when no
+        writer of this image runs any more. Returns how many there were."""
+        count = 0
+        for folder, _, files in os.walk(self.image):
+            for name in files:
+                if _ORPHAN.search(name):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(folder, name))
+                        count += 1
+        return count
 
     def mark_complete(self, info: dict[str, Any]) -> None:
         atomic.write_json(self.dir / "complete.json", {**info, "at": time.time()})
