@@ -32,6 +32,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -274,3 +275,21 @@ def holders(folder: str | os.PathLike) -> list[dict[str, Any]]:
         if holder is not None:
             out.append({**holder, "file": path.name})
     return out
+
+
+@contextlib.contextmanager
+def short_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` for a short section (shards of one array
+    rewriting the shared report and root metadata one after the other). Where ``flock``
+    is missing it does nothing."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock

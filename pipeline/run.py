@@ -36,7 +36,7 @@ from pipeline.io.collection import write_collection
 from pipeline.io.fingerprint import fingerprint
 from pipeline.io.staging import StagingArea, output_error
 from pipeline.ledger import Ledger, init_state_dir, new_run_id, output_settings, run_key
-from pipeline.lock import OutputLock
+from pipeline.lock import OutputLock, short_lock
 from pipeline.plan import check_options, make_plan
 from pipeline.report import InputResult, RunReport
 from pipeline.retry import retrying
@@ -158,9 +158,14 @@ def run(
 
 def _finish(batch: Batch, t0: float, fmt: ngff.NgffFormat) -> None:
     """The root lists its images again (listing it then raises no warnings), then the
-    reports are written."""
+    reports are written; shards of an array do it one at a time, so the last one lists
+    everything."""
     try:
-        write_collection(batch.out, fmt)
+        with short_lock(batch.ledger.root / "locks" / "finish.flock"):
+            write_collection(batch.out, fmt)
+            batch.report.seconds = time.perf_counter() - t0
+            batch.write_reports(final=True)
+        return
     except OSError as exc:
         note = f"{batch.out}: its list of images could not be written: {output_error(exc, batch.out).problem}"
         batch.report.errors.append(note)
