@@ -167,9 +167,12 @@ def test_formats_own_their_versions():
     assert detect_format({"something": 1}) is None
     assert v5.unwrap(v5.wrap({"labels": ["x"]})) == {"labels": ["x"]}
     root, group = v5.collection(["a", "b"])
-    assert root == {"ome": {"version": "0.5", "bioformats2raw.layout": 3}}
+    assert root == {"ome": {"version": "0.5", "bioformats2raw.layout": 3, "labels": ["a", "b"]}}
     assert group == {"ome": {"version": "0.5", "series": ["a", "b"]}}
-    assert v4.collection(["a"]) == ({"bioformats2raw.layout": 3}, {"series": ["a"]})
+    assert v4.collection(["a"]) == (
+        {"bioformats2raw.layout": 3, "labels": ["a"]},
+        {"series": ["a"]},
+    )
 
 
 def test_unknown_version_is_a_config_error():
