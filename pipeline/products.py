@@ -129,8 +129,10 @@ class BlockProducts:
 
     def write(self, job: BlockJob, data: np.ndarray) -> None:
         """Labels of the block's pixels ``data`` ``(K, *spatial)``, then its polygons."""
-        array = open_label_level(self.labels)
-        labels = write_label_block(array, job.write.offset, data, self.labels.threshold)
+        meta = self.labels
+        levels = [open_label_level(meta, k) for k in range(1, meta.levels + 1)]
+        array = open_label_level(meta)
+        labels = write_label_block(array, job.write.offset, data, meta.threshold, levels, meta.axes)
         if self.polygons is None or len(self.image_shape) != 2:
             return
         from pipeline.outputs.polygons import trace_block

@@ -221,23 +221,44 @@ def _open_stage(
     stage, reused = area.open_stage(job.name, job.key, owner)
     args = (job.out, job.name, shape, axes, chunks, cfg.dtype, cfg.ngff)
     block = (shape[0], *plan.block)
+    shapes = pyramid_shapes(shape, axes, cfg.pyramid_min)
     if reused:
         writer = sink.reopen_image(*args, block, cfg.pyramid_min, staging=stage.image)
-        labels = ClassLabels(
-            str(stage.image / "labels" / "classes"), axes, shape[0], cfg.threshold, cfg.ngff
-        )
-        label_chunks = (1, *(writer.chunks[1:] if writer else ()))
-        if writer is not None and sink.level_matches(
-            labels.level0, (1, *shape[1:]), label_chunks, str(label_dtype(shape[0]))
-        ):
+        if writer is not None and _labels_match(stage, writer, shapes, cfg):
+            labels = ClassLabels(
+                str(stage.image / "labels" / "classes"),
+                axes,
+                shape[0],
+                cfg.threshold,
+                cfg.ngff,
+                writer.block_levels,
+            )
             return stage, writer, labels, stage.done_blocks()
         # same key, other layout (another version's plan): nothing staged can be trusted
         stage, _ = area.open_stage(job.name, job.key, owner, fresh=True)
     writer = sink.create_image(*args, block, cfg.pyramid_min, staging=stage.image)
     labels = create_class_labels(
-        stage.image, shape, axes, writer.chunks, shape[0], threshold=cfg.threshold, fmt=cfg.ngff
+        stage.image,
+        shape,
+        axes,
+        writer.chunks,
+        shape[0],
+        threshold=cfg.threshold,
+        fmt=cfg.ngff,
+        level_shapes=shapes[1 : writer.block_levels + 1],
     )
     return stage, writer, labels, set()
+
+
+def _labels_match(stage: Stage, writer: sink.ImageWriter, shapes: list, cfg: RunConfig) -> bool:
+    """The staged class labels have the levels this plan's blocks write (to continue)."""
+    dtype, chunks = str(label_dtype(shapes[0][0])), (1, *writer.chunks[1:])
+    return all(
+        sink.level_matches(
+            stage.image / "labels" / "classes" / str(k), (1, *shape[1:]), chunks, dtype
+        )
+        for k, shape in enumerate(shapes[: writer.block_levels + 1])
+    )
 
 
 def run_shared(prepared_job: InputJob, stage: Stage, job: BlockJob) -> dict:

@@ -66,6 +66,16 @@ def test_04_is_zarr_v2_and_05_is_zarr_v3_with_the_same_pixels(outputs):
         ]
         assert scales[0] == scales[1]
         np.testing.assert_array_equal(a["labels/tissue/0"][:], b["labels/tissue/0"][:])
+        # the class labels: written by the block with its levels, the same in both versions
+        classes = a["labels/classes/0"][0]
+        assert sorted(a["labels/classes"].array_keys()) == sorted(a.array_keys())
+        for level in a["labels/classes"].array_keys():
+            got = a[f"labels/classes/{level}"][0]
+            step = 2 ** int(level)
+            np.testing.assert_array_equal(
+                got, classes[::step, ::step][: got.shape[0], : got.shape[1]]
+            )
+            np.testing.assert_array_equal(got, b[f"labels/classes/{level}"][0])
 
 
 def test_04_validates_as_ngff_04_image_and_image_label(outputs):
@@ -81,7 +91,8 @@ def test_04_validates_as_ngff_04_image_and_image_label(outputs):
         out = outputs[version]
         for name in read_collection(out):
             image_model.from_zarr(zarr.open_group(str(out / name), mode="r"))
-            label_model.from_zarr(zarr.open_group(str(out / name / "labels/tissue"), mode="r"))
+            for label in ("tissue", "classes"):
+                label_model.from_zarr(zarr.open_group(str(out / name / "labels" / label), mode="r"))
 
 
 def test_channels_carry_the_class_names(outputs):

@@ -107,8 +107,11 @@ def test_class_label_image_has_its_metadata_and_the_image_levels(blob_run):
     assert attrs["pipeline"]["classes"] == {"rule": "threshold", "threshold": 0.5}
     levels = sorted(image.array_keys())
     assert sorted(group.array_keys()) == levels
+    level0 = group["0"][0]
     for level in levels:
         assert group[level].shape[1:] == image[level].shape[1:]
+        step, (h, w) = 2 ** int(level), group[level].shape[1:]
+        np.testing.assert_array_equal(group[level][0], level0[::step, ::step][:h, :w])
     # one chunk per 512 block, background chunks not stored: far fewer than 16 per level 0
     stored = [p for p in (blob_run / "blobs/labels/classes/0/0").rglob("*") if p.is_file()]
     assert 0 < len(stored) <= 16
