@@ -200,3 +200,27 @@ def test_image_names_never_take_the_root_own_names():
     assert sanitize_name("index.html") == "index_html"  # the run page
     assert sanitize_name("a.geojson") == "a_geojson"
     assert sanitize_name("OME-slide.tif") == "OME-slide"
+
+
+def _open_root(out: str) -> str:
+    from pipeline.io.sink import open_root
+
+    try:
+        open_root(out, None)
+        return ""
+    except Exception as exc:  # the message is what the test reports
+        return str(exc)
+
+
+def test_runs_creating_one_root_at_the_same_moment_all_open_it(tmp_path):
+    """Shards of a job array start together: the one that loses the race to create OUT
+    opens the group the other created (it used to fail with 'not a Zarr group')."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    with context.Pool(4) as pool:
+        for attempt in range(12):
+            out = str(tmp_path / f"out{attempt}.zarr")
+            errors = [e for e in pool.map(_open_root, [out] * 8) if e]
+            assert not errors, errors[0]
+            assert zarr.open_group(out, mode="r").attrs is not None

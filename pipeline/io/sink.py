@@ -162,9 +162,16 @@ def open_root(out: str | os.PathLike, fmt: ngff.NgffFormat | str | None = None):
     try:
         out.mkdir(parents=True, exist_ok=True)
         drop_consolidated(out)
-        return zarr.open_group(
-            str(out), mode="a", zarr_format=fmt.zarr_format, use_consolidated=False
-        )
+        try:
+            return zarr.open_group(
+                str(out), mode="a", zarr_format=fmt.zarr_format, use_consolidated=False
+            )
+        except zarr.errors.ContainsGroupError:
+            # another run (a shard of the same array) created it between zarr's check and
+            # its write: it is there now, so open it
+            return zarr.open_group(
+                str(out), mode="r+", zarr_format=fmt.zarr_format, use_consolidated=False
+            )
     except OSError as exc:
         raise OutputError(
             f"cannot write the output ({exc.strerror or exc})",

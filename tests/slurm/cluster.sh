@@ -79,7 +79,8 @@ start_munge() {
         chmod 0400 /etc/munge/munge.key
     fi
     install -d -o munge -g munge -m 0755 /run/munge
-    runuser -u munge -- /usr/sbin/munged
+    # the daemons must not inherit fd 9 (the lock): munged would hold it forever
+    runuser -u munge -- /usr/sbin/munged 9>&-
     touch "$DIR/munge.started"
     for _ in $(seq 50); do munge_ok && return; sleep 0.1; done
     log "munged did not answer"; exit 1
@@ -98,8 +99,8 @@ start() {
         write_config
     fi
     start_munge
-    pid_alive "$DIR/slurmctld.pid" || slurmctld -f "$CONF"
-    pid_alive "$DIR/slurmd.pid" || slurmd -f "$CONF"
+    pid_alive "$DIR/slurmctld.pid" || slurmctld -f "$CONF" 9>&-
+    pid_alive "$DIR/slurmd.pid" || slurmd -f "$CONF" 9>&-
     local state=""
     for _ in $(seq 100); do
         state=$(node_state)
@@ -152,7 +153,8 @@ lock() {
     # two test sessions starting (or one stopping) at once would trip over each other
     mkdir -p "$DIR"
     exec 9>"$DIR/.lock"
-    flock -w 300 9
+    # a daemon started by an older version of this script may still hold it: go on after a while
+    flock -w 60 9 || log "lock $DIR/.lock still held after 60 s; going on"
 }
 
 case "${1:-}" in
