@@ -179,11 +179,15 @@ def open_root(out: str | os.PathLike, fmt: ngff.NgffFormat | str | None = None):
         ) from exc
 
 
-def open_level(path: str):
-    """Open one level array for writing; empty (all-zero) chunks are not stored."""
+def open_level(path: str, keep_empty: bool = False):
+    """Open one level array for writing; empty (all-zero) chunks are not stored, unless
+    ``keep_empty`` (for a writer that knows its chunks are not empty: Zarr's check
+    compares every value of every chunk, which costs more than compressing it)."""
     import zarr
 
-    return zarr.open_array(path, mode="r+", config=_ARRAY_CONFIG)
+    config = {**_ARRAY_CONFIG, "write_empty_chunks": True} if keep_empty else _ARRAY_CONFIG
+    # open_array ignores ``config`` for an existing array: set it on the opened one
+    return zarr.open_array(path, mode="r+").with_config(config)
 
 
 @dataclass
