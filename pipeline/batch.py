@@ -10,6 +10,16 @@ A failed input's staging is marked so that its tasks still running write nothing
 they have settled it is deleted, unless the failure leaves the written blocks valid (a
 full or read-only disk, a worker crash, an I/O error): then they are kept for the next run
 to continue. After a full or read-only disk no further input is started.
+
+An input's preview and GeoJSON are moved into the output root right after its image
+(:func:`~pipeline.products.publish_products`), and every time ``report.json`` is written
+the run page ``OUT/index.html`` is written from the same report
+(:meth:`Batch.report_written`).
+
+Progress: with a ``progress`` object (the CLI's :class:`~pipeline.progress.TerminalProgress`),
+each input gets one line of what will run when its prepare task returns
+(:func:`~pipeline.plan.summary_line`), then counts tiles as its blocks finish, and
+ends with its state. The library only calls it; the CLI draws.
 """
 
 from __future__ import annotations
@@ -23,12 +33,14 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from pipeline import faults
+from pipeline import atomic, faults
+from pipeline.blocks import block_tiles
 from pipeline.driver import Step
 from pipeline.errors import (
     INTERNAL_ERROR,
     INTERRUPTED,
     IO_ERROR,
+    UP_TO_DATE,
     DiskFullError,
     OutputError,
     OutputLockedError,
@@ -38,6 +50,8 @@ from pipeline.errors import (
 )
 from pipeline.io.staging import StagingArea, output_error
 from pipeline.ledger import Ledger
+from pipeline.plan import summary_line
+from pipeline.products import products_record, publish_products
 from pipeline.report import InputResult, RunReport
 from pipeline.retry import ATTEMPTS
 from pipeline.tasks import (
@@ -83,6 +97,7 @@ class Batch:
         self.started: dict[str, float] = {}
         self.halt: OutputError | None = None
         self.lock: Any = None  # the run's OutputLock: no input starts once it is lost
+        self.progress: Any = None  # start_input / advance / finish_input (pipeline.progress)
         self._last_write = self._write_cost = 0.0
 
     # --- the steps (driver.Work) ------------------------------------------------------
@@ -125,30 +140,82 @@ class Batch:
         if prepared.complete:
             log.info("%s: its staged image is finished; publishing it", job.path)
             return
+        if job.refresh:
+            log.info("%s: its image is up to date; making its GeoJSON and preview", job.path)
+            return
         result.shape = list(prepared.shape)
         result.blocks = len(prepared.tasks)
         result.resumed_blocks = sum(t.done for t in prepared.tasks)
+        if self.progress is not None:
+            self._start_progress(job, prepared)
+
+    def _start_progress(self, job: InputJob, prepared: Prepared) -> None:
+        by_index = {t.job.index: t for t in prepared.tasks}
+        todo = sum(block_tiles(t, by_index) for t in prepared.tasks if not t.done)
+        run = prepared.provenance
+        model = self.model
+        summary = summary_line(
+            job.name,
+            model=os.path.basename(model.spec.path or "") or model.spec.format,
+            backend=str(run.get("backend")),
+            device=model.ref.device,
+            tile=run.get("tile") or (),
+            overlap=run.get("overlap") or (),
+            blend=str(run.get("blend")),
+            pixel_size=prepared.pixel_size,
+            blocks=len(prepared.tasks),
+            tiles=prepared.run_tiles,
+            shape=prepared.shape[1:],
+        )
+        done = sum(t.done for t in prepared.tasks)
+        if done:
+            summary += f" | continuing: {done} block{'s' if done != 1 else ''} written before"
+        self.progress.start_input(job.name, summary, todo)
 
     def block_done(self, job: InputJob, block: Any) -> None:
         if block is not None:
             self.results[job.path].tiles += block.tiles
+            if self.progress is not None:
+                self.progress.advance(job.name, block.tiles)
 
     def finished(self, job: InputJob, prepared: Prepared, info: dict[str, Any]) -> None:
         result = self.results[job.path]
         final = self.out / job.name
+        made = info.get("products") or {}
+        before = (self.ledger.record(_real(job.path)) or {}).get("products")
 
         def recorded() -> None:
+            # after the image, before the record: a crash between leaves an image whose
+            # products the record does not vouch for, and the next run makes them again
+            files = publish_products(
+                prepared.stage.dir, self.out, job.name, replace=not job.refresh
+            )
+            result.preview, result.geojson = files["preview"], files["geojson"]
             result.state, result.output = "done", str(final)
-            result.shape = info.get("shape", result.shape)
-            result.blocks = info.get("blocks", result.blocks)
-            result.pixels = int(info.get("pixels") or 0)
-            if info.get("tissue_fraction") is not None:
-                result.tissue_fraction = info["tissue_fraction"]
-                result.skipped_tiles = info["tiles_all"] - info["tiles_run"]
-            self._end(job, result, published=True)
+            if job.refresh:  # its image was skipped; the figures are those of its run
+                now = [k for k in ("GeoJSON", "preview") if made.get(k.lower())]
+                result.state, result.reason = "skipped", UP_TO_DATE
+                result.message = (
+                    f"{result.path}: its output {job.name} was made from the same input, model "
+                    f"and settings; only its {' and '.join(now) or 'products'} "
+                    f"{'were' if len(now) > 1 else 'was'} made now. Hint: --force recomputes it"
+                )
+            else:
+                result.shape = info.get("shape", result.shape)
+                result.blocks = info.get("blocks", result.blocks)
+                result.pixels = int(info.get("pixels") or 0)
+                if info.get("tissue_fraction") is not None:
+                    result.tissue_fraction = info["tissue_fraction"]
+                    result.skipped_tiles = info["tiles_all"] - info["tiles_run"]
+            kept = products_record(job.key, made, before if job.refresh else None)
+            self._end(job, result, published=True, products=kept)
 
         try:
-            self.area.publish(prepared.stage, final, recorded)
+            if job.refresh:
+                recorded()
+                self.area.remove(prepared.stage)
+            else:
+                self.area.publish(prepared.stage, final, recorded)
         except OSError as exc:
             if isinstance(exc, PipelineError):
                 raise
@@ -216,13 +283,23 @@ class Batch:
 
     # --- records and reports ----------------------------------------------------------
 
-    def _end(self, job: InputJob, result: InputResult, published: bool) -> None:
+    def _end(
+        self, job: InputJob, result: InputResult, published: bool, products: Any = None
+    ) -> None:
         t0 = self.started.get(job.path)
         if t0 is not None:
             result.seconds = round(time.perf_counter() - t0, 3)
         self._record(
-            self.ledger.finish, _real(job.path), result.to_dict(), job.run, job.key, published
+            self.ledger.finish,
+            _real(job.path),
+            result.to_dict(),
+            job.run,
+            job.key,
+            published,
+            products,
         )
+        if self.progress is not None:
+            self.progress.finish_input(job.name, result.state)
         self.write_reports()
 
     def write_reports(self, final: bool = False) -> None:
@@ -236,8 +313,10 @@ class Batch:
         ledger = Ledger(self.out).load() if final or self.merge_on_write else self.ledger
         try:
             faults.point("report", self.report.run)
-            self.report.write(self.out / "report.json", ledger.entries(exclude=this_run))
+            data = self.report.to_dict(ledger.entries(exclude=this_run))
+            atomic.write_json(self.out / "report.json", data)
             self.report.write(self.ledger.root / "runs" / f"{self.report.run}.json")
+            self.report_written(data)
         except OSError as exc:
             error = output_error(exc, self.out)
             note = f"{self.out / 'report.json'}: could not be written: {error.problem}"
@@ -248,7 +327,6 @@ class Batch:
         self._write_cost = self._last_write - now
         if final:
             self._prune_runs()
-            self.report_written()
 
     def _prune_runs(self) -> None:
         """Keep the reports of the last :data:`RUNS_KEPT` runs (run ids sort by time)."""
@@ -257,9 +335,15 @@ class Batch:
             with contextlib.suppress(OSError):
                 old.unlink()
 
-    def report_written(self) -> None:
-        """The run's last report is written. Outputs made from the report (the run page
-        of issue 8) belong here."""
+    def report_written(self, report: dict[str, Any]) -> None:
+        """``report.json`` is written: the run page ``OUT/index.html`` from the same
+        report (a page that cannot be written is logged; the report is what counts)."""
+        from pipeline.outputs.page import write_index
+
+        try:
+            write_index(self.out, report)
+        except OSError as exc:
+            log.warning("%s", exc)
 
     def _record(self, fn: Any, *args: Any) -> None:
         """A ledger write; a full disk must not turn a failure into a crash."""

@@ -24,6 +24,7 @@ from pipeline.config import (
     DTYPES,
     NGFF_VERSIONS,
     NORMALIZE,
+    OBJECT_TYPES,
     ORT_PROVIDERS,
     PRECISIONS,
     TTA,
@@ -88,6 +89,16 @@ _RUN: tuple[tuple[str, str, Any, str, str | None], ...] = (
      "Class names, comma-separated: the foreground classes (background is added), or all "
      "of them with background first. Shown as label and channel names in viewers.",
      "from the model file (`pipeline export --class-names`), else class 1, class 2..."),
+    ("--geojson/--no-geojson", "geojson", bool,
+     "Also write each image's objects as GeoJSON polygons for QuPath (drag the file onto "
+     "the image): OUT/geojson/NAME.geojson, level-0 pixel coordinates, one feature per "
+     "connected object and class, holes kept (2D images).", None),
+    ("--simplify", "simplify", float,
+     "GeoJSON: simplify outlines by this tolerance in pixels of the run's grid "
+     "(Douglas-Peucker, topology kept); 0 keeps exact pixel outlines.", None),
+    ("--object-type", "object_type", click.Choice(OBJECT_TYPES),
+     "GeoJSON: QuPath object type of the polygons: annotation (editable regions) or "
+     "detection (many small objects, drawn faster, counted).", None),
     ("--workers", "workers", int, "Worker processes of the local Dask cluster.",
      "one per GPU, else 1"),
     ("--threads-per-worker", "threads_per_worker", int,
@@ -141,6 +152,7 @@ Examples:
   pipeline run a.svs b.ndpi --out masks.zarr --model unet.pt --device cuda --class-names tumor
   pipeline run slides.txt --out masks.zarr --model unet.onnx --mpp 0.5 --ngff 0.5
   pipeline run stack.tif --out em.zarr --model unet3d.onnx --tile 32,128,128 --dtype float32
+  pipeline run slides/ --out masks.zarr --model unet.onnx --geojson --simplify 1
   pipeline run slides/ --out masks.zarr --model unet.onnx --config configs/default.yaml
   pipeline run big.tif --out copy.zarr --backend identity
   pipeline run slides/ --out masks.zarr --model unet.onnx --cluster slurm --jobs 8

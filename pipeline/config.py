@@ -49,6 +49,9 @@ TTA = ("none", "flip", "d4")
 ORT_PROVIDERS = ("auto", "cuda", "tensorrt")
 #: NGFF versions written (``--ngff``): 0.4 on Zarr v2, 0.5 on Zarr v3.
 NGFF_VERSIONS = VERSIONS
+#: QuPath object types of GeoJSON features (``--object-type``): editable annotations, or
+#: detections (many small objects, drawn faster and counted by QuPath).
+OBJECT_TYPES = ("annotation", "detection")
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,9 @@ class RunConfig:
     classes: int | None = None
     class_names: tuple[str, ...] | None = None
     threshold: float = DEFAULT_THRESHOLD
+    geojson: bool = False
+    simplify: float = 0.0
+    object_type: str = "annotation"
     series: int | None = None
     level: int | None = None
     mpp: float | None = None
@@ -124,6 +130,19 @@ class RunConfig:
             )
         if self.class_names is not None:
             object.__setattr__(self, "class_names", parse_class_names(self.class_names))
+        _check_choice("object_type", self.object_type, OBJECT_TYPES)
+        if isinstance(self.simplify, bool) or not (
+            isinstance(self.simplify, (int, float)) and 0.0 <= self.simplify < float("inf")
+        ):
+            raise ConfigError(
+                f"simplify must be a tolerance in pixels >= 0, got {self.simplify!r}",
+                where="option simplify",
+                hint="e.g. --simplify 1 (0: exact pixel outlines)",
+            )
+        if not isinstance(self.geojson, bool):
+            raise ConfigError(
+                f"geojson must be true or false, got {self.geojson!r}", where="option geojson"
+            )
         for name in (
             "batch_size",
             "workers",

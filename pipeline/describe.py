@@ -122,17 +122,24 @@ def _read_report(out: Path) -> dict[str, Any]:
 
 
 def open_hints(out: str | os.PathLike, names: Sequence[str], ngff: str | None = None) -> list[str]:
-    """How to open an output: napari, QuPath, the run page."""
+    """How to open an output: napari, QuPath (the images, the GeoJSON), a browser for the
+    run page; only what exists. Paths in commands are quoted for a shell."""
+    import shlex
+
     out = Path(out)
     lines = []
     if names:
-        lines.append(f"napari: napari {out / names[0]}   (each image with its labels)")
+        first = shlex.quote(str(out / names[0]))
+        lines.append(f"napari: napari {first}   (each image with its labels)")
         if ngff == "0.5":
             lines.append("QuPath, OMERO, Fiji: they read NGFF 0.4; run with --ngff 0.4 for them")
         else:
             lines.append(f"QuPath: File > Open... {out}   (one image per input)")
+        polygons = out / "geojson" / f"{names[0]}.geojson"
+        if polygons.is_file():
+            lines.append(f"QuPath: drag {polygons} onto its image   (objects as polygons)")
     if (out / "index.html").is_file():
-        lines.append(f"browser: {out / 'index.html'}")
+        lines.append(f"browser: {(out / 'index.html').resolve().as_uri()}")
     return lines
 
 

@@ -42,6 +42,12 @@ STATE_DIR = ".pipeline"
 HISTORY = 20
 #: Run settings that change output pixels or layout. Options added later that change the
 #: output (e.g. an NGFF version, class thresholds) belong here too; absent ones are skipped.
+#: Class names change no pixel but the metadata written inside the image (label and
+#: channel names): a published image is never rewritten in place, so they are here too.
+#: The GeoJSON settings (``geojson``, ``simplify``, ``object_type``) are not: they do not
+#: change the image, and a missing or other GeoJSON is made alone from the published
+#: label image (``OUT/.pipeline/inputs`` records what each output has, see
+#: :mod:`pipeline.products`).
 OUTPUT_FIELDS = (
     "tile",
     "overlap",
@@ -188,16 +194,25 @@ class Ledger:
         self._write(real, rec)
 
     def finish(
-        self, real: str, result: dict[str, Any], run: str, key: str | None, published: bool
+        self,
+        real: str,
+        result: dict[str, Any],
+        run: str,
+        key: str | None,
+        published: bool,
+        products: dict[str, Any] | None = None,
     ) -> None:
         """Record an input's outcome (``result``: its report entry); ``published``: its
-        output now holds ``key``."""
+        output now holds ``key``; ``products``: what it has besides its image (see
+        :func:`pipeline.products.products_record`)."""
         rec = self.records.setdefault(input_id(real), {"input": real, "history": []})
         rec.update(state=result.get("state"), run=run, result=result, updated=_now())
         if key is not None:
             rec["key"] = key
         if published:
             rec["output_key"] = key
+        if products is not None:
+            rec["products"] = products
         history = rec.setdefault("history", [])
         history.append(
             {

@@ -1,12 +1,14 @@
 """Per-image planning: tile, overlap, blend, lattice, output chunks and blocks.
 
 Pure: derives everything from the model geometry, the image's spatial shape and the
-config. No I/O.
+config. No I/O. :func:`summary_line` says in one line what will run on an input (the
+terminal prints it before the input's progress).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pipeline.backends.base import ModelSpec, check_tile
@@ -182,3 +184,43 @@ def _grow(block: list[int], step: list[int], shape: tuple[int, ...], fits) -> tu
         if grown is None:
             return tuple(block)
         block = grown
+
+
+def summary_line(
+    name: str,
+    *,
+    model: str,
+    backend: str,
+    device: str,
+    tile: Sequence[int],
+    overlap: Sequence[int],
+    blend: str,
+    pixel_size: dict[str, float] | None,
+    blocks: int,
+    tiles: int,
+    shape: Sequence[int] | None = None,
+) -> str:
+    """One line saying what will run on an input, e.g.
+
+    ``slide: 46000x32914 px at 0.5 µm/px | unet.onnx on onnx/cpu | tile 256, overlap 64,
+    gaussian | 12 blocks, 5,430 tiles``.
+    """
+    parts = [name + ":"]
+    if shape:
+        parts.append("x".join(str(int(n)) for n in reversed(shape)) + " px")
+    if pixel_size:
+        sizes = sorted({round(float(v), 4) for v in pixel_size.values()})
+        parts.append("at " + "/".join(f"{s:g}" for s in sizes) + " µm/px")
+    else:
+        parts.append("(no pixel size)")
+    where = f"{model} on {backend}/{device}"
+    how = f"tile {_size(tile)}, overlap {_size(overlap)}, {blend}"
+    count = (
+        f"{blocks:,} block{'s' if blocks != 1 else ''}, {tiles:,} tile{'s' if tiles != 1 else ''}"
+    )
+    return " ".join(parts) + " | " + " | ".join((where, how, count))
+
+
+def _size(values: Sequence[int]) -> str:
+    values = [int(v) for v in values]
+    return str(values[0]) if len(set(values)) == 1 else "x".join(map(str, values))

@@ -25,51 +25,12 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from pipeline.plan import summary_line
+
 __all__ = ["TerminalProgress", "format_seconds", "summary_line"]
-
-
-def summary_line(
-    name: str,
-    *,
-    model: str,
-    backend: str,
-    device: str,
-    tile: Sequence[int],
-    overlap: Sequence[int],
-    blend: str,
-    pixel_size: dict[str, float] | None,
-    blocks: int,
-    tiles: int,
-    shape: Sequence[int] | None = None,
-) -> str:
-    """One line saying what will run on an input, e.g.
-
-    ``slide: 46000x32914 px at 0.5 µm/px | unet.onnx on onnx/cpu | tile 256, overlap 64,
-    gaussian | 12 blocks, 5,430 tiles``.
-    """
-    parts = [name + ":"]
-    if shape:
-        parts.append("x".join(str(int(n)) for n in reversed(shape)) + " px")
-    if pixel_size:
-        sizes = sorted({round(float(v), 4) for v in pixel_size.values()})
-        parts.append("at " + "/".join(f"{s:g}" for s in sizes) + " µm/px")
-    else:
-        parts.append("(no pixel size)")
-    where = f"{model} on {backend}/{device}"
-    how = f"tile {_size(tile)}, overlap {_size(overlap)}, {blend}"
-    count = (
-        f"{blocks:,} block{'s' if blocks != 1 else ''}, {tiles:,} tile{'s' if tiles != 1 else ''}"
-    )
-    return " ".join(parts) + " | " + " | ".join((where, how, count))
-
-
-def _size(values: Sequence[int]) -> str:
-    values = [int(v) for v in values]
-    return str(values[0]) if len(set(values)) == 1 else "x".join(map(str, values))
 
 
 def format_seconds(seconds: float | None) -> str:

@@ -48,6 +48,10 @@ class InputResult:
         See the module docstring; ``reason`` and ``message`` are None for ``done``.
     output
         Path of the published output image (``done`` only).
+    preview, geojson
+        The input's preview PNG (``previews/NAME.png``) and, with ``--geojson``, its
+        polygons (``geojson/NAME.geojson``), as paths relative to the output root, so the
+        output can be moved; None when there is none.
     shape
         Output shape ``(classes, *spatial)``.
     pixels
@@ -78,6 +82,8 @@ class InputResult:
     reason: str | None = None
     message: str | None = None
     output: str | None = None
+    preview: str | None = None
+    geojson: str | None = None
     shape: list[int] | None = None
     pixels: int = 0
     tiles: int = 0

@@ -21,6 +21,8 @@ from pathlib import Path
 from pipeline import faults
 from pipeline.backends.base import ModelSpec
 from pipeline.batch import Batch
+from pipeline.blocks import make_tasks, run_local
+from pipeline.classes import label_names
 from pipeline.cluster import (
     model_threads,
     open_cluster,
@@ -38,14 +40,18 @@ from pipeline.io.staging import StagingArea, output_error
 from pipeline.ledger import Ledger, init_state_dir, new_run_id, output_settings, run_key
 from pipeline.lock import OutputLock, short_lock
 from pipeline.plan import check_options, make_plan
+from pipeline.products import Products, products_current
 from pipeline.report import InputResult, RunReport
 from pipeline.retry import retrying
 from pipeline.shard import Shard
 from pipeline.stages import BLOCK_THREADS, BackendRef, predict_shared, process_block
-from pipeline.tasks import InputJob, Model, make_tasks, run_local
+from pipeline.tasks import InputJob, Model
 
 log = logging.getLogger(__name__)
 
+#: The older progress callback ``(name, done blocks, total blocks)``; an object with
+#: ``start_input``/``advance``/``finish_input`` (:class:`pipeline.progress.TerminalProgress`)
+#: gets a what-will-run line per input and tiles instead.
 Progress = Callable[[str, int, int], None]
 
 
@@ -93,7 +99,8 @@ def run(
     ``decided``: inputs settled before the run (skipped or failed while finding inputs,
     see :func:`pipeline.io.discover.find_inputs`); they are added to the report as they
     are. ``force``: recompute inputs whose output is up to date. ``shard``: run only this
-    shard's share of the inputs (a job array; see :mod:`pipeline.shard`).
+    shard's share of the inputs (a job array; see :mod:`pipeline.shard`). ``progress``:
+    see :data:`Progress`.
 
     Raises
     ------
@@ -112,6 +119,8 @@ def run(
         slurm_layout(slurm_settings(cfg))  # a bad slurm: section
     spec = resolve_model(model, cfg)  # its geometry, read here (a model file is not run)
     check_options(spec, cfg)
+    if spec.classes:  # as many class names as the model has classes (identity: per input)
+        label_names(spec.classes, Products.of(cfg, spec.class_names).names)
     # usage errors (exit 2) are all raised above: OUT is created only now
     sink.open_root(out, fmt)
     try:
@@ -191,6 +200,7 @@ def _plan(
         log.warning("repaired %s", line)
     digest = "identity" if spec.format == "identity" else str(spec.sha256)
     settings = output_settings(cfg)
+    products = Products.of(cfg, spec.class_names)
     results: dict[str, InputResult] = {}
     jobs = []
     for path, name in zip(inputs, names):
@@ -203,9 +213,14 @@ def _plan(
             fp = None  # opening the input will say what is wrong with it
         key = None if fp is None else run_key(fp, digest, settings)
         result.key = key
+        refresh = False
         if key is not None and not force and ledger.up_to_date(key, name):
-            _up_to_date(result, ledger, out)
-            continue
+            record = ledger.record(os.path.realpath(path)) or {}
+            if products_current(record.get("products"), key, products, out, name):
+                _up_to_date(result, ledger, out)
+                continue
+            refresh = True  # the image stays; what it lacks (a GeoJSON...) is made
+            _carry(result, ledger)
         jobs.append(
             InputJob(
                 os.path.abspath(path),  # workers may run elsewhere (another cwd, a node)
@@ -215,6 +230,7 @@ def _plan(
                 "" if fp is None else fp.sample,
                 (0, 0) if fp is None else fp.stamp,
                 report.run,
+                refresh,
             )
         )
     _sweep(area, ledger, jobs, names if shard is not None else None)
@@ -230,12 +246,26 @@ def _fingerprint(path: str):
     return fingerprint(path)
 
 
-def _up_to_date(result: InputResult, ledger: Ledger, out: Path) -> None:
-    """An input whose output holds its key: skipped, its last done entry carried over."""
+def _carry(result: InputResult, ledger: Ledger) -> None:
+    """The figures and files of an input's last done entry, for an image that stays."""
     before = (ledger.record(os.path.realpath(result.path)) or {}).get("result") or {}
     if before.get("state") in ("done", "skipped") and before.get("output"):
-        for field in ("shape", "pixels", "tiles", "skipped_tiles", "tissue_fraction", "blocks"):
+        for field in (
+            "shape",
+            "pixels",
+            "tiles",
+            "skipped_tiles",
+            "tissue_fraction",
+            "blocks",
+            "preview",
+            "geojson",
+        ):
             setattr(result, field, before.get(field, getattr(result, field)))
+
+
+def _up_to_date(result: InputResult, ledger: Ledger, out: Path) -> None:
+    """An input whose output holds its key: skipped, its last done entry carried over."""
+    _carry(result, ledger)
     result.state, result.reason = "skipped", UP_TO_DATE
     result.output = str(out / result.name)
     result.message = (
@@ -273,10 +303,14 @@ def _sweep(
 def _execute(batch: Batch, jobs: list[InputJob], spec: ModelSpec, cfg: RunConfig, progress) -> None:
     """Choose where blocks run, run the driver."""
     batch.model = Model(spec, backend_ref(spec, cfg), cfg)
+    if hasattr(progress, "start_input"):  # tiles and a what-will-run line, from the batch
+        batch.progress, progress = progress, None
     with contextlib.ExitStack() as stack:
         ready = {}
         if cfg.scheduler == "sync":
             client, slots = SyncClient(), 1
+        elif all(j.refresh for j in jobs):  # only GeoJSON and previews to make: no cluster
+            client, slots = stack.enter_context(ThreadClient(BLOCK_THREADS)), BLOCK_THREADS
         elif len(jobs) == 1 and cfg.cluster == "local" and not cfg.workers and not cfg.scheduler:
             # one input: planned here first; a single block, or a default layout of one
             # worker, runs in-process on a worker's block threads, where a cluster's start

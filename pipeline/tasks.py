@@ -15,25 +15,29 @@ what resuming and failing safely need:
   read-only disk becomes an :class:`~pipeline.errors.OutputError` naming the folder and
   the free space.
 
-Per-input outputs made from the finished image (label images, polygons, previews)
-belong in :func:`finalize_input`, which runs on a worker after the last block.
+Besides its image, each input gets its class labels and, with ``--geojson``, polygons,
+written by each block (:class:`~pipeline.products.BlockProducts`, the jobs' ``outputs``),
+and at finalize the label pyramid, the GeoJSON and the preview
+(:func:`~pipeline.products.finish_products`). An input whose image is up to date but
+lacks a product this run asks for (``InputJob.refresh``) gets just its products.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline import __version__, faults
+from pipeline import faults
 from pipeline.backends.base import ModelSpec
+from pipeline.blocks import Task, find_tissue, make_tasks, provenance
+from pipeline.classes import label_dtype, label_names
 from pipeline.config import RunConfig
 from pipeline.errors import InputChangedError, InternalError
-from pipeline.inprocess import run_in_threads
 from pipeline.io import sink
+from pipeline.io.class_labels import ClassLabels, create_class_labels, finish_class_labels
 from pipeline.io.fingerprint import fingerprint, stamp
 from pipeline.io.staging import (
     FULL_ERRNOS,
@@ -44,13 +48,19 @@ from pipeline.io.staging import (
     published_key,
 )
 from pipeline.plan import Plan, make_plan
+from pipeline.products import (
+    BlockProducts,
+    Products,
+    finish_products,
+    level0_scale,
+    polygons_folder,
+)
+from pipeline.pyramid import pyramid_shapes
 from pipeline.retry import retrying
 from pipeline.stages import (
-    BLOCK_THREADS,
     BackendRef,
     BlockJob,
     BlockResult,
-    Source,
     forget_sink,
     predict_shared,
     process_block,
@@ -64,22 +74,16 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Task:
-    """A block's job, the blocks whose shared tiles it needs (order numbers), and whether
-    an earlier attempt already wrote it."""
-
-    job: BlockJob
-    needs: tuple[int, ...]
-    done: bool = False
-
-
-@dataclass(frozen=True)
 class Model:
     """What every input of a run shares: the model and the settings."""
 
     spec: ModelSpec
     ref: BackendRef
     cfg: RunConfig
+
+    @property
+    def products(self) -> Products:
+        return Products.of(self.cfg, self.spec.class_names)
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,7 @@ class InputJob:
     sample: str  # its fingerprint's content digest when the key was made
     stamp: tuple[int, int]  # its (size, mtime) then
     run: str  # the run id, recorded in the staging's owner
+    refresh: bool = False  # its image is up to date: make only its products (GeoJSON...)
 
 
 @dataclass
@@ -115,116 +120,8 @@ class Prepared:
     block_levels: int = 0  # pyramid levels 1.. the blocks write themselves
     block_ids: tuple[str, ...] = ()  # every block's record name (see io.staging.block_id)
     info: dict[str, Any] = field(default_factory=dict)  # a complete stage's record
-
-
-def find_tissue(inp: ModelInput, shape: tuple[int, ...], cfg: RunConfig) -> TissueMask | None:
-    """The tissue mask for one input: the user's (``--mask``, applied to every input),
-    detected on a low-resolution level read as the model reads the input (2D images), or
-    None (volumes; ``--no-skip-background``)."""
-    from pipeline.tissue import detect_tissue, load_user_mask
-
-    if cfg.mask:
-        return load_user_mask(cfg.mask, shape)
-    if not cfg.skip_background:
-        return None
-    if inp.spatial_axes != "yx":
-        log.info("%s: tissue detection is for 2D images; running the whole volume", inp.ref.path)
-        return None
-    return detect_tissue(inp, shape, pixel_size=inp.pixel_size or None)
-
-
-def make_tasks(
-    plan: Plan,
-    source: Source,
-    ref: BackendRef,
-    spec: ModelSpec,
-    classes: int,
-    cfg: RunConfig,
-    sink_path: str | None,
-    tissue: TissueMask | None = None,
-    levels: tuple[str, ...] = (),
-) -> list[Task]:
-    """One task per block, in raster order; a block only needs blocks before it.
-
-    With a tissue mask, each job carries the mask around its block, and blocks where no
-    tile has tissue are left out: their chunks stay unwritten (background, not stored).
-    ``levels``: the pyramid levels (1, 2...) blocks write from memory.
-    """
-    normalize = spec.normalize if cfg.normalize == "auto" else cfg.normalize
-    grid = plan.grid()
-    layout = grid.layout()
-    number = {index: i for i, index in enumerate(layout)}
-    tasks = []
-    for index, (touching, own, owners) in layout.items():
-        region = grid.region(index)
-        crop = None if tissue is None else tissue.crop(region.grow(plan.lattice.out_tile))
-        job = BlockJob(
-            index=number[index],
-            write=region,
-            lattice=plan.lattice,
-            blend=plan.blend,
-            classes=classes,
-            model_ndim=plan.model_ndim,
-            source=source,
-            backend=ref,
-            sink=sink_path,
-            levels=levels,
-            batch_size=cfg.batch_size,
-            normalize=normalize,
-            out_dtype=cfg.dtype,
-            tiles=tuple(touching),
-            own=tuple(own),
-            tissue=crop,
-            tta=cfg.tta,
-        )
-        if crop is not None and not any(job.runs(t) for t in touching):
-            continue
-        tasks.append(Task(job, tuple(sorted(number[o] for o in owners))))
-    kept = {t.job.index for t in tasks}
-    return [Task(t.job, tuple(i for i in t.needs if i in kept)) for t in tasks]
-
-
-def run_local(tasks: list[Task], threads: int = BLOCK_THREADS) -> Iterator[BlockResult]:
-    """The in-process path without staging (:func:`pipeline.run.predict_array`): blocks on
-    ``threads`` threads, results in order."""
-    return run_in_threads(tasks, predict_shared, process_block, threads)
-
-
-def provenance(
-    spec: ModelSpec, plan: Plan, cfg: RunConfig, inp: ModelInput, tissue: TissueMask | None = None
-) -> dict:
-    lat = plan.lattice
-    source = inp.source
-    return {
-        "resolution": {
-            "level": inp.level,
-            "pixel_size": inp.pixel_size,
-            "resampled_from_level": inp.factor if inp.factor != 1.0 else None,
-        },
-        "tissue": None
-        if tissue is None
-        else {
-            "method": tissue.method,
-            "fraction": round(tissue.fraction, 4),
-            "cell": list(tissue.scale),
-        },
-        "version": __version__,
-        "model": {"path": spec.path, "sha256": spec.sha256, "format": spec.format},
-        "backend": cfg.backend if cfg.backend != "auto" else spec.format,
-        "tile": list(lat.tile),
-        "overlap": list(lat.overlap),
-        "stride": list(lat.stride),
-        "blend": plan.blend.value,
-        "chunks": list(plan.chunks),
-        "block": list(plan.block),
-        "input": {
-            "path": str(source.path),
-            "series": source.series,
-            "level": source.level,
-            "format": source.format,
-        },
-        "config": cfg.to_dict(),
-    }
+    labels: ClassLabels | None = None  # the class label image the blocks write
+    scale: tuple[float, float] = (1.0, 1.0)  # (y, x) level-0 pixels per run pixel
 
 
 def prepare_input(job: InputJob, model: Model) -> Prepared:
@@ -241,16 +138,26 @@ def prepare_input(job: InputJob, model: Model) -> Prepared:
         raise InputChangedError(
             "could not be read consistently", where=job.path, hint="check the file and rerun"
         )
+    if job.refresh:  # its image stays; a stage of its own holds the new products
+        owner = {"input": job.path, "run": job.run}
+        stage, _ = area.open_stage(job.name, job.key, owner, fresh=True)
+        shape = tuple(int(s) for s in inp.array.shape[1:])
+        return Prepared(job, stage, scale=level0_scale(inp, shape))
     spec, cfg = model.spec, model.cfg
     channels = int(inp.array.shape[0])
     classes = spec.classes or channels
+    label_names(classes, model.products.names)  # names that fit: before any block runs
     shape = tuple(int(s) for s in inp.array.shape[1:])
     plan = make_plan(spec, shape, channels, classes, cfg, inp.array.dtype.itemsize)
     tissue = retrying(find_tissue, inp, shape, cfg, what=f"tissue of {job.path}")
     axes, chunks = "c" + inp.spatial_axes, (classes, *plan.chunks)
     try:
-        stage, writer, done = _open_stage(area, job, (classes, *shape), axes, chunks, plan, cfg)
-        sinks = (writer.level_path(0), tissue, writer.block_paths())
+        stage, writer, labels, done = _open_stage(
+            area, job, (classes, *shape), axes, chunks, plan, cfg
+        )
+        polygons = str(polygons_folder(stage.dir)) if cfg.geojson else None
+        outputs = (BlockProducts(labels, polygons, shape),)
+        sinks = (writer.level_path(0), tissue, writer.block_paths(), outputs)
         tasks = make_tasks(plan, inp.ref, model.ref, spec, classes, cfg, *sinks)
     except OSError as exc:
         _raise_if_full(exc, job)
@@ -275,6 +182,8 @@ def prepare_input(job: InputJob, model: Model) -> Prepared:
         run_tiles=len(runs),
         all_tiles=plan.lattice.n_tiles,
         pixels=int(inp.array[0].size),
+        labels=labels,
+        scale=level0_scale(inp, shape),
     )
 
 
@@ -304,21 +213,52 @@ def _open_stage(
     chunks: tuple[int, ...],
     plan: Plan,
     cfg: RunConfig,
-) -> tuple[Stage, sink.ImageWriter, set[str]]:
-    """The input's staging, its image writer and the blocks written in it: a staged image
-    is continued when its levels match this plan, else the stage starts over."""
+) -> tuple[Stage, sink.ImageWriter, ClassLabels, set[str]]:
+    """The input's staging, its image writer, its class labels and the blocks written in
+    it: a staged image is continued when its levels and labels match this plan, else the
+    stage starts over."""
     owner = {"input": job.path, "run": job.run}
     stage, reused = area.open_stage(job.name, job.key, owner)
     args = (job.out, job.name, shape, axes, chunks, cfg.dtype, cfg.ngff)
     block = (shape[0], *plan.block)
+    shapes = pyramid_shapes(shape, axes, cfg.pyramid_min)
     if reused:
         writer = sink.reopen_image(*args, block, cfg.pyramid_min, staging=stage.image)
-        if writer is not None:
-            return stage, writer, stage.done_blocks()
+        if writer is not None and _labels_match(stage, writer, shapes, cfg):
+            labels = ClassLabels(
+                str(stage.image / "labels" / "classes"),
+                axes,
+                shape[0],
+                cfg.threshold,
+                cfg.ngff,
+                writer.block_levels,
+            )
+            return stage, writer, labels, stage.done_blocks()
         # same key, other layout (another version's plan): nothing staged can be trusted
         stage, _ = area.open_stage(job.name, job.key, owner, fresh=True)
     writer = sink.create_image(*args, block, cfg.pyramid_min, staging=stage.image)
-    return stage, writer, set()
+    labels = create_class_labels(
+        stage.image,
+        shape,
+        axes,
+        writer.chunks,
+        shape[0],
+        threshold=cfg.threshold,
+        fmt=cfg.ngff,
+        level_shapes=shapes[1 : writer.block_levels + 1],
+    )
+    return stage, writer, labels, set()
+
+
+def _labels_match(stage: Stage, writer: sink.ImageWriter, shapes: list, cfg: RunConfig) -> bool:
+    """The staged class labels have the levels this plan's blocks write (to continue)."""
+    dtype, chunks = str(label_dtype(shapes[0][0])), (1, *writer.chunks[1:])
+    return all(
+        sink.level_matches(
+            stage.image / "labels" / "classes" / str(k), (1, *shape[1:]), chunks, dtype
+        )
+        for k, shape in enumerate(shapes[: writer.block_levels + 1])
+    )
 
 
 def run_shared(prepared_job: InputJob, stage: Stage, job: BlockJob) -> dict:
@@ -360,12 +300,22 @@ def run_block(
 
 def finalize_input(prepared: Prepared, model: Model) -> dict[str, Any]:
     """Pyramid, metadata and labels of a staged image whose blocks are all written; the
-    input checked unchanged; the stage marked complete. Returns the stage's record."""
+    input checked unchanged; its GeoJSON and preview; the stage marked complete. Returns
+    the stage's record (``products``: what :func:`~pipeline.products.finish_products`
+    made). For a refresh, only the products of the published image."""
     job, stage = prepared.job, prepared.stage
     faults.point("finalize", job.name)
+    if job.refresh:
+        made = _products(prepared, model, Path(job.out) / job.name, None)
+        return {"key": job.key, "products": made, "refresh": True}
     if prepared.complete:
         _check_complete(prepared)
-        return prepared.info
+        info = prepared.info
+        wanted = model.products.geojson_settings()
+        if "products" not in info or (wanted and info["products"].get("geojson") != wanted):
+            info = {**info, "products": _products(prepared, model, stage.image, None)}
+            stage.mark_complete(info)
+        return info
     missing = sorted(set(prepared.block_ids) - stage.done_blocks())
     if missing:
         raise InternalError(
@@ -402,6 +352,9 @@ def finalize_input(prepared: Prepared, model: Model) -> dict[str, Any]:
                     prepared.pixel_size,
                     fmt=cfg.ngff,
                 )
+            if prepared.labels is not None:
+                shapes = pyramid_shapes(prepared.shape, prepared.axes, cfg.pyramid_min)
+                finish_class_labels(prepared.labels, shapes, prepared.pixel_size, names=names)
     except OSError as exc:
         _raise_if_full(exc, job)
         raise
@@ -423,9 +376,40 @@ def finalize_input(prepared: Prepared, model: Model) -> dict[str, Any]:
         "tiles_run": prepared.run_tiles,
         "tiles_all": prepared.all_tiles,
         "tissue_fraction": None if prepared.tissue is None else round(prepared.tissue.fraction, 4),
+        "products": _products(prepared, model, stage.image, prepared.block_ids),
     }
     stage.mark_complete(info)
     return info
+
+
+def _products(
+    prepared: Prepared, model: Model, image: Path, blocks: tuple[str, ...] | None
+) -> dict[str, Any]:
+    """The GeoJSON and preview of ``image`` into the stage (see :mod:`pipeline.products`)."""
+    job = prepared.job
+    classes = prepared.shape[0] if prepared.shape else _classes(image)
+    try:
+        with _synchronous():
+            return finish_products(
+                image,
+                prepared.stage.dir,
+                job.name,
+                model.products,
+                classes=classes,
+                scale=prepared.scale,
+                input_path=job.path,
+                series=model.cfg.series,
+                blocks=blocks,
+            )
+    except OSError as exc:
+        _raise_if_full(exc, job)
+        raise
+
+
+def _classes(image: Path) -> int:
+    import zarr
+
+    return int(zarr.open_array(str(image / "0"), mode="r").shape[0])
 
 
 def _check_complete(prepared: Prepared) -> None:

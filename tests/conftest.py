@@ -68,10 +68,15 @@ def cli(*args: object):
 
 
 def output_dirs(out: Path) -> list[str]:
-    """The folders in OUT besides the group that lists its images (``OME``) and the hidden
-    ``.pipeline`` folder of the run ledger, sorted."""
+    """The folders in OUT besides the group that lists its images (``OME``), the folders
+    of previews and GeoJSON files, and the hidden ``.pipeline`` folder of the run ledger,
+    sorted."""
+    from pipeline.io.collection import RESERVED_NAMES
+
     return sorted(
-        p.name for p in out.iterdir() if p.is_dir() and p.name != "OME" and p.name[0] != "."
+        p.name
+        for p in out.iterdir()
+        if p.is_dir() and p.name.lower() not in RESERVED_NAMES and p.name[0] != "."
     )
 
 

@@ -110,7 +110,9 @@ def test_folder_with_good_and_broken_slides(tmp_path, data_dir):
     assert output_dirs(out) == sorted(report[n]["name"] for n in expected)
     assert read_collection(out) == output_dirs(out)  # the root lists exactly those
     root_files = sorted(p.name for p in out.iterdir() if not p.is_dir())
-    assert root_files == [".zattrs", ".zgroup", ".zmetadata", "report.json"]  # NGFF 0.4
+    assert root_files == [".zattrs", ".zgroup", ".zmetadata", "index.html", "report.json"]
+    previews = sorted(p.name for p in (out / "previews").iterdir())
+    assert previews == sorted(f"{report[n]['name']}.png" for n in expected)
 
 
 def tree(root: Path) -> set[str]:

@@ -74,6 +74,41 @@ def test_label_image_from_blocks_validates_and_matches_the_whole(tmp_path, versi
     assert listed["labels"] == ["classes"]
 
 
+@pytest.mark.parametrize("block", [2 * CHUNK, 4 * CHUNK])
+def test_blocks_write_their_part_of_the_first_levels_as_the_whole_image_would(tmp_path, block):
+    """Label levels 1..k written by the blocks (from their own labels, every 2**k-th) equal
+    the levels picked from the whole label image; the rest are made when finishing."""
+    from pipeline.pyramid import block_levels
+
+    probs = blobs(2, shape=(300, 230), seed=7)  # odd level sizes: floored like the image's
+    image = tmp_path / "img"
+    shapes = write_image(image, probs, "0.4")
+    chunks = (2, CHUNK, CHUNK)
+    k = block_levels(probs.shape, "cyx", chunks, (2, block, block), min_size=CHUNK)
+    assert k >= 1
+    labels = create_class_labels(
+        image, probs.shape, "cyx", chunks, 2, fmt="0.4", level_shapes=shapes[1 : k + 1]
+    )
+    assert labels.levels == k
+    levels = [open_label_level(labels, level) for level in range(1, k + 1)]
+    h, w = probs.shape[1:]
+    for y, x in itertools.product(range(0, h, block), range(0, w, block)):
+        part = probs[:, y : y + block, x : x + block]
+        write_label_block(open_label_level(labels), (y, x), part, 0.5, levels, "cyx")
+    written = [zarr.open_array(str(image / f"labels/classes/{n}"))[:] for n in range(k + 1)]
+    finish_class_labels(labels, shapes, {})
+    expected = class_labels(probs)
+    group = zarr.open_group(str(image / "labels" / "classes"), mode="r")
+    for level, shape in enumerate(shapes):
+        step = 2**level
+        want = expected[::step, ::step][: shape[1], : shape[2]]
+        np.testing.assert_array_equal(group[str(level)][0], want)
+        if level <= k:  # finishing left the blocks' levels as they were
+            np.testing.assert_array_equal(written[level][0], want)
+    with pytest.raises(ValueError, match="cannot write level"):
+        write_label_block(open_label_level(labels), (CHUNK + 2**k // 2, 0), probs, 0.5, levels)
+
+
 def test_zarr_v2_for_04_and_v3_for_05(tmp_path):
     probs = blobs(2, shape=(100, 100))
     for version in ("0.4", "0.5"):
@@ -167,9 +202,12 @@ def test_formats_own_their_versions():
     assert detect_format({"something": 1}) is None
     assert v5.unwrap(v5.wrap({"labels": ["x"]})) == {"labels": ["x"]}
     root, group = v5.collection(["a", "b"])
-    assert root == {"ome": {"version": "0.5", "bioformats2raw.layout": 3}}
+    assert root == {"ome": {"version": "0.5", "bioformats2raw.layout": 3, "labels": ["a", "b"]}}
     assert group == {"ome": {"version": "0.5", "series": ["a", "b"]}}
-    assert v4.collection(["a"]) == ({"bioformats2raw.layout": 3}, {"series": ["a"]})
+    assert v4.collection(["a"]) == (
+        {"bioformats2raw.layout": 3, "labels": ["a"]},
+        {"series": ["a"]},
+    )
 
 
 def test_unknown_version_is_a_config_error():

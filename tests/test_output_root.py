@@ -42,7 +42,7 @@ def outputs(tmp_path_factory) -> dict[str, Path]:
     found = {}
     for version, extra in (("0.4", ()), ("0.5", ("--ngff", "0.5"))):
         out = tmp_path_factory.mktemp(version) / "out.zarr"
-        args = ("--backend", "identity", "--scheduler", "sync", "--class-names", "a,b")
+        args = ("--backend", "identity", "--scheduler", "sync", "--class-names", "a,b", "--geojson")
         result = cli("run", folder, "--out", out, *args, *extra)
         assert result.exit_code == 1, result.output  # the broken file fails, the rest ran
         found[version] = out
@@ -66,6 +66,16 @@ def test_04_is_zarr_v2_and_05_is_zarr_v3_with_the_same_pixels(outputs):
         ]
         assert scales[0] == scales[1]
         np.testing.assert_array_equal(a["labels/tissue/0"][:], b["labels/tissue/0"][:])
+        # the class labels: written by the block with its levels, the same in both versions
+        classes = a["labels/classes/0"][0]
+        assert sorted(a["labels/classes"].array_keys()) == sorted(a.array_keys())
+        for level in a["labels/classes"].array_keys():
+            got = a[f"labels/classes/{level}"][0]
+            step = 2 ** int(level)
+            np.testing.assert_array_equal(
+                got, classes[::step, ::step][: got.shape[0], : got.shape[1]]
+            )
+            np.testing.assert_array_equal(got, b[f"labels/classes/{level}"][0])
 
 
 def test_04_validates_as_ngff_04_image_and_image_label(outputs):
@@ -81,7 +91,8 @@ def test_04_validates_as_ngff_04_image_and_image_label(outputs):
         out = outputs[version]
         for name in read_collection(out):
             image_model.from_zarr(zarr.open_group(str(out / name), mode="r"))
-            label_model.from_zarr(zarr.open_group(str(out / name / "labels/tissue"), mode="r"))
+            for label in ("tissue", "classes"):
+                label_model.from_zarr(zarr.open_group(str(out / name / "labels" / label), mode="r"))
 
 
 def test_channels_carry_the_class_names(outputs):
@@ -97,10 +108,22 @@ def test_channels_carry_the_class_names(outputs):
 def test_root_lists_done_images_and_lists_without_zarr_warnings(outputs):
     for out in outputs.values():
         assert read_collection(out) == ["slide-a", "slide-b"]
+        # beside the images: the report, the run page, previews and GeoJSON files
+        assert (out / "index.html").is_file() and (out / "report.json").is_file()
+        assert sorted(p.name for p in (out / "previews").iterdir()) == [
+            "slide-a.png",
+            "slide-b.png",
+        ]
+        assert sorted(p.name for p in (out / "geojson").iterdir()) == [
+            "slide-a.geojson",
+            "slide-b.geojson",
+        ]
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # report.json at the root must not warn
             members = [k for k, _ in zarr.open_group(str(out), mode="r").members(max_depth=None)]
         assert "slide-a/labels/tissue/0" in members and "OME" in members
+        assert "slide-a/labels/classes/0" in members
+        assert not [m for m in members if m.split("/")[0] in ("previews", "geojson")]
 
 
 def test_inspect_lists_the_images_with_shapes_levels_and_states(outputs):
@@ -122,16 +145,19 @@ def test_inspect_lists_the_images_with_shapes_levels_and_states(outputs):
 
 
 @pytest.mark.parametrize("version", ["0.4", "0.5"])
-def test_ome_zarr_info_on_the_images_the_root_lists(outputs, version):
+def test_ome_zarr_info_on_the_output_lists_every_image(outputs, version):
     cli_path = shutil.which("ome_zarr")
     if cli_path is None:
         pytest.skip("ome_zarr CLI not installed (test extra)")
     out = outputs[version]
+    result = subprocess.run([cli_path, "info", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
     for name in read_collection(out):
-        result = subprocess.run([cli_path, "info", str(out / name)], capture_output=True, text=True)
-        assert result.returncode == 0, result.stderr
-        assert f"version: {version}" in result.stdout and "(3, 300, 260)" in result.stdout
-        assert "labels/tissue" in result.stdout
+        block = result.stdout.split(f"{out / name} [zgroup]\n", 1)[1].split("[zgroup]")[0]
+        assert f"version: {version}" in block and "(3, 300, 260)" in block
+        for label in ("tissue", "classes"):
+            assert f"{out / name}/labels/{label} [zgroup]" in result.stdout
+    assert "broken" not in result.stdout
 
 
 def test_inspect_json_has_no_float_noise(data_dir):

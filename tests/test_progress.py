@@ -101,3 +101,32 @@ def test_bars_on_a_terminal_with_several_inputs_and_logs_above(monkeypatch):
 def test_format_seconds():
     assert format_seconds(3725.4) == "1:02:05"
     assert format_seconds(None) == "-:--:--" and format_seconds(float("nan")) == "-:--:--"
+
+
+def test_a_run_feeds_a_line_then_tiles_then_the_state_per_input(tmp_path):
+    """Through :func:`pipeline.run.run`: every input's what-will-run line comes when it is
+    planned, its tiles count up to what the line announced, and it ends with its state
+    (a continued input: see test_products' killed runs)."""
+    import numpy as np
+    from conftest import write_tiff
+
+    from pipeline.config import RunConfig
+    from pipeline.run import run
+
+    for name in ("a", "b"):
+        write_tiff(tmp_path / f"{name}.tif", np.full((300, 200), 100, np.uint8), um=0.5)
+    (tmp_path / "bad.tif").write_text("no image")
+    cfg = RunConfig(backend="identity", scheduler="sync", tile=(64,), chunk=64, block=128)
+    paths = [str(tmp_path / n) for n in ("a.tif", "bad.tif", "b.tif")]
+    out = io.StringIO()
+    with TerminalProgress(out, tty=False, interval=0.0) as progress:
+        report = run(paths, tmp_path / "out.zarr", None, cfg, progress=progress)
+    lines = out.getvalue().splitlines()
+    assert [r.state for r in report.inputs] == ["done", "failed", "done"]
+    for name, result in (("a", report.inputs[0]), ("b", report.inputs[2])):
+        mine = [x for x in lines if x.startswith(f"{name}: ")]
+        assert mine[0].startswith(f"{name}: 200x300 px at 0.5 µm/px | identity on identity/cpu")
+        assert "tile 64" in mine[0] and f"{result.blocks} blocks, {result.tiles} tiles" in mine[0]
+        assert re.fullmatch(rf"{name}: done, {result.tiles}/{result.tiles} tiles in .*", mine[-1])
+        assert len(mine) > 2  # tiles counted in between
+    assert not [x for x in lines if x.startswith("bad:")]  # failed before it was planned

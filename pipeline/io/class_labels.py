@@ -2,17 +2,21 @@
 
 How a run uses it
 -----------------
-1. :func:`create_class_labels`, once per input, in the driver, right after the image's
-   staging group is created: the label group and its level-0 array, with the image's
-   chunk grid (``c`` of length 1). Nothing is listed yet.
+1. :func:`create_class_labels`, once per input, where the image's staging group is
+   created: the label group and its level-0 array, with the image's chunk grid (``c`` of
+   length 1), and the pyramid levels the blocks write themselves (``level_shapes``: the
+   image's block levels, :func:`pipeline.pyramid.block_levels`). Nothing is listed yet.
 2. :func:`write_label_block`, on the worker, once per block, with the block's blended
    probabilities: labels (:func:`pipeline.classes.class_labels`) written into exactly the
    chunks the block writes in the image, so every label chunk has one writer, like the
-   image's. Background-only chunks are not stored.
+   image's, and its part of those pyramid levels (every ``2**k``-th label: a block starts
+   on a multiple of ``2**k`` there, so it picks what the whole image would).
+   Background-only chunks are not stored.
 3. :func:`finish_class_labels`, once per input, after the blocks (and the image's
-   pyramid): label levels 1.. by nearest-neighbour picking (a label is never averaged),
-   NGFF ``image-label`` metadata (colours, class names, the source image) and the entry in
-   the image's ``labels`` list. Runs where the tissue labels are written (one process).
+   pyramid): the remaining label levels by nearest-neighbour picking (a label is never
+   averaged), NGFF ``image-label`` metadata (colours, class names, the source image) and
+   the entry in the image's ``labels`` list. Runs where the tissue labels are written
+   (one process).
 
 The label image has the image's axes (``c`` of length 1) and the same level shapes and
 scales, so it lines up with every level of the image in napari, QuPath and OMERO.
@@ -61,6 +65,7 @@ class ClassLabels:
     classes: int  # probability channels of the model (1: threshold, >= 2: argmax)
     threshold: float
     ngff: str  # NGFF version
+    levels: int = 0  # pyramid levels 1..levels the blocks write themselves
 
     @property
     def level0(self) -> str:
@@ -78,6 +83,7 @@ def create_class_labels(
     threshold: float = DEFAULT_THRESHOLD,
     fmt: NgffFormat | str | None = None,
     name: str = LABEL_NAME,
+    level_shapes: Sequence[Sequence[int]] = (),
 ) -> ClassLabels:
     """Create the label group and its empty level-0 array under ``image_group``.
 
@@ -94,6 +100,9 @@ def create_class_labels(
         Probability at which a one-class pixel is foreground.
     fmt
         NGFF version (default: :data:`~pipeline.io.ngff.DEFAULT_VERSION`).
+    level_shapes
+        Shapes (``c`` first, any length) of the image's levels 1, 2... that the blocks
+        write themselves; their label levels are created too.
     """
     import zarr
 
@@ -107,17 +116,24 @@ def create_class_labels(
     image = zarr.open_group(os.fspath(image_group), mode="r+", zarr_format=fmt.zarr_format)
     labels = image.require_group("labels")
     group = labels.create_group(name, overwrite=True)
-    group.create_array(
-        "0",
-        shape=label_shape,
-        chunks=label_chunks,
-        dtype=label_dtype(classes),
-        fill_value=0,
-        config=_ARRAY_CONFIG,
-        **fmt.array_options(axes),
-    )
+    shapes = [label_shape, *((1, *(int(n) for n in s[1:])) for s in level_shapes)]
+    for level, level_shape in enumerate(shapes):
+        group.create_array(
+            str(level),
+            shape=level_shape,
+            chunks=tuple(min(c, n) for c, n in zip(label_chunks, level_shape)),
+            dtype=label_dtype(classes),
+            fill_value=0,
+            config=_ARRAY_CONFIG,
+            **fmt.array_options(axes),
+        )
     return ClassLabels(
-        str(Path(image_group) / "labels" / name), axes, classes, threshold, fmt.version
+        str(Path(image_group) / "labels" / name),
+        axes,
+        classes,
+        threshold,
+        fmt.version,
+        len(level_shapes),
     )
 
 
@@ -133,6 +149,8 @@ def write_label_block(
     offset: Sequence[int],
     probabilities: np.ndarray,
     threshold: float = DEFAULT_THRESHOLD,
+    levels: Sequence[Any] = (),
+    axes: str = "cyx",
 ) -> np.ndarray:
     """Write the labels of one block's probabilities into the level-0 label array.
 
@@ -148,15 +166,35 @@ def write_label_block(
         output dtype (uint8 ``p x 255``, float16 or float32).
     threshold
         As for :func:`pipeline.classes.class_labels`.
+    levels, axes
+        The label levels 1, 2... the blocks write (:attr:`ClassLabels.levels` of them,
+        :func:`open_label_level`) and the labels' axes: the block's part of each, every
+        ``2**k``-th label along y and x from the block's start (a multiple of ``2**k``).
 
     Returns
     -------
     numpy.ndarray
         The labels written, ``(1, *spatial)``.
     """
+    spatial = axes[1:]
+    if levels and any(int(o) % 2 ** len(levels) for a, o in zip(spatial, offset) if a in "yx"):
+        raise ValueError(f"a block at {tuple(offset)} cannot write level {len(levels)}")
     labels = class_labels(probabilities, threshold)[None]
     index = (slice(0, 1), *(slice(int(o), int(o) + n) for o, n in zip(offset, labels.shape[1:])))
     array[index] = labels.astype(array.dtype, copy=False)
+    for k, target in enumerate(levels, 1):
+        # level k holds level-0 pixels j * 2**k: from a block at a multiple of 2**k, its
+        # own every 2**k-th pixel, up to the (floored) level's end of the block
+        pick, where = [slice(None)], [slice(0, 1)]
+        for a, o, n in zip(spatial, offset, labels.shape[1:]):
+            if a in "yx":
+                begin, end = int(o) >> k, (int(o) + n) >> k
+                pick.append(slice(0, (end - begin) << k, 2**k))
+                where.append(slice(begin, end))
+            else:
+                pick.append(slice(None))
+                where.append(slice(int(o), int(o) + n))
+        target[tuple(where)] = labels[tuple(pick)].astype(target.dtype, copy=False)
     return labels
 
 
@@ -193,7 +231,7 @@ def finish_class_labels(
     group = zarr.open_group(labels.path, mode="r+", zarr_format=fmt.zarr_format)
     level0 = group["0"]
     yx = [labels.axes.index("y"), labels.axes.index("x")]
-    for level in range(1, len(level_shapes)):
+    for level in range(labels.levels + 1, len(level_shapes)):
         shape = (1, *(int(n) for n in level_shapes[level][1:]))
         previous = da.from_zarr(group[str(level - 1)])
         # nearest: every second pixel in y and x, cut to the image's (floored) level shape
@@ -210,6 +248,7 @@ def finish_class_labels(
             fill_value=0,
             config=_ARRAY_CONFIG,
             **fmt.array_options(labels.axes),
+            overwrite=True,  # a level left by a run killed while finishing is made again
         )
         # chunk-aligned tasks: each output chunk has exactly one writer
         da.store(picked.rechunk(chunks), target, lock=False)

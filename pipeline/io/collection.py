@@ -14,6 +14,13 @@ arrays under the root" (NGFF 0.4, "bf2raw"). No ``OME/METADATA.ome.xml`` is writ
 is optional ("SHOULD"), and a partial OME-XML that disagrees with the arrays would
 mislead Bio-Formats more than none.
 
+The root's attributes also list the images under ``labels``
+(:meth:`~pipeline.io.ngff.NgffFormat.collection`): ome-zarr-py (``ome_zarr info OUT``,
+napari-ome-zarr) follows no ``bioformats2raw.layout`` and descends from a group only into
+what its ``labels``, plate, well or ``multiscales`` metadata name; with the images under
+``labels`` it reads each of them as an image (a multiscales node), while
+ome-zarr-models still validates the root as a ``BioFormats2Raw`` collection.
+
 Listing without warnings
 ------------------------
 zarr-python warns "Object at X is not recognized as a component of a Zarr hierarchy" for

@@ -127,8 +127,15 @@ class NgffFormat:
         NGFF 0.4 and 0.5 describe a set of images in one hierarchy with the transitional
         ``bioformats2raw.layout`` (layout 3): the root says it holds a collection, the
         ``OME`` group's ``series`` lists the image groups by path, in order.
+
+        The root's ``labels`` lists the same images: ome-zarr-py (``ome_zarr info``,
+        napari-ome-zarr) descends from a group only into what its ``labels``, plate, well
+        or ``multiscales`` metadata name, and follows no ``bioformats2raw.layout``
+        (ome-zarr-py#421); with ``labels`` it finds every image (as a multiscales image).
+        ome-zarr-models' ``BioFormats2Raw`` (0.4) still validates the root: its attributes
+        model has a ``labels`` field.
         """
-        root = self.wrap({COLLECTION_KEY: 3})
+        root = self.wrap({COLLECTION_KEY: 3, "labels": [str(s) for s in series]})
         group = self.wrap({"series": [str(s) for s in series]})
         return root, group
 

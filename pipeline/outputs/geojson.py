@@ -47,6 +47,7 @@ import shapely
 from rasterio import features as rio_features
 
 from pipeline.classes import PALETTE as CLASS_PALETTE
+from pipeline.config import OBJECT_TYPES
 from pipeline.errors import ConfigError, InputError, OutputError
 from pipeline.outputs.polygons import (
     CONNECTIVITY,
@@ -75,7 +76,6 @@ __all__ = [
     "write_geojson",
 ]
 
-OBJECT_TYPES = ("annotation", "detection")
 AREA_MEASUREMENT = "Area px^2"
 # default class colours, class k -> PALETTE[(k - 1) % len(PALETTE)]: the classes' colours
 # everywhere (the label image, previews), see pipeline.classes

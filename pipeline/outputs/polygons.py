@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import chain
@@ -41,6 +42,7 @@ from itertools import chain
 import numpy as np
 import shapely
 from rasterio import features as rio_features
+from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import Affine
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
@@ -57,6 +59,10 @@ __all__ = [
 ]
 
 CONNECTIVITY = 4
+# The block at (0, 0) has the identity transform, which rasterio takes for a missing
+# georeference and warns about; pixel coordinates are what is meant here. A filter for the
+# process, once (``catch_warnings`` around each call is not thread-safe: block threads).
+warnings.filterwarnings("ignore", category=NotGeoreferencedWarning, module="rasterio.features")
 # dtypes GDAL's polygonize takes as they are; others are narrowed to the smallest that fits
 _TRACEABLE = (np.uint8, np.int8, np.uint16, np.int16, np.int32)
 
