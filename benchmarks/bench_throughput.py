@@ -220,7 +220,8 @@ def warm_cluster(args, tiff: Path, onnx: Path, work: Path):
 
 
 class _TimedBackend:
-    """Wraps a backend to add up the seconds spent inside ``predict``."""
+    """Wraps a backend to add up the seconds spent inside ``predict`` and
+    ``predict_tensor`` (what the pipeline's blocks call)."""
 
     def __init__(self, inner) -> None:
         self.inner, self.seconds, self.calls = inner, 0.0, 0
@@ -228,12 +229,18 @@ class _TimedBackend:
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
+    def _timed(self, fn, batch):
         t0 = time.perf_counter()
-        out = self.inner.predict(batch)
+        out = fn(batch)
         self.seconds += time.perf_counter() - t0
         self.calls += 1
         return out
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        return self._timed(self.inner.predict, batch)
+
+    def predict_tensor(self, batch):
+        return self._timed(self.inner.predict_tensor, batch)
 
 
 @contextlib.contextmanager
@@ -241,11 +248,16 @@ def _profiled(blocks: list, timed: dict):
     """Record every in-process block's ``BlockResult.seconds`` and the model's share.
 
     The in-process path looks ``process_block`` (and ``predict_shared``, the first phase
-    of blocks that own tiles shared with their neighbours) up in ``pipeline.run`` and
-    ``get_backend`` in ``pipeline.stages``, so wrapping them there sees every block.
+    of blocks that own tiles shared with their neighbours) up in ``pipeline.tasks`` (in
+    ``pipeline.run`` before the driver) and ``get_backend`` in ``pipeline.stages``, so
+    wrapping them there sees every block.
     """
-    import pipeline.run as prun
     import pipeline.stages as stages
+
+    try:
+        import pipeline.tasks as prun
+    except ImportError:  # before the driver: the blocks ran from pipeline.run
+        import pipeline.run as prun
 
     saved = {
         (prun, n): getattr(prun, n) for n in ("process_block", "predict_shared") if hasattr(prun, n)

@@ -15,14 +15,15 @@ input or write their output.
 
 from __future__ import annotations
 
+import itertools
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pipeline.blend import BlendMode
-from pipeline.devices import normalize_, quantize, to_device, to_host
+from pipeline.devices import empty, quantize, scale_into, scale_of, to_device, to_host
 from pipeline.errors import PipelineError
 from pipeline.geometry import Region, reflect_index
 from pipeline.merge import TensorMerger, weights_on
@@ -38,6 +39,7 @@ __all__ = [
     "box_to_device",
     "device_lock",
     "finish_block",
+    "merge_tiles",
     "read_box",
     "stream_predictions",
 ]
@@ -98,11 +100,15 @@ def box_to_device(box: HostBox, device: torch.device) -> torch.Tensor:
     return x
 
 
-def _tile_view(x: torch.Tensor, box: Region, lat: Lattice, tile: Tile, squeeze: int):
-    """Tile ``tile``'s input inside ``x`` (covering ``box``), as a view; a 2D model on a
-    volume sees its single plane with the ``z`` axis dropped."""
-    sl = lat.in_region(tile).relative_to(box).to_slices()
-    return x[(slice(None), *(s.start for s in sl[:squeeze]), *sl[squeeze:])]
+def _in_slices(lattice: Lattice, tile: Tile, box: Region, squeeze: int) -> tuple:
+    """Index of tile ``tile``'s input inside a tensor covering ``box`` (channels first);
+    a 2D model on a volume sees its single plane with the ``z`` axis dropped. Plain
+    integer arithmetic: this runs once per tile."""
+    index: list = [slice(None)]
+    for a, (k, m, t, o) in enumerate(zip(tile, lattice.margin, lattice.tile, box.offset)):
+        start = lattice.origin(a, k) - m - o
+        index.append(start if a < squeeze else slice(start, start + t))
+    return tuple(index)
 
 
 def stream_predictions(
@@ -120,9 +126,10 @@ def stream_predictions(
 ) -> Iterator[tuple[Tile, torch.Tensor]]:
     """Yield ``(tile, prediction (K, *out_tile))`` for ``tiles``, in order, run in batches.
 
-    ``x`` holds ``box`` on the device in the stored dtype. Tiles are copied into one
-    float32 batch buffer that is reused, so a yielded prediction is valid until the next
-    batch is cut (the caller merges it first, or copies it).
+    ``x`` holds ``box`` on the device in the stored dtype. Tiles are cut into one
+    float32 batch buffer that is reused, converted and scaled in the same pass
+    (:func:`~pipeline.devices.scale_into`), so a yielded prediction is valid until the
+    next batch is cut (the caller merges it first, or copies it).
     """
     import torch
 
@@ -132,60 +139,109 @@ def stream_predictions(
     model_tile = lattice.tile[squeeze:]
     n = min(batch_size, len(tiles))
     buf = torch.empty((n, x.shape[0], *model_tile), dtype=torch.float32, device=x.device)
+    scale = scale_of(source_dtype, normalize)
     for start in range(0, len(tiles), batch_size):
         batch = tiles[start : start + batch_size]
         view = buf[: len(batch)]
         for i, t in enumerate(batch):
-            view[i].copy_(_tile_view(x, box, lattice, t, squeeze))
-        normalize_(view, source_dtype, normalize)
+            scale_into(view[i], x[_in_slices(lattice, t, box, squeeze)], scale)
         pred = predict_tta(run, view, tta)
         pred = pred.reshape(pred.shape[:2] + lattice.out_tile)
         yield from zip(batch, pred)
 
 
-def blend_block(
+def merge_tiles(
     write: Region,
     lattice: Lattice,
     blend: BlendMode,
     classes: int,
-    tiles: Iterable[Tile],
+    tiles: Sequence[Tile],
     predictions: Iterator[tuple[Tile, torch.Tensor]],
     *,
     ready: dict[Tile, torch.Tensor] | None = None,
     skipped: set[Tile] = frozenset(),
     device: torch.device,
-) -> torch.Tensor:
-    """Blend every tile touching ``write`` in lattice order: ``ready`` ones (predicted
+) -> TensorMerger:
+    """Merge every tile touching ``write`` in lattice order: ``ready`` ones (predicted
     elsewhere), ``skipped`` ones (no tissue: zeros that still count their weight), the
-    rest taken from ``predictions`` (which follows the same order)."""
+    rest taken from ``predictions`` (which follows the same order). Returns the merger
+    (see :func:`finish_block`)."""
     crop = BlendMode(blend) is BlendMode.CROP
     weights = weights_on(BlendMode(blend), lattice.out_tile, lattice.overlap, device)
-    merger = TensorMerger(write, classes, blend, device, weights)
+    first = _first_indices(tiles)
+    merger = TensorMerger(write, classes, blend, device, weights, ordered=first is not None)
     ready = ready or {}
     for t in tiles:
-        owned = lattice.owned_region(t) if crop else None
+        if crop:
+            tile_out, owned = lattice.out_region(t), lattice.owned_region(t)
+        else:  # plain integers: the tile's output origin, and where no earlier tile reached
+            origin = tuple(lattice.origin(a, k) for a, k in enumerate(t))
+            fresh = None if first is None else _fresh(lattice, t, first, origin)
         if t in skipped:
-            merger.skip(lattice.out_region(t), owned)
+            if crop:
+                merger.skip(tile_out, owned)
+            else:
+                merger.skip_at(origin, fresh)
             continue
         pred = ready.get(t)
         if pred is None:
             got, pred = next(predictions)
             if got != t:  # a bug, never the user's: the stream follows the same order
                 raise RuntimeError(f"tile {got} arrived where {t} was expected")
-        merger.add(pred, lattice.out_region(t), owned)
-    return merger.result()
+        if crop:
+            merger.add(pred, tile_out, owned)
+        else:
+            merger.add_at(pred, origin, fresh)
+    return merger
+
+
+def _first_indices(tiles: Sequence[Tile]) -> Tile | None:
+    """Per axis the first tile index, when ``tiles`` are every tile of a box of the
+    lattice in lattice (raster) order; None otherwise."""
+    if not tiles:
+        return None
+    ranges = [sorted({t[a] for t in tiles}) for a in range(len(tiles[0]))]
+    if any(r[-1] - r[0] + 1 != len(r) for r in ranges):
+        return None
+    if list(tiles) != list(itertools.product(*(range(r[0], r[-1] + 1) for r in ranges))):
+        return None
+    return tuple(r[0] for r in ranges)
+
+
+def _fresh(lattice: Lattice, tile: Tile, first: Tile, origin: tuple[int, ...]) -> tuple:
+    """Per axis, where the part of ``tile`` that no earlier tile of the box reached
+    starts: the end of the previous tile along that axis (every tile before it in
+    raster order lies before it on some axis, and reaches at most that far)."""
+    return tuple(
+        o if k == f else lattice.origin(a, k - 1) + n
+        for a, (k, f, o, n) in enumerate(zip(tile, first, origin, lattice.out_tile))
+    )
+
+
+def blend_block(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """:func:`merge_tiles` (the same arguments), divided: the blended probabilities
+    ``(K, *write.shape)``."""
+    return merge_tiles(*args, **kwargs).result()
+
+
+#: Values per band of the CPU finishing pass: a band of every channel stays in L2 cache
+#: through its division, check and quantisation (each a pass over memory otherwise).
+FINISH_BAND_BYTES = 2**19
 
 
 def finish_block(
-    prob: torch.Tensor,
+    prob: torch.Tensor | TensorMerger,
     out_dtype: str,
     *,
     mask: np.ndarray | None = None,
     where: object = None,
     block: Region | None = None,
 ) -> np.ndarray:
-    """Mask (glass is background), check, quantise on the device; copy back once (the
-    result never shares memory with ``prob``).
+    """Divide (a merger's sums), mask (glass is background), check, quantise on the
+    device; copy back once (the result never shares memory with ``prob``).
+
+    On CPU the block goes through these steps band by band, each band in cache: the
+    same operations on the same values as whole-block passes, so the same bits.
 
     Raises
     ------
@@ -195,13 +251,38 @@ def finish_block(
     """
     import torch
 
+    weights = None
+    if isinstance(prob, TensorMerger):
+        prob.check()
+        prob, weights = prob.acc, prob.wsum
+    classes = prob.shape[0]
+    flat = prob.reshape(classes, -1)  # a view: prob is contiguous
+    wflat = None if weights is None else weights.reshape(1, -1)
+    mflat = None
     if mask is not None:
-        prob.mul_(to_device(mask, prob.device))
-    if not bool(torch.isfinite(torch.stack(torch.aminmax(prob))).all()):  # NaN propagates
+        mflat = to_device(np.ascontiguousarray(mask).reshape(1, -1), prob.device)
+    # the output of this thread's previous block, when nothing holds it any more
+    out = empty(tuple(prob.shape), getattr(torch, out_dtype), prob.device, role="block-out")
+    oflat = out.view(classes, -1)
+    n = flat.shape[1]
+    band = n if prob.device.type != "cpu" else max(1, FINISH_BAND_BYTES // (4 * classes))
+    lows, highs = [], []
+    for start in range(0, n, band):
+        part = slice(start, min(n, start + band))
+        p = flat[:, part]
+        if wflat is not None:
+            p.div_(wflat[:, part])
+        if mflat is not None:
+            p.mul_(mflat[:, part])
+        low, high = torch.aminmax(p)
+        lows.append(low)
+        highs.append(high)
+        quantize(p, out_dtype, out=oflat[:, part])
+    if not bool(torch.isfinite(torch.stack(lows + highs)).all()):  # NaN propagates
         raise PipelineError(
             f"model output contains NaN or Inf in block {block}",
             where=where,
             reason="model-output-nonfinite",
             hint="check the input for NaN/Inf and the model's normalisation",
         )
-    return to_host(quantize(prob, out_dtype))
+    return to_host(out)

@@ -11,22 +11,23 @@ from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from pipeline.blend import BlendMode, tile_weights
+from pipeline.devices import empty
 from pipeline.geometry import Region
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["TensorMerger", "weights_on", "zeros_scratch"]
+__all__ = ["TensorMerger", "scratch", "weights_on", "zeros_scratch"]
 
 #: Per (device, role): one flat float32 buffer, grown to the largest block seen.
 _SCRATCH: dict[tuple[str, str], torch.Tensor] = {}
 
 
-def zeros_scratch(role: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """A zeroed float32 tensor of ``shape`` on ``device``, in memory reused from block to
-    block: zeroing reused pages costs a fraction of faulting in fresh ones (a block's
-    accumulators are hundreds of MB). Valid until the next call with the same ``role``
-    and device, so only the holder of the device's lock may use it.
+def scratch(role: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """An uninitialised float32 tensor of ``shape`` on ``device``, in memory reused from
+    block to block (a block's accumulators are hundreds of MB: faulting in fresh pages
+    for every block costs more than using them). Valid until the next call with the
+    same ``role`` and device, so only the holder of the device's lock may use it.
     """
     import math
 
@@ -36,8 +37,13 @@ def zeros_scratch(role: str, shape: tuple[int, ...], device: torch.device) -> to
     size = math.prod(shape)
     flat = _SCRATCH.get(key)
     if flat is None or flat.numel() < size:
-        flat = _SCRATCH[key] = torch.empty(size, dtype=torch.float32, device=device)
-    return flat[:size].view(shape).zero_()
+        flat = _SCRATCH[key] = empty((size,), torch.float32, device)
+    return flat[:size].view(shape)
+
+
+def zeros_scratch(role: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """:func:`scratch`, zeroed."""
+    return scratch(role, shape, device).zero_()
 
 
 @lru_cache(maxsize=16)
@@ -65,9 +71,15 @@ class TensorMerger:
         How tiles are blended; ``crop`` copies the part each tile owns.
     weights
         The tile weight window on ``device`` (:func:`weights_on`); None for ``crop``.
+    ordered
+        The tiles come in lattice order, every tile of a box of the lattice, through
+        :meth:`add_at` / :meth:`skip_at` with the start of the part that no earlier tile
+        reached (``fresh``). That part is written, not added to: ``0 + w p`` is
+        computed there (so even a ``-0.0`` prediction sums as before), and the
+        accumulators need no zeroing beforehand: a block's worth of memory traffic less.
 
-    The accumulators are scratch memory (:func:`zeros_scratch`): the result is valid
-    until the next block on the device starts.
+    The accumulators are scratch memory (:func:`scratch`): the result is valid until
+    the next block on the device starts.
     """
 
     def __init__(
@@ -77,15 +89,24 @@ class TensorMerger:
         mode: BlendMode,
         device: torch.device,
         weights: torch.Tensor | None,
+        *,
+        ordered: bool = False,
     ) -> None:
+        import torch
 
         self.region = region
         self.mode = BlendMode(mode)
         self.crop = self.mode is BlendMode.CROP
         self.weights = weights
-        self.acc = zeros_scratch("acc", (classes, *region.shape), device)
-        self.wsum = None if self.crop else zeros_scratch("wsum", region.shape, device)
-        self._filled = 0
+        self.ordered = ordered
+        self._tile = None if weights is None else tuple(weights.shape)
+        # crop copies what each tile owns and zeroes what skipped tiles own: no zeroing
+        fresh = ordered or self.crop
+        make = scratch if fresh else zeros_scratch
+        self.acc = make("acc", (classes, *region.shape), device)
+        self.wsum = None if self.crop else make("wsum", region.shape, device)
+        self._zero = torch.zeros((), dtype=torch.float32, device=device)
+        self._filled = 0  # pixels written for the first time (crop: owned pixels)
 
     def _target(self, tile_out: Region, owned: Region | None) -> Region:
         return (owned if self.crop else tile_out).intersect(self.region)
@@ -95,6 +116,8 @@ class TensorMerger:
 
         In crop mode ``owned`` is the part of the tile that alone provides the output.
         """
+        if self.ordered and not self.crop:
+            raise RuntimeError("an ordered merger takes tiles through add_at")
         target = self._target(tile_out, owned)
         if target.empty:
             return
@@ -108,28 +131,93 @@ class TensorMerger:
         self.acc[(slice(None), *dst)].addcmul_(pred[(slice(None), *src)], w)
         self.wsum[dst].add_(w)
 
+    def _pieces(self, origin: tuple[int, ...], fresh: tuple[int, ...] | None):
+        """(destination, source, first) slices of the tile whose output starts at
+        ``origin``, clipped to the region: its fresh box (``first``: no earlier tile
+        reached it; everything when ``fresh`` is None) and the boxes earlier tiles
+        reached (disjoint; plain integers)."""
+        lo, hi = [], []
+        for o, t, r, n in zip(origin, self._tile, self.region.offset, self.region.shape):
+            a, b = max(o, r), min(o + t, r + n)
+            if b <= a:
+                return []
+            lo.append(a)
+            hi.append(b)
+        if fresh is None:
+            return [(lo, hi, False)]
+        cut = [min(max(f, a), b) for f, a, b in zip(fresh, lo, hi)]
+        pieces = [(cut, hi, True)]
+        for axis in range(len(lo)):  # axes before `axis` fresh, `axis` reached, rest whole
+            if cut[axis] > lo[axis]:
+                pieces.append(
+                    (
+                        cut[:axis] + [lo[axis]] + lo[axis + 1 :],
+                        cut[:axis] + [cut[axis]] + hi[axis + 1 :],
+                        False,
+                    )
+                )
+        out = []
+        for a, b, first in pieces:
+            if all(y > x for x, y in zip(a, b)):
+                dst = tuple(slice(x - r, y - r) for x, y, r in zip(a, b, self.region.offset))
+                src = tuple(slice(x - o, y - o) for x, y, o in zip(a, b, origin))
+                out.append((dst, src, first))
+        return out
+
+    def add_at(
+        self, pred: torch.Tensor, origin: tuple[int, ...], fresh: tuple[int, ...] | None = None
+    ) -> None:
+        """:meth:`add` for a weighted mode, the tile given by its output origin (and, in
+        an ordered merger, the start of its fresh part)."""
+        import torch
+
+        for dst, src, first in self._pieces(origin, fresh if self.ordered else None):
+            w = self.weights[src]
+            into = self.acc[(slice(None), *dst)]
+            if first:
+                torch.addcmul(self._zero, pred[(slice(None), *src)], w, out=into)
+                self.wsum[dst].copy_(w)
+                self._filled += w.numel()
+            else:
+                into.addcmul_(pred[(slice(None), *src)], w)
+                self.wsum[dst].add_(w)
+
+    def skip_at(self, origin: tuple[int, ...], fresh: tuple[int, ...] | None = None) -> None:
+        """:meth:`skip` for a weighted mode, the tile given by its output origin."""
+        for dst, src, first in self._pieces(origin, fresh if self.ordered else None):
+            if first:
+                self.acc[(slice(None), *dst)].zero_()
+                self.wsum[dst].copy_(self.weights[src])
+                self._filled += self.wsum[dst].numel()
+            else:
+                self.wsum[dst].add_(self.weights[src])
+
     def skip(self, tile_out: Region, owned: Region | None = None) -> None:
         """Count a tile that was not run (no tissue) as predicting zeros."""
+        if self.ordered and not self.crop:
+            raise RuntimeError("an ordered merger takes tiles through skip_at")
         target = self._target(tile_out, owned)
         if target.empty:
             return
+        dst = target.relative_to(self.region).to_slices()
         if self.crop:
+            self.acc[(slice(None), *dst)].zero_()
             self._filled += target.size
             return
-        self.wsum[target.relative_to(self.region).to_slices()].add_(
-            self.weights[target.relative_to(tile_out).to_slices()]
-        )
+        self.wsum[dst].add_(self.weights[target.relative_to(tile_out).to_slices()])
+
+    def check(self) -> None:
+        """Raise (a bug, never the user's) unless every pixel of the region got a tile."""
+        if self.crop or self.ordered:
+            if self._filled != self.region.size:
+                raise RuntimeError(
+                    f"tiles covered {self._filled} of {self.region.size} pixels of {self.region}"
+                )
+        elif not bool(self.wsum.min() > 0):
+            raise RuntimeError(f"tiles do not cover block {self.region}")
 
     def result(self) -> torch.Tensor:
         """Blended probabilities ``(K, *region.shape)`` float32 (the accumulator, divided
         in place)."""
-        if self.crop:
-            if self._filled != self.region.size:
-                raise RuntimeError(
-                    f"crop blending covered {self._filled} of {self.region.size} pixels of "
-                    f"{self.region}"
-                )
-            return self.acc
-        if not bool(self.wsum.min() > 0):
-            raise RuntimeError(f"tiles do not cover block {self.region}")
-        return self.acc.div_(self.wsum)
+        self.check()
+        return self.acc if self.crop else self.acc.div_(self.wsum)

@@ -99,7 +99,7 @@ def downsample(data: np.ndarray, axes: str, chunks: Sequence[int]) -> np.ndarray
     """
     yx = [axes.index("y"), axes.index("x")]
     if data.dtype == np.uint8:
-        return _mean_uint8(data, yx)
+        return _mean_uint8_banded(data, yx)
     out_shape = tuple(n // 2 if a in yx else n for a, n in enumerate(data.shape))
     out = np.empty(out_shape, dtype=data.dtype)
     starts = [range(0, n, int(c)) for n, c in zip(data.shape, chunks)]
@@ -123,20 +123,48 @@ def _coarsen_mean(piece: np.ndarray, yx: list[int]) -> np.ndarray:
     return np.mean(x.reshape(shape), axis=tuple(range(1, 2 * x.ndim, 2)))
 
 
+#: Input bytes per band of the uint8 2x2 mean: its temporaries stay in cache.
+BAND_BYTES = 2**18
+
+
+def _mean_uint8_banded(data: np.ndarray, yx: list[int]) -> np.ndarray:
+    """:func:`_mean_uint8` over bands of an even number of rows (the same integers: each
+    output row comes from its own two input rows), so that the 16-bit sums of a band
+    stay in cache instead of making several passes over a block's worth of memory."""
+    y = yx[0]
+    rows = data.shape[y] - data.shape[y] % 2
+    out_shape = tuple(n // 2 if a in yx else n for a, n in enumerate(data.shape))
+    out = np.empty(out_shape, dtype=np.uint8)
+    row_bytes = max(1, data.size // max(1, data.shape[y]))
+    band = max(2, (BAND_BYTES // row_bytes) & ~1)
+    for start in range(0, rows, band):
+        src = [slice(None)] * data.ndim
+        dst = [slice(None)] * data.ndim
+        src[y] = slice(start, min(rows, start + band))
+        dst[y] = slice(start // 2, min(rows, start + band) // 2)
+        out[tuple(dst)] = _mean_uint8(data[tuple(src)], yx)
+    return out
+
+
 def _mean_uint8(data: np.ndarray, yx: list[int]) -> np.ndarray:
     """rint(mean of 2×2) of uint8, in integers: ``(s + 1 + ((s >> 2) & 1)) >> 2`` of the
-    sum ``s`` rounds ``s / 4`` half to even, as ``np.rint`` of the float32 mean does."""
+    sum ``s`` rounds ``s / 4`` half to even, as ``np.rint`` of the float32 mean does.
 
-    def part(dy: int, dx: int) -> np.ndarray:
-        index = [slice(None)] * data.ndim
-        index[yx[0]] = slice(dy, data.shape[yx[0]] - data.shape[yx[0]] % 2, 2)
-        index[yx[1]] = slice(dx, data.shape[yx[1]] - data.shape[yx[1]] % 2, 2)
-        return data[tuple(index)]
+    Row pairs are added first (whole rows: contiguous, vectorised), then column pairs of
+    the half-height sum: about half the time of four strided quarter-reads."""
+    y, x = yx
+    ny, nx = data.shape[y] - data.shape[y] % 2, data.shape[x] - data.shape[x] % 2
 
-    s = part(0, 0).astype(np.uint16)
-    s += part(0, 1)
-    s += part(1, 0)
-    s += part(1, 1)
+    def pick(array: np.ndarray, axis: int, start: int, stop: int, step: int) -> np.ndarray:
+        index = [slice(None)] * array.ndim
+        index[axis] = slice(start, stop, step)
+        return array[tuple(index)]
+
+    even = pick(pick(data, y, 0, ny, 2), x, 0, nx, 1)
+    odd = pick(pick(data, y, 1, ny, 2), x, 0, nx, 1)
+    s = even.astype(np.uint16)
+    s += odd
+    s = pick(s, x, 0, nx, 2) + pick(s, x, 1, nx, 2)
     q = s >> 2
     q &= 1
     s += q

@@ -16,6 +16,7 @@ that many blocks.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -31,10 +32,10 @@ from pipeline.blend import BlendMode
 from pipeline.devices import host_threads, torch_device
 from pipeline.engine import (
     HostBox,
-    blend_block,
     box_to_device,
     device_lock,
     finish_block,
+    merge_tiles,
     read_box,
     stream_predictions,
 )
@@ -162,7 +163,7 @@ class BlockResult:
 
 _BACKENDS: dict[BackendRef, Backend] = {}
 _BATCHES: dict[tuple, int] = {}
-_SINKS: dict[str, zarr.Array] = {}
+_SINKS: dict[tuple[str, bool], zarr.Array] = {}
 _LOAD = threading.Lock()
 
 
@@ -205,12 +206,12 @@ def worker_device(device: str) -> str:
     return f"cuda:{int(name) % count}" if isinstance(name, int) and count > 1 else device
 
 
-def _open_sink(path: str) -> zarr.Array:
-    arr = _SINKS.get(path)
+def _open_sink(path: str, keep_empty: bool = False) -> zarr.Array:
+    arr = _SINKS.get((path, keep_empty))
     if arr is None:
         from pipeline.io.sink import open_level
 
-        arr = _SINKS[path] = open_level(path)
+        arr = _SINKS[(path, keep_empty)] = open_level(path, keep_empty)
     return arr
 
 
@@ -218,7 +219,7 @@ def forget_sink(path: str) -> None:
     """Drop the cached output handles of the image whose level ``path`` is (every level),
     after the image is finished or discarded."""
     folder = os.path.dirname(path.rstrip("/\\"))
-    for key in [k for k in _SINKS if k == path or os.path.dirname(k) == folder]:
+    for key in [k for k in _SINKS if k[0] == path or os.path.dirname(k[0]) == folder]:
         _SINKS.pop(key, None)
 
 
@@ -329,6 +330,10 @@ def _predictions(job: BlockJob, backend: Backend, box: HostBox, tiles: list[Tile
 
 
 def _source(job: BlockJob):
+    """What the block reads: an input's plain array-like (numpy from one read, no dask
+    graph), or the array it was given."""
+    if hasattr(job.source, "open_view"):
+        return job.source.open_view()
     return job.source.open() if hasattr(job.source, "open") else job.source
 
 
@@ -378,7 +383,7 @@ def process_block(job: BlockJob, *shared: dict) -> BlockResult:
         t2 = time.perf_counter()
         stream = iter(()) if box is None else _predictions(job, backend, box, local, section.device)
         on_device = {t: _tensor(p, section.device) for t, p in ready.items()}
-        prob = blend_block(
+        merged = merge_tiles(
             job.write,
             lat,
             job.blend,
@@ -390,7 +395,9 @@ def process_block(job: BlockJob, *shared: dict) -> BlockResult:
             device=section.device,
         )
         mask = None if job.tissue is None else job.tissue.upsample(job.write)  # glass: 0
-        out = finish_block(prob, job.out_dtype, mask=mask, where=job.backend.model, block=job.write)
+        out = finish_block(
+            merged, job.out_dtype, mask=mask, where=job.backend.model, block=job.write
+        )
     t3 = time.perf_counter()
     own_run = sum(job.runs(t) for t in job.own)
     result = BlockResult(job.index, job.write, len(local) + own_run, job.write.size)
@@ -422,12 +429,36 @@ def _tensor(pred: np.ndarray, device: torch.device) -> torch.Tensor:
 def write_block(job: BlockJob, out: np.ndarray) -> None:
     """Level 0 of the block, then each pyramid level it owns, each computed from the
     previous one as stored (:func:`pipeline.pyramid.downsample`); level 0 is never read."""
-    level0 = _open_sink(job.sink)
-    level0[(slice(None), *job.write.to_slices())] = out
     axes = "c" + "zyx"[-job.write.ndim :]
-    data, chunks = out, level0.chunks
+    chunks = _store(job.sink, job.write, out)
+    data = out
     for k, path in enumerate(job.levels, 1):
-        target = _open_sink(path)
         data = downsample(data, axes, chunks)
-        target[(slice(None), *level_region(job.write, axes, k).to_slices())] = data
-        chunks = target.chunks
+        chunks = _store(path, level_region(job.write, axes, k), data)
+
+
+def _store(path: str, region: Region, data: np.ndarray) -> tuple[int, ...]:
+    """``data`` (every channel of ``region``, whole chunks of the level at ``path``)
+    written; returns the level's chunks.
+
+    Chunks holding a nonzero value are written without Zarr's emptiness check (it
+    compares every value, which costs more than compressing the chunk); any other
+    chunk is written through the check, so an all-zero chunk is still not stored.
+    """
+    target = _open_sink(path, keep_empty=True)
+    pieces = [
+        tuple(slice(o, o + c) for o, c in zip(corner, target.chunks))
+        for corner in itertools.product(
+            *(range(0, n, c) for n, c in zip(data.shape, target.chunks))
+        )
+    ]
+    empty = [p for p in pieces if not data[p].any()]  # -0.0 counts here: Zarr decides
+    origin = (0, *region.offset)
+    if not empty:
+        target[(slice(None), *region.to_slices())] = data
+        return target.chunks
+    checked = _open_sink(path)
+    for p in pieces:
+        at = tuple(slice(o + s.start, o + min(s.stop, n)) for o, s, n in zip(origin, p, data.shape))
+        (checked if p in empty else target)[at] = data[p]
+    return target.chunks

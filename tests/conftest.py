@@ -38,17 +38,23 @@ def one_thread():
 
 @pytest.fixture
 def tile_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts compressed tiles/strips that tifffile's Zarr store reads from disk."""
+    """Counts compressed tiles/strips read from disk: by the pipeline's direct reader
+    (one-page levels) and by tifffile's Zarr store (other levels)."""
     import tifffile.zarr
 
+    from pipeline.io.tiff_tiles import TiffTiles
+
     reads: list[int] = []
-    original = tifffile.zarr.FileCache.read
 
-    def counting(self, *args, **kwargs):
-        reads.append(1)
-        return original(self, *args, **kwargs)
+    def counted(original):
+        def counting(self, *args, **kwargs):
+            reads.append(1)
+            return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(tifffile.zarr.FileCache, "read", counting)
+        return counting
+
+    monkeypatch.setattr(tifffile.zarr.FileCache, "read", counted(tifffile.zarr.FileCache.read))
+    monkeypatch.setattr(TiffTiles, "read_segment", counted(TiffTiles.read_segment))
     return reads
 
 

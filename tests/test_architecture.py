@@ -53,7 +53,14 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "pipeline.pyramid",
         "pipeline.devices",
     ),
-    ("pipeline.geometry", "pipeline.retry", "pipeline.shard", "pipeline.faults", "pipeline.atomic"),
+    (
+        "pipeline.geometry",
+        "pipeline.retry",
+        "pipeline.shard",
+        "pipeline.faults",
+        "pipeline.atomic",
+        "pipeline.buffers",
+    ),
     ("pipeline", "pipeline.errors", "pipeline._compat"),
 )
 
@@ -71,6 +78,7 @@ IO_LAYERS: tuple[tuple[str, ...], ...] = (
         "pipeline.io.axes",
         "pipeline.io.meta",
         "pipeline.io.tiff_guard",
+        "pipeline.io.tiff_tiles",
         "pipeline.io.resample",
         "pipeline.io.ngff",
         "pipeline.io.formats",

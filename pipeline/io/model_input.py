@@ -101,11 +101,20 @@ class InputRef:
 
     def open(self) -> dask.array.Array:
         """The lazy ``(C, *spatial)`` array, built once per process and file version."""
+        return self._opened().array
+
+    def open_view(self) -> ModelView:
+        """The same pixels as :meth:`open` as a plain array-like: a window comes back as
+        numpy from one read of the stored tiles under it, without a dask graph (what a
+        block reads)."""
+        return self._opened().view
+
+    def _opened(self) -> ModelInput:
         try:
             stamp = lazy.fingerprint(self.path)
         except OSError:
             stamp = (0, 0)  # opening reports what is wrong with the path
-        return _open_cached(self, stamp).array
+        return _open_cached(self, stamp)
 
 
 @dataclass(frozen=True)
@@ -143,6 +152,7 @@ class ModelInput:
     level: int
     factor: float = 1.0
     factors: dict[str, float] = field(default_factory=dict)
+    view: ModelView | None = None
 
 
 def open_for_model(
@@ -278,6 +288,7 @@ def _build(ref: InputRef) -> ModelInput:
         level=ref.level,
         factor=max(factors.values(), default=1.0),
         factors=factors,
+        view=view,
     )
 
 

@@ -98,6 +98,7 @@ class ModelView:
         check_finite: bool = True,
     ) -> None:
         self.base, self.axes, self.path = source.array, source.axes, source.path
+        self.reader = source.reader  # read directly when there is one: no dask graph
         self.label = f"series {source.series} level {source.level}"
         self.take, self.order, self.spatial = layout.take, layout.order, layout.spatial
         resample = resample or {}
@@ -192,9 +193,12 @@ class ModelView:
                 selection.append(slice(r_lo, r_hi))
             else:
                 selection.append(slice(*src[a]))
-        data = self.base[tuple(selection)]
-        if hasattr(data, "compute"):  # the level's dask array: fused into one read
-            data = data.compute(scheduler="synchronous")
+        if self.reader is not None:
+            data = self.reader[tuple(selection)]
+        else:
+            data = self.base[tuple(selection)]
+            if hasattr(data, "compute"):  # the level's dask array: fused into one read
+                data = data.compute(scheduler="synchronous")
         data = np.asarray(data)
         kept = [a for a in self.axes if a not in self.take]
         data = data.transpose([kept.index(a) for a in self.order])

@@ -11,6 +11,7 @@ tasks.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import re
 import unicodedata
@@ -27,7 +28,7 @@ from pipeline.errors import OutputError
 from pipeline.io import ngff
 from pipeline.io.collection import RESERVED_NAMES, drop_consolidated, root_format
 from pipeline.io.formats import NAME_SUFFIXES
-from pipeline.pyramid import block_levels, level_chunks, pyramid_shapes
+from pipeline.pyramid import block_levels, downsample, level_chunks, pyramid_shapes
 
 _ARRAY_CONFIG = {"write_empty_chunks": False}
 _WINDOWS_DEVICES = {
@@ -186,11 +187,15 @@ def open_root(out: str | os.PathLike, fmt: ngff.NgffFormat | str | None = None):
         ) from exc
 
 
-def open_level(path: str):
-    """Open one level array for writing; empty (all-zero) chunks are not stored."""
+def open_level(path: str, keep_empty: bool = False):
+    """Open one level array for writing; empty (all-zero) chunks are not stored, unless
+    ``keep_empty`` (for a writer that knows its chunks are not empty: Zarr's check
+    compares every value of every chunk, which costs more than compressing it)."""
     import zarr
 
-    return zarr.open_array(path, mode="r+", config=_ARRAY_CONFIG)
+    config = {**_ARRAY_CONFIG, "write_empty_chunks": True} if keep_empty else _ARRAY_CONFIG
+    # open_array ignores ``config`` for an existing array: set it on the opened one
+    return zarr.open_array(path, mode="r+").with_config(config)
 
 
 @dataclass
@@ -317,26 +322,30 @@ def level_matches(
 
 def write_pyramid(writer: ImageWriter, min_size: int = 256) -> int:
     """Build the levels the blocks did not write, each from the previous one (mean over
-    2×2 in y, x, as :func:`pipeline.pyramid.downsample`), with chunk-aligned tasks; level
-    0 is read back only when no block wrote level 1. Returns the level count."""
-    import dask.array as da
+    2×2 in y, x, as :func:`pipeline.pyramid.downsample`), one output chunk at a time
+    (each has exactly one writer); level 0 is read back only when no block wrote
+    level 1. Returns the level count."""
     import zarr
 
     group = zarr.open_group(str(writer.staging), mode="r+")
     shapes = pyramid_shapes(group["0"].shape, writer.axes, min_size)
-    factors = {writer.axes.index("y"): 2, writer.axes.index("x"): 2}
     for level in range(writer.block_levels + 1, len(shapes)):
-        src = da.from_zarr(group[str(level - 1)])
-        down = da.coarsen(np.mean, src.astype(np.float32), factors, trim_excess=True)
-        if writer.dtype == "uint8":
-            down = da.rint(down).astype(np.uint8)
-        else:
-            down = down.astype(writer.dtype)
         # a level left by a run killed while finishing is made again
         target = _create_level(group, writer, level, shapes[level], overwrite=True)
-        # chunk-aligned tasks: each output chunk has exactly one writer
-        da.store(down.rechunk(target.chunks), target, lock=False)
+        _downsample_level(group[str(level - 1)], target, writer.axes)
     return len(shapes)
+
+
+def _downsample_level(src: Any, target: Any, axes: str) -> None:
+    """Every chunk of ``target`` from the part of ``src`` under it: whole chunks of
+    ``src`` (chunks of a level are its first level's, clipped), odd excess at the end
+    left out, averaged chunk by chunk as the dask pass over ``src`` did."""
+    yx = {axes.index("y"), axes.index("x")}
+    corners = itertools.product(*(range(0, n, c) for n, c in zip(target.shape, target.chunks)))
+    for corner in corners:
+        dst = tuple(slice(o, min(o + c, n)) for o, c, n in zip(corner, target.chunks, target.shape))
+        under = tuple(slice(2 * d.start, 2 * d.stop) if a in yx else d for a, d in enumerate(dst))
+        target[dst] = downsample(src[under], axes, src.chunks)
 
 
 def write_metadata(

@@ -81,6 +81,9 @@ class ImageSource:
         series name, storage chunks, NGFF version, channel names, where the pixel size
         came from (``pixel_size_source``) and implausible ones it declared
         (``pixel_size_rejected``)...
+    reader
+        The array-like under ``array`` (a :class:`~pipeline.io.lazy.LazyLevel`): numpy
+        out of one call, for reads that need no dask graph (a block's input).
     """
 
     path: str
@@ -93,6 +96,7 @@ class ImageSource:
     levels: tuple[tuple[int, ...], ...]
     dtype: str
     info: dict
+    reader: Any = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -165,6 +169,7 @@ def open_image(
         levels=tuple(lv.shape for lv in chosen.levels),
         dtype=stored.dtype,
         info=info,
+        reader=view,
     )
 
 

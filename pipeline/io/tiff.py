@@ -1,10 +1,10 @@
 """TIFF family: plain and multi-page TIFF, ImageJ hyperstacks, Aperio SVS, Hamamatsu NDPI,
 OME-TIFF (pyramids in SubIFDs), PerkinElmer/Akoya QPTIFF, generic pyramidal TIFF.
 
-Pixels are read through tifffile's Zarr 3 store (``series.aszarr(level=...)``), one
-stored tile or strip at a time, or, for uncompressed contiguous data (a large striped
-TIFF), through a read-only memory map that reads only the rows and columns asked for.
-This module only reads metadata and opens levels.
+Pixels of a one-page level are read tile by tile straight from the file
+(:mod:`pipeline.io.tiff_tiles`), of other levels through tifffile's Zarr 3 store, and of
+uncompressed contiguous data (a large striped TIFF) through a read-only memory map that
+reads only the rows and columns asked for. This module only reads metadata and opens levels.
 
 Guards against damaged files: a file cut short or whose tiles point past its end, a
 level with tiles that were never written (offset or byte count 0: tifffile would return
@@ -38,6 +38,7 @@ from pipeline.io.meta import (
     to_micrometres,
 )
 from pipeline.io.tiff_guard import guard_decoders
+from pipeline.io.tiff_tiles import TiffTiles, supports
 
 log = logging.getLogger(__name__)
 
@@ -64,16 +65,15 @@ MAX_PAGES_CHECKED = 256
 
 
 def open_tiff_level(path: str, series: int, level: int, mode: str = "zarr") -> Any:
-    """Open one level of one series read-only, without decoding pixels.
-
-    ``mode`` is ``"zarr"`` (tifffile's Zarr store; the TiffFile stays open for as long
-    as the array is referenced) or :data:`MEMMAP` (contiguous uncompressed data).
-    """
+    """Open one level of one series read-only, without decoding pixels: ``mode`` is
+    ``"zarr"`` (:class:`~pipeline.io.tiff_tiles.TiffTiles` or else tifffile's Zarr store,
+    holding the TiffFile open) or :data:`MEMMAP` (contiguous uncompressed data)."""
     if mode == MEMMAP:
         return tifffile.memmap(path, series=series, level=level, mode="r")
     tif = tifffile.TiffFile(path)
     guard_decoders(tif.series[series].levels[level])
-    # a read's tiles decode on 4 threads (the codecs release the GIL): 0.6x the time
+    if supports(tif.series[series].levels[level]):
+        return TiffTiles(tif, path, series, level)
     return zarr.open_array(tif.series[series].aszarr(level=level, maxworkers=4), mode="r")
 
 
