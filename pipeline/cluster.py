@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import itertools
 import logging
 import os
@@ -57,7 +58,7 @@ import subprocess
 import tempfile
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from pipeline.config import RunConfig
@@ -80,9 +81,11 @@ log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def open_cluster(cfg: RunConfig) -> Iterator[tuple[Any, int]]:
+def open_cluster(cfg: RunConfig, warm: Sequence[str] = ()) -> Iterator[tuple[Any, int]]:
     """``(client, slots)``: a client where ``cfg`` says blocks run, and how many blocks
-    run at once there (the driver keeps about twice as many queued)."""
+    run at once there (the driver keeps about twice as many queued). ``warm``: modules a
+    local cluster's workers import in the background as soon as they start (see
+    :func:`dask_setup`)."""
     _quiet_distributed()
     if cfg.cluster == "slurm":
         settings = slurm_settings(cfg)
@@ -91,7 +94,7 @@ def open_cluster(cfg: RunConfig) -> Iterator[tuple[Any, int]]:
         with slurm_client(settings, cfg.jobs or 1) as client:
             yield client, (cfg.jobs or 1) * processes * threads
         return
-    with dask_client(cfg) as client:
+    with dask_client(cfg, warm) as client:
         slots = sum(client.nthreads().values()) if cfg.scheduler else worker_layout(cfg)[0]
         yield client, max(1, slots) * (1 if cfg.scheduler else BLOCK_THREADS)
 
@@ -126,8 +129,9 @@ def model_threads(cfg: RunConfig) -> int:
 
 
 @contextlib.contextmanager
-def dask_client(cfg: RunConfig) -> Iterator[Any]:
-    """A client on ``cfg.scheduler``, or on a loopback-only LocalCluster."""
+def dask_client(cfg: RunConfig, warm: Sequence[str] = ()) -> Iterator[Any]:
+    """A client on ``cfg.scheduler``, or on a loopback-only LocalCluster whose workers
+    import the modules ``warm`` names in the background from their start."""
     import dask
     from distributed import Client, LocalCluster
 
@@ -154,7 +158,7 @@ def dask_client(cfg: RunConfig) -> Iterator[Any]:
             # what happened to each input is in the summary and the report
             silence_logs=logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.CRITICAL,
             memory_limit=0,
-            env={"OMP_NUM_THREADS": str(threads)},
+            env={"OMP_NUM_THREADS": str(threads), WARM_ENV: ",".join(warm)},
             preload=[__name__],  # dask_setup below: Ctrl-C is the driver's to handle
         ) as cluster,
         Client(cluster) as client,
@@ -163,13 +167,30 @@ def dask_client(cfg: RunConfig) -> Iterator[Any]:
 
 
 def dask_setup(worker: Any) -> None:
-    """Worker preload (``--preload pipeline.cluster``): a local worker ignores SIGINT.
+    """Worker preload (``--preload pipeline.cluster``): a local worker ignores SIGINT and
+    starts importing what its blocks will need.
 
     Ctrl-C in a terminal reaches every process of the foreground group; the driver then
     stops the run and closes the cluster, while workers that took the signal themselves
-    would only print tracebacks."""
+    would only print tracebacks. The imports (torch, the backend, the block stages: 1-2 s
+    on a small machine) run in a background thread: the worker joins the cluster at once,
+    and they overlap the driver's planning instead of delaying the first block."""
     if _main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+    modules = [m for m in os.environ.get(WARM_ENV, "").split(",") if m]
+    if modules:
+        threading.Thread(target=_import_all, args=(modules,), daemon=True).start()
+
+
+WARM_ENV = "PIPELINE_WORKER_WARM"
+
+
+def _import_all(modules: Sequence[str]) -> None:
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 - the block importing it will say what is wrong
+            log.debug("warming %s failed: %s", name, exc)
 
 
 def worker_layout(cfg: RunConfig) -> tuple[int, int]:

@@ -325,13 +325,20 @@ def _execute(batch: Batch, jobs: list[InputJob], spec: ModelSpec, cfg: RunConfig
             if sum(not t.done for t in ready[0].tasks) <= 1 or worker_layout(cfg)[0] == 1:
                 client, slots = stack.enter_context(ThreadClient(BLOCK_THREADS)), BLOCK_THREADS
             else:
-                client, slots = stack.enter_context(open_cluster(cfg))
+                client, slots = stack.enter_context(open_cluster(cfg, _warm(spec)))
         else:
-            client, slots = stack.enter_context(open_cluster(cfg))
+            client, slots = stack.enter_context(open_cluster(cfg, _warm(spec)))
         driver = Driver(
             client, batch, max_open=slots + 1, max_queued=2 * slots + 1, progress=progress
         )
         driver.run(jobs, ready)
+
+
+def _warm(spec: ModelSpec) -> tuple[str, ...]:
+    """What a fresh local worker imports before its first block: the block stages, the
+    model's runtime and torch (the engine's tensors)."""
+    runtime = ("onnxruntime",) if spec.format == "onnx" else ()
+    return ("pipeline.tasks", *runtime, "torch")
 
 
 def backend_ref(spec: ModelSpec, cfg: RunConfig) -> BackendRef:

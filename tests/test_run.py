@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -225,6 +226,31 @@ def test_local_cluster_listens_on_loopback_only():
             if c.status == psutil.CONN_LISTEN
         ]
     assert addrs and all(ip in ("127.0.0.1", "::1") for ip in addrs), addrs
+
+
+def _imported(names: tuple[str, ...]) -> list[str]:
+    import sys
+
+    return [n for n in names if n in sys.modules]
+
+
+def test_local_workers_import_what_blocks_need_before_their_first_task():
+    """A fresh worker imports the stages and the model's runtime in the background from
+    its start (1-2 s on this machine), while the driver plans: no task asks for them."""
+    from pipeline.cluster import dask_client
+
+    wanted = ("pipeline.tasks", "onnxruntime", "torch")
+    with dask_client(RunConfig(workers=1), warm=wanted) as client:
+        deadline = time.monotonic() + 60
+        while True:
+            (imported,) = client.run(_imported, wanted).values()
+            if len(imported) == len(wanted) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert imported == list(wanted)
+    with dask_client(RunConfig(workers=1)) as client:  # nothing asked: nothing imported
+        (imported,) = client.run(_imported, ("onnxruntime", "torch")).values()
+        assert imported == []
 
 
 def test_tissue_skipping_changes_nothing_inside_tissue(data_dir, tmp_path):
