@@ -214,24 +214,6 @@ def _texture(tile: int, channels: int, seed: int) -> np.ndarray:
     return np.clip(up, 0, 255).astype(np.uint8)
 
 
-def seeded_weights(path: str | os.PathLike, **arch: Any) -> Path:
-    """Save the state dict of a seeded ``pipeline.model.UNet(**arch)`` whose BatchNorm
-    layers have non-trivial statistics (so folding them at export is exercised)."""
-    import torch
-
-    from pipeline.model import UNet
-
-    torch.manual_seed(0)
-    net = UNet(**arch)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    torch.save(net.state_dict(), path)
-    return Path(path)
-
-
 def write_tiled_tiff(
     path: str | os.PathLike,
     size: int | tuple[int, int],

@@ -48,7 +48,6 @@ from _common import (  # noqa: E402
     append_history,
     fmt,
     same_stride,
-    seeded_weights,
     tile_starts,
     use_source_tree,
     work_folder,
@@ -112,6 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_models(work: Path, base: int) -> tuple[Path, Path, Path]:
     """One set of U-Net weights, exported to ONNX and TorchScript; returns (onnx, ts, weights)."""
     from pipeline.model import export_model
+    from pipeline.testing import seeded_weights
 
     arch = dict(in_channels=IN_CHANNELS, classes=CLASSES, base=base, depth=DEPTH)
     weights = seeded_weights(work / "weights.pt", **arch, padding="same")

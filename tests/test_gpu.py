@@ -25,18 +25,9 @@ TOL = {"fp32": 5e-3, "bf16": 5e-2}
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     """A seeded U-Net's weights, with non-trivial BatchNorm statistics."""
-    from pipeline.model import UNet
+    from pipeline.testing import seeded_weights
 
-    torch.manual_seed(0)
-    net = UNet(**ARCH)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-    path = tmp_path_factory.mktemp("gpu_models") / "weights.pt"
-    torch.save(net.state_dict(), path)
-    return path
+    return seeded_weights(tmp_path_factory.mktemp("gpu_models") / "weights.pt", spread=0.2, **ARCH)
 
 
 def _export(weights, suffix: str) -> str:
