@@ -66,16 +66,24 @@ def test_torchscript_on_cuda_matches_cpu_fp32(torchscript, precision):
     assert ref.std() > 0.01  # the outputs vary: agreement is not between two constants
 
 
-def test_onnxruntime_cuda_provider_matches_cpu(weights):
+def _onnx_and_cpu_output(weights, provider: str) -> tuple[str, np.ndarray, np.ndarray]:
+    """The ONNX export, a batch and what onnxruntime's CPU provider makes of it; the test
+    is skipped where onnxruntime lacks ``provider``."""
     ort = pytest.importorskip("onnxruntime")
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        pytest.skip(f"onnxruntime has no CUDA provider ({ort.get_available_providers()})")
+    if provider not in ort.get_available_providers():
+        pytest.skip(f"onnxruntime has no {provider} ({ort.get_available_providers()})")
     from pipeline.backends import load_backend
 
     onnx = _export(weights, ".onnx")
     batch = _batch()
     with load_backend(onnx, backend="onnx", device="cpu") as cpu:
-        ref = cpu.predict(batch)
+        return onnx, batch, cpu.predict(batch)
+
+
+def test_onnxruntime_cuda_provider_matches_cpu(weights):
+    from pipeline.backends import load_backend
+
+    onnx, batch, ref = _onnx_and_cpu_output(weights, "CUDAExecutionProvider")
     with load_backend(onnx, backend="onnx", device="cuda") as gpu:
         got = gpu.predict(batch)
     assert got.shape == ref.shape
@@ -147,15 +155,9 @@ def test_identity_blocks_on_cuda_are_exact():
 
 
 def test_onnx_io_binding_keeps_tensors_on_the_device(weights):
-    ort = pytest.importorskip("onnxruntime")
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        pytest.skip(f"onnxruntime has no CUDA provider ({ort.get_available_providers()})")
     from pipeline.backends import load_backend
 
-    onnx = _export(weights, ".onnx")
-    batch = _batch()
-    with load_backend(onnx, backend="onnx", device="cpu") as cpu:
-        ref = cpu.predict(batch)
+    onnx, batch, ref = _onnx_and_cpu_output(weights, "CUDAExecutionProvider")
     with load_backend(onnx, backend="onnx", device="cuda") as gpu:
         got = gpu.predict_tensor(torch.from_numpy(batch).cuda())
     assert got.is_cuda and got.dtype == torch.float32
@@ -163,17 +165,11 @@ def test_onnx_io_binding_keeps_tensors_on_the_device(weights):
 
 
 def test_tensorrt_provider_when_available(weights, tmp_path, monkeypatch):
-    ort = pytest.importorskip("onnxruntime")
-    if "TensorrtExecutionProvider" not in ort.get_available_providers():
-        pytest.skip("onnxruntime has no TensorRT provider")
     from pipeline.backends import load_backend
     from pipeline.errors import DeviceError
 
     monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path))
-    onnx = _export(weights, ".onnx")
-    batch = _batch()
-    with load_backend(onnx, backend="onnx", device="cpu") as cpu:
-        ref = cpu.predict(batch)
+    onnx, batch, ref = _onnx_and_cpu_output(weights, "TensorrtExecutionProvider")
     try:
         gpu = load_backend(onnx, device="cuda", ort_provider="tensorrt", precision="fp16")
     except DeviceError as exc:  # TensorRT's libraries missing on this machine
