@@ -6,6 +6,7 @@ source tree beside them when it is not installed.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime as _dt
 import json
@@ -23,6 +24,17 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_HISTORY = ROOT / "benchmarks" / "results" / "history.jsonl"
+
+
+def add_standard_options(
+    p: argparse.ArgumentParser, *, workdir: str, quick: str, workdir_default: str | None = None
+) -> None:
+    """The options every benchmark script takes: ``--out`` (the history file),
+    ``--workdir`` (what is kept there, ``workdir``) and ``--quick`` (the smoke mode the
+    tests run, ``quick``)."""
+    p.add_argument("--out", default=str(DEFAULT_HISTORY), help="history file (JSON lines)")
+    p.add_argument("--workdir", default=workdir_default, help=workdir)
+    p.add_argument("--quick", action="store_true", help=f"smoke mode: {quick}")
 
 
 def use_source_tree() -> None:
