@@ -6,6 +6,7 @@ source tree beside them when it is not installed.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime as _dt
 import json
@@ -23,6 +24,17 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_HISTORY = ROOT / "benchmarks" / "results" / "history.jsonl"
+
+
+def add_standard_options(
+    p: argparse.ArgumentParser, *, workdir: str, quick: str, workdir_default: str | None = None
+) -> None:
+    """The options every benchmark script takes: ``--out`` (the history file),
+    ``--workdir`` (what is kept there, ``workdir``) and ``--quick`` (the smoke mode the
+    tests run, ``quick``)."""
+    p.add_argument("--out", default=str(DEFAULT_HISTORY), help="history file (JSON lines)")
+    p.add_argument("--workdir", default=workdir_default, help=workdir)
+    p.add_argument("--quick", action="store_true", help=f"smoke mode: {quick}")
 
 
 def use_source_tree() -> None:
@@ -212,24 +224,6 @@ def _texture(tile: int, channels: int, seed: int) -> np.ndarray:
         up = (np.roll(up, 1, 1) + 2 * up + np.roll(up, -1, 1)) / 4
     up += rng.normal(0, 12, size=up.shape)
     return np.clip(up, 0, 255).astype(np.uint8)
-
-
-def seeded_weights(path: str | os.PathLike, **arch: Any) -> Path:
-    """Save the state dict of a seeded ``pipeline.model.UNet(**arch)`` whose BatchNorm
-    layers have non-trivial statistics (so folding them at export is exercised)."""
-    import torch
-
-    from pipeline.model import UNet
-
-    torch.manual_seed(0)
-    net = UNet(**arch)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    torch.save(net.state_dict(), path)
-    return Path(path)
 
 
 def write_tiled_tiff(

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import cached, same_stride, seeded_weights, tile_starts, write_slide_tiff
+from _common import cached, same_stride, tile_starts, write_slide_tiff
 
 DEPTH, CLASSES = 4, 1
 
@@ -72,6 +72,7 @@ def copies(sources: list[Path], folder: Path) -> list[Path]:
 def build_model(mp: dict, work: Path) -> tuple[Path, Path, float]:
     """Seeded U-Net weights and their TorchScript export; returns (model, weights, seconds)."""
     from pipeline.model import export_model
+    from pipeline.testing import seeded_weights
 
     t0 = time.perf_counter()
     arch = dict(in_channels=mp["channels"], classes=CLASSES, base=mp["base"], depth=DEPTH)

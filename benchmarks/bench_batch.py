@@ -82,19 +82,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def pipeline_run(*args: object, wait: bool = True, env: dict | None = None):
     """``pipeline run ARGS`` in its own process group; (returncode, seconds, stderr) or Popen."""
-    command = [sys.executable, "-m", "pipeline.cli", "run", *map(str, args)]
-    full = {**os.environ, **(env or {})}
+    from pipeline.testing import run_cli
+
     if not wait:
-        return subprocess.Popen(
-            command,
-            env=full,
-            start_new_session=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        return run_cli("run", *args, env=env, wait=False, stdout=subprocess.DEVNULL)
     t0 = time.perf_counter()
-    done = subprocess.run(command, env=full, start_new_session=True, capture_output=True, text=True)
+    done = run_cli("run", *args, env=env)
     return done.returncode, time.perf_counter() - t0, done.stderr
 
 
@@ -108,20 +101,9 @@ def images(out: Path) -> list[Path]:
 
 def image_files(out: Path) -> dict[str, dict[str, bytes]]:
     """Every file of every image (the run settings in the attributes left out)."""
-    result = {}
-    for image in images(out):
-        files = {}
-        for path in sorted(p for p in image.rglob("*") if p.is_file()):
-            data = path.read_bytes()
-            if path.name in ("zarr.json", ".zattrs"):  # NGFF 0.5 or 0.4 attributes
-                meta = json.loads(data)
-                attrs = meta.get("attributes", {}) if path.name == "zarr.json" else meta
-                if isinstance(attrs.get("pipeline"), dict):
-                    attrs["pipeline"].pop("config", None)
-                data = json.dumps(meta, sort_keys=True).encode()
-            files[str(path.relative_to(image))] = data
-        result[image.name] = files
-    return result
+    from pipeline import testing
+
+    return testing.image_files(images(out))
 
 
 def stamps(out: Path, names: list[str]) -> dict[str, tuple[int, int]]:

@@ -41,8 +41,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    DEFAULT_HISTORY,
     ROOT,
+    add_standard_options,
     append_history,
     cached,
     fmt,
@@ -76,14 +76,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--cli", action="store_true", help="also time `pipeline run` (imports in)")
     p.add_argument("--profile", action="store_true", help="also one in-process cProfile run")
-    p.add_argument(
-        "--workdir",
-        default=str(Path(tempfile.gettempdir()) / "pipeline-bench"),
-        help="where the slide is kept between runs (and outputs are written)",
-    )
     p.add_argument("--timeout", type=float, default=3600, help="seconds allowed per child run")
-    p.add_argument("--out", default=str(DEFAULT_HISTORY), help="history file (JSON lines)")
-    p.add_argument("--quick", action="store_true", help="smoke mode: a 1024² slide, one round")
+    add_standard_options(
+        p,
+        workdir="where the slide is kept between runs (and outputs are written)",
+        workdir_default=str(Path(tempfile.gettempdir()) / "pipeline-bench"),
+        quick="a 1024² slide, one round",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.size, args.repeat, args.decode_rounds = min(args.size, 1024), 1, 1

@@ -31,8 +31,8 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    DEFAULT_HISTORY,
     ROOT,
+    add_standard_options,
     append_history,
     fmt,
     use_source_tree,
@@ -55,14 +55,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=5,
         help="sample PSS every N RSS samples (0: never; PSS reads smaps, slower)",
     )
-    p.add_argument("--out", default=str(DEFAULT_HISTORY), help="history file (JSON lines)")
-    p.add_argument(
-        "--workdir",
-        help="keep the TIFF and output here (default: temp); an "
-        "existing slide of the right size is reused",
-    )
     p.add_argument("--timeout", type=float, default=3600, help="kill the run after this many s")
-    p.add_argument("--quick", action="store_true", help="smoke mode: a 1024² slide")
+    add_standard_options(
+        p,
+        workdir="keep the TIFF and output here (default: temp); an existing slide of the "
+        "right size is reused",
+        quick="a 1024² slide",
+    )
     p.add_argument(
         "pipeline_args",
         nargs="*",

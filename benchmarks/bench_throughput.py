@@ -44,11 +44,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    DEFAULT_HISTORY,
+    add_standard_options,
     append_history,
     fmt,
     same_stride,
-    seeded_weights,
     tile_starts,
     use_source_tree,
     work_folder,
@@ -79,14 +78,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=int, default=2, help="model threads (b, c and the worker)")
     p.add_argument("--compression", choices=("jpeg", "zlib", "none"), default="jpeg")
-    p.add_argument("--out", default=str(DEFAULT_HISTORY), help="history file (JSON lines)")
-    p.add_argument("--workdir", help="keep the model, TIFF and outputs here (default: temp)")
     p.add_argument("--skip", default="", help="comma list of figures to skip: warm,sync,full,peer")
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up runs")
-    p.add_argument(
-        "--quick",
-        action="store_true",
-        help="smoke mode: a 256² image (one tile), no warm-ups, no warm-cluster run",
+    add_standard_options(
+        p,
+        workdir="keep the model, TIFF and outputs here (default: temp)",
+        quick="a 256² image (one tile), no warm-ups, no warm-cluster run",
     )
     args = p.parse_args(argv)
     if args.shape:
@@ -112,6 +109,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_models(work: Path, base: int) -> tuple[Path, Path, Path]:
     """One set of U-Net weights, exported to ONNX and TorchScript; returns (onnx, ts, weights)."""
     from pipeline.model import export_model
+    from pipeline.testing import seeded_weights
 
     arch = dict(in_channels=IN_CHANNELS, classes=CLASSES, base=base, depth=DEPTH)
     weights = seeded_weights(work / "weights.pt", **arch, padding="same")
@@ -350,47 +348,54 @@ def load_normalised(tiff: Path) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def bare(args, tiff: Path, onnx: Path):
-    """(b) the backend alone on the lattice tiles, pre-read, normalised and batched."""
+def onnx_backend(args, onnx: Path):
+    """The bare ONNX backend of (b) and (b_full), closed when the figure is done."""
     from pipeline.backends import load_backend
 
-    image = load_normalised(tiff)
     backend = load_backend(str(onnx), backend="onnx", threads=args.threads, device=args.device)
-    lat, tiles, per_block = lattice_tiles(args, backend.spec, image.shape[1:])
-    pad = [(0, 0)] + [(m + lat.tile[a], m + lat.tile[a]) for a, m in enumerate(lat.margin)]
-    padded = np.pad(image, pad, mode="reflect")  # same mirroring as the pipeline
-    shift = [p[0] for p in pad[1:]]
-
-    def tile_at(t):
-        r = lat.in_region(t)
-        box = (slice(o + s, o + s + n) for o, s, n in zip(r.offset, shift, r.shape))
-        return padded[(slice(None), *box)]
-
-    batches = [
-        np.ascontiguousarray(np.stack([tile_at(t) for t in tiles[i : i + args.batch_size]]))
-        for i in range(0, len(tiles), args.batch_size)
-    ]
-    image = padded = None  # the batches hold what the loop needs
-    backend.predict(batches[0])  # session initialisation, allocator
-
-    def once() -> dict[str, Any]:
-        t0 = time.perf_counter()
-        for b in batches:
-            backend.predict(b)
-        return {
-            "total_s": time.perf_counter() - t0,
-            "tiles": len(tiles),
-            "tiles_in_blocks": per_block,
-            "stride": list(lat.stride),
-            "overlap": list(lat.overlap),
-            "computed_pixels": len(tiles) * int(np.prod(lat.tile)),
-        }
-
     try:
-        yield once
+        yield backend
     finally:
         with contextlib.suppress(Exception):
             backend.close()
+
+
+@contextlib.contextmanager
+def bare(args, tiff: Path, onnx: Path):
+    """(b) the backend alone on the lattice tiles, pre-read, normalised and batched."""
+    image = load_normalised(tiff)
+    with onnx_backend(args, onnx) as backend:
+        lat, tiles, per_block = lattice_tiles(args, backend.spec, image.shape[1:])
+        pad = [(0, 0)] + [(m + lat.tile[a], m + lat.tile[a]) for a, m in enumerate(lat.margin)]
+        padded = np.pad(image, pad, mode="reflect")  # same mirroring as the pipeline
+        shift = [p[0] for p in pad[1:]]
+
+        def tile_at(t):
+            r = lat.in_region(t)
+            box = (slice(o + s, o + s + n) for o, s, n in zip(r.offset, shift, r.shape))
+            return padded[(slice(None), *box)]
+
+        batches = [
+            np.ascontiguousarray(np.stack([tile_at(t) for t in tiles[i : i + args.batch_size]]))
+            for i in range(0, len(tiles), args.batch_size)
+        ]
+        image = padded = None  # the batches hold what the loop needs
+        backend.predict(batches[0])  # session initialisation, allocator
+
+        def once() -> dict[str, Any]:
+            t0 = time.perf_counter()
+            for b in batches:
+                backend.predict(b)
+            return {
+                "total_s": time.perf_counter() - t0,
+                "tiles": len(tiles),
+                "tiles_in_blocks": per_block,
+                "stride": list(lat.stride),
+                "overlap": list(lat.overlap),
+                "computed_pixels": len(tiles) * int(np.prod(lat.tile)),
+            }
+
+        yield once
 
 
 @contextlib.contextmanager
@@ -403,44 +408,38 @@ def bare_full(args, tiff: Path, onnx: Path):
     """
     import tifffile
 
-    from pipeline.backends import load_backend
+    with onnx_backend(args, onnx) as backend:
+        stride = same_stride(args.tile, args.overlap, 2**DEPTH)
+        starts = [tile_starts(n, args.tile, stride) for n in args.shape]
+        tiles = list(itertools.product(*starts))
+        pad = [(0, max(0, args.tile - n)) for n in args.shape]
+        backend.predict(np.zeros((args.batch_size, IN_CHANNELS, args.tile, args.tile), np.float32))
 
-    backend = load_backend(str(onnx), backend="onnx", threads=args.threads, device=args.device)
-    stride = same_stride(args.tile, args.overlap, 2**DEPTH)
-    starts = [tile_starts(n, args.tile, stride) for n in args.shape]
-    tiles = list(itertools.product(*starts))
-    pad = [(0, max(0, args.tile - n)) for n in args.shape]
-    backend.predict(np.zeros((args.batch_size, IN_CHANNELS, args.tile, args.tile), np.float32))
+        def once() -> dict[str, Any]:
+            t0 = time.perf_counter()
+            image = tifffile.imread(tiff)  # (H, W, C) uint8
+            if any(p[1] for p in pad):  # smaller than a tile: mirrored, like the pipeline
+                image = np.pad(image, [*pad, (0, 0)], mode="reflect")
+            decoded = time.perf_counter() - t0
+            scale = np.float32(1 / 255)
+            for i in range(0, len(tiles), args.batch_size):
+                cut = np.stack(
+                    [
+                        image[y : y + args.tile, x : x + args.tile]
+                        for y, x in tiles[i : i + args.batch_size]
+                    ]
+                )
+                batch = np.ascontiguousarray(cut.transpose(0, 3, 1, 2), dtype=np.float32)
+                batch *= scale
+                backend.predict(batch)
+            return {
+                "total_s": time.perf_counter() - t0,
+                "decode_s": round(decoded, 3),
+                "tiles": len(tiles),
+                "stride": stride,
+            }
 
-    def once() -> dict[str, Any]:
-        t0 = time.perf_counter()
-        image = tifffile.imread(tiff)  # (H, W, C) uint8
-        if any(p[1] for p in pad):  # smaller than a tile: mirrored, like the pipeline
-            image = np.pad(image, [*pad, (0, 0)], mode="reflect")
-        decoded = time.perf_counter() - t0
-        scale = np.float32(1 / 255)
-        for i in range(0, len(tiles), args.batch_size):
-            cut = np.stack(
-                [
-                    image[y : y + args.tile, x : x + args.tile]
-                    for y, x in tiles[i : i + args.batch_size]
-                ]
-            )
-            batch = np.ascontiguousarray(cut.transpose(0, 3, 1, 2), dtype=np.float32)
-            batch *= scale
-            backend.predict(batch)
-        return {
-            "total_s": time.perf_counter() - t0,
-            "decode_s": round(decoded, 3),
-            "tiles": len(tiles),
-            "stride": stride,
-        }
-
-    try:
         yield once
-    finally:
-        with contextlib.suppress(Exception):
-            backend.close()
 
 
 @contextlib.contextmanager

@@ -95,6 +95,12 @@ class PipelineError(Exception):
 
     reason = ERROR
 
+    def __init_subclass__(cls, *, reason: str | None = None, **kwargs: object) -> None:
+        # a subclass names its code in its header: ``class X(InputError, reason=...)``
+        super().__init_subclass__(**kwargs)
+        if reason is not None:
+            cls.reason = reason
+
     def __init__(
         self,
         problem: str,
@@ -135,131 +141,89 @@ def _rebuild(cls, problem, where, hint, reason):
     return cls(problem, where=where, hint=hint, reason=reason)
 
 
-class ConfigError(PipelineError, ValueError):
+class ConfigError(PipelineError, ValueError, reason=BAD_CONFIG):
     """A bad option, config file or combination of them."""
 
-    reason = BAD_CONFIG
 
-
-class TileError(ConfigError):
+class TileError(ConfigError, reason=BAD_TILE):
     """A tile size the model does not accept."""
 
-    reason = BAD_TILE
 
-
-class InputError(PipelineError, ValueError):
+class InputError(PipelineError, ValueError, reason=BAD_INPUT):
     """An input image that cannot be read or used."""
 
-    reason = BAD_INPUT
 
-
-class NotFoundError(InputError):
+class NotFoundError(InputError, reason=NOT_FOUND):
     """An input (or a mask, a list file) that does not exist."""
 
-    reason = NOT_FOUND
 
-
-class UnsupportedFormatError(InputError):
+class UnsupportedFormatError(InputError, reason=UNSUPPORTED_FORMAT):
     """A file type, layout, codec or dtype the readers cannot take."""
 
-    reason = UNSUPPORTED_FORMAT
 
-
-class CorruptInputError(InputError):
+class CorruptInputError(InputError, reason=CORRUPT_INPUT):
     """Stored data that does not decode, or tiles that were never written."""
 
-    reason = CORRUPT_INPUT
 
-
-class InputChangedError(InputError):
+class InputChangedError(InputError, reason=INPUT_CHANGED):
     """An input modified on disk while a run reads it."""
 
-    reason = INPUT_CHANGED
 
-
-class NonFiniteInputError(InputError):
+class NonFiniteInputError(InputError, reason=NONFINITE_INPUT):
     """NaN or Inf pixel values."""
 
-    reason = NONFINITE_INPUT
 
-
-class MissingPixelSizeError(InputError):
+class MissingPixelSizeError(InputError, reason=MISSING_PIXEL_SIZE):
     """A physical resolution was asked for but the file states no plausible pixel size."""
 
-    reason = MISSING_PIXEL_SIZE
 
-
-class ResolutionError(InputError):
+class ResolutionError(InputError, reason=RESOLUTION_UNAVAILABLE):
     """A requested resolution finer than the file's finest level."""
 
-    reason = RESOLUTION_UNAVAILABLE
 
-
-class ModelError(PipelineError, ValueError):
+class ModelError(PipelineError, ValueError, reason=BAD_MODEL):
     """A model file that cannot be loaded, or a model that cannot take the input."""
 
-    reason = BAD_MODEL
 
-
-class ChannelMismatchError(InputError, ModelError):
+class ChannelMismatchError(InputError, ModelError, reason=CHANNEL_MISMATCH):
     """An image's channels and a model's input channels that do not fit together.
 
     Both an :class:`InputError` (the image is refused) and a :class:`ModelError` (the
     model refuses a batch), so either ``except`` catches it.
     """
 
-    reason = CHANNEL_MISMATCH
 
-
-class ModelRunError(ModelError):
+class ModelRunError(ModelError, reason=MODEL_ERROR):
     """The model's runtime failed on a batch."""
 
-    reason = MODEL_ERROR
 
-
-class ModelOutputError(ModelError):
+class ModelOutputError(ModelError, reason=MODEL_OUTPUT_NONFINITE):
     """The model returned NaN or Inf."""
 
-    reason = MODEL_OUTPUT_NONFINITE
 
-
-class DeviceError(PipelineError, RuntimeError):
+class DeviceError(PipelineError, RuntimeError, reason=DEVICE_UNAVAILABLE):
     """A requested device (e.g. ``cuda:1``) that is not available."""
 
-    reason = DEVICE_UNAVAILABLE
 
-
-class OutputError(PipelineError, OSError):
+class OutputError(PipelineError, OSError, reason=OUTPUT_ERROR):
     """The output location cannot be written."""
 
-    reason = OUTPUT_ERROR
 
-
-class DiskFullError(OutputError):
+class DiskFullError(OutputError, reason=DISK_FULL):
     """No space left (or quota exceeded) where the output is written."""
 
-    reason = DISK_FULL
 
-
-class ReadOnlyOutputError(OutputError):
+class ReadOnlyOutputError(OutputError, reason=OUTPUT_READ_ONLY):
     """The output is on a read-only file system."""
 
-    reason = OUTPUT_READ_ONLY
 
-
-class OutputLockedError(OutputError):
+class OutputLockedError(OutputError, reason=OUTPUT_LOCKED):
     """Another run is writing the same output."""
 
-    reason = OUTPUT_LOCKED
 
-
-class WorkerCrashError(PipelineError, RuntimeError):
+class WorkerCrashError(PipelineError, RuntimeError, reason=WORKER_CRASH):
     """A worker process died on every attempt at a block (out of memory, a crash)."""
 
-    reason = WORKER_CRASH
 
-
-class InternalError(PipelineError, RuntimeError):
+class InternalError(PipelineError, RuntimeError, reason=INTERNAL_ERROR):
     """Something that should not happen did (a bug, or the demo's own slides failing)."""
-
-    reason = INTERNAL_ERROR

@@ -15,6 +15,22 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("PIPELINE_TEST_DATA", ROOT.parent / "shared" / "data"))
+#: ``pipeline run`` options for small, fast runs of real processes: the identity model,
+#: tiles of 32 with overlap 8 in chunks of 32 and blocks of 64, every tile computed
+#: (a 150 x 200 slide makes 12 blocks).
+SMALL_RUN = (
+    "--backend",
+    "identity",
+    "--tile",
+    "32",
+    "--overlap",
+    "8",
+    "--chunk",
+    "32",
+    "--block",
+    "64",
+    "--no-skip-background",
+)
 
 
 @pytest.fixture(scope="session")
@@ -132,42 +148,15 @@ def run_process(*args: object, env: dict | None = None, wait: bool = True, timeo
     ``env`` is added to the environment (``PIPELINE_FAULTS``...). With ``wait`` the
     finished ``CompletedProcess`` (text output) is returned, else the ``Popen``.
     """
-    import subprocess
-    import sys
+    from pipeline.testing import run_cli
 
-    full = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    command = [sys.executable, "-m", "pipeline.cli", *map(str, args)]
-    if not wait:
-        return subprocess.Popen(
-            command,
-            env=full,
-            start_new_session=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-    return subprocess.run(
-        command, env=full, start_new_session=True, capture_output=True, text=True, timeout=timeout
-    )
+    return run_cli(*args, env={"PYTHONPATH": str(ROOT), **(env or {})}, wait=wait, timeout=timeout)
 
 
 def image_files(out: Path) -> dict[str, dict[str, bytes]]:
     """Every file of every image in OUT, by image name and relative path: what must be
     bit-identical between two runs. The run settings recorded in each group's attributes
     (``pipeline.config``: workers, scheduler...) are left out of the comparison."""
-    import json
+    from pipeline import testing
 
-    images = {}
-    for image in image_dirs(out):
-        files = {}
-        for path in sorted(p for p in image.rglob("*") if p.is_file()):
-            data = path.read_bytes()
-            if path.name in ("zarr.json", ".zattrs"):  # NGFF 0.5 or 0.4 attributes
-                meta = json.loads(data)
-                attrs = meta.get("attributes", {}) if path.name == "zarr.json" else meta
-                if isinstance(attrs.get("pipeline"), dict):
-                    attrs["pipeline"].pop("config", None)
-                data = json.dumps(meta, sort_keys=True).encode()
-            files[str(path.relative_to(image))] = data
-        images[image.name] = files
-    return images
+    return testing.image_files(image_dirs(out))

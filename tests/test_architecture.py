@@ -25,7 +25,13 @@ MAX_LINES = 500
 #: Top to bottom; each layer lists independent units (a module or a package).
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("pipeline.cli",),
-    ("pipeline.demo", "pipeline.progress", "pipeline.describe", "pipeline.cli_options"),
+    (
+        "pipeline.demo",
+        "pipeline.progress",
+        "pipeline.describe",
+        "pipeline.cli_options",
+        "pipeline.testing",
+    ),
     ("pipeline.run",),
     ("pipeline.batch",),
     (

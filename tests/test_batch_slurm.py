@@ -11,22 +11,8 @@ import time
 
 import numpy as np
 import pytest
-from conftest import image_files, run_process, write_tiff
+from conftest import SMALL_RUN, image_files, run_process, write_tiff
 from slurm import assert_no_jobs_left, job_name, jobs_named, slurm_cluster  # noqa: F401
-
-ARGS = (
-    "--backend",
-    "identity",
-    "--tile",
-    "32",
-    "--overlap",
-    "8",
-    "--chunk",
-    "32",
-    "--block",
-    "64",
-    "--no-skip-background",
-)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +23,7 @@ def slides_and_local(tmp_path_factory):
         image = rng.integers(0, 256, (150, 200), dtype=np.uint8)
         write_tiff(root / "in" / f"{name}.tif", image, tile=(32, 32), compression="zlib")
     local = root / "local.zarr"
-    done = run_process("run", root / "in", "--out", local, "--workers", "2", *ARGS)
+    done = run_process("run", root / "in", "--out", local, "--workers", "2", *SMALL_RUN)
     assert done.returncode == 0, done.stderr
     return root / "in", image_files(local)
 
@@ -58,7 +44,7 @@ def test_slurm_run_equals_a_local_run_and_leaves_no_job(slides_and_local, tmp_pa
     name = job_name()
     out = tmp_path / "out.zarr"
     done = run_process(
-        "run", folder, "--out", out, "--cluster", "slurm", "--jobs", "2", *ARGS,
+        "run", folder, "--out", out, "--cluster", "slurm", "--jobs", "2", *SMALL_RUN,
         env=slurm_env(tmp_path, name),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -75,7 +61,7 @@ def test_ctrl_c_cancels_every_job_and_the_same_command_continues(slides_and_loca
     name = job_name()
     out = tmp_path / "out.zarr"
     env = {**slurm_env(tmp_path, name), "PIPELINE_FAULTS": "block=sleep:0.5"}
-    args = ("run", folder, "--out", out, "--cluster", "slurm", "--jobs", "2", *ARGS)
+    args = ("run", folder, "--out", out, "--cluster", "slurm", "--jobs", "2", *SMALL_RUN)
     driver = run_process(*args, env=env, wait=False)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

@@ -13,21 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from conftest import image_dirs, image_files, run_process, write_tiff
-
-ARGS = (
-    "--backend",
-    "identity",
-    "--tile",
-    "32",
-    "--overlap",
-    "8",
-    "--chunk",
-    "32",
-    "--block",
-    "64",
-    "--no-skip-background",
-)
+from conftest import SMALL_RUN, image_dirs, image_files, run_process, write_tiff
 
 
 def slide(path: Path, seed: int, shape=(150, 200)) -> Path:
@@ -44,7 +30,7 @@ def slides(folder: Path, names=("s1", "s2", "s3"), **kwargs) -> Path:
 def run(inputs, out, *extra, faults=None, env=None, sync=True):
     env = {**(env or {}), **({"PIPELINE_FAULTS": faults} if faults else {})}
     where = ("--scheduler", "sync") if sync else ("--workers", "2")
-    return run_process("run", inputs, "--out", out, *where, *ARGS, *extra, env=env)
+    return run_process("run", inputs, "--out", out, *where, *SMALL_RUN, *extra, env=env)
 
 
 def entries(out: Path) -> dict[str, dict]:
@@ -61,6 +47,13 @@ def stamps(out: Path, names) -> dict[str, tuple[int, int]]:
     }
 
 
+def assert_same_as_a_fresh_run(folder: Path, out: Path, name: str) -> None:
+    """The image ``name`` in OUT is bit-identical to a fresh run of its input alone."""
+    fresh = out.with_name("fresh.zarr")
+    assert run(folder / f"{name}.tif", fresh).returncode == 0
+    assert image_files(out)[name] == image_files(fresh)[name]
+
+
 def no_traceback(done: subprocess.CompletedProcess) -> None:
     assert "Traceback" not in done.stdout + done.stderr, done.stderr[-3000:]
 
@@ -72,7 +65,7 @@ def test_second_run_on_the_same_output_exits_2_naming_the_first(tmp_path):
     folder = slides(tmp_path / "in")
     out = tmp_path / "out.zarr"
     first = run_process(
-        "run", folder, "--out", out, "--workers", "2", *ARGS,
+        "run", folder, "--out", out, "--workers", "2", *SMALL_RUN,
         env={"PIPELINE_FAULTS": "block=sleep:0.15"}, wait=False,
     )  # fmt: skip
     lock = out / ".pipeline" / "locks" / "run.lock"
@@ -109,9 +102,7 @@ def test_changed_input_is_recomputed_alone_and_matches_a_fresh_run(tmp_path):
     assert report["s2"]["state"] == "done" and report["s2"]["tiles"] > 0
     assert {report[n]["reason"] for n in ("s1", "s3")} == {"up-to-date"}
     assert stamps(out, ["s1", "s3"]) == kept  # not a file of the others rewritten
-    fresh = tmp_path / "fresh.zarr"
-    assert run(folder / "s2.tif", fresh).returncode == 0
-    assert image_files(out)["s2"] == image_files(fresh)["s2"]
+    assert_same_as_a_fresh_run(folder, out, "s2")
 
 
 def test_stale_partial_work_of_a_changed_input_is_discarded_not_mixed(tmp_path):
@@ -130,16 +121,14 @@ def test_stale_partial_work_of_a_changed_input_is_discarded_not_mixed(tmp_path):
     assert not (out / ".pipeline" / "staging").exists() or not any(
         (out / ".pipeline" / "staging").iterdir()
     )
-    fresh = tmp_path / "fresh.zarr"
-    assert run(folder / "s2.tif", fresh).returncode == 0
-    assert image_files(out)["s2"] == image_files(fresh)["s2"]
+    assert_same_as_a_fresh_run(folder, out, "s2")
 
 
 def test_input_overwritten_during_its_run_fails_instead_of_a_hybrid(tmp_path):
     folder = slides(tmp_path / "in")
     out = tmp_path / "out.zarr"
     proc = run_process(
-        "run", folder / "s2.tif", "--out", out, "--scheduler", "sync", *ARGS,
+        "run", folder / "s2.tif", "--out", out, "--scheduler", "sync", *SMALL_RUN,
         env={"PIPELINE_FAULTS": "block@s2/2=sleep:2"}, wait=False,
     )  # fmt: skip
     blocks = out / ".pipeline" / "staging"
@@ -357,7 +346,7 @@ def test_shards_of_an_array_run_side_by_side_into_one_output(tmp_path):
             out,
             "--scheduler",
             "sync",
-            *ARGS,
+            *SMALL_RUN,
             env={"SLURM_ARRAY_TASK_ID": str(i), "SLURM_ARRAY_TASK_COUNT": "2"},
             wait=False,
         )  # fmt: skip

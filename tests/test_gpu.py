@@ -25,18 +25,9 @@ TOL = {"fp32": 5e-3, "bf16": 5e-2}
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     """A seeded U-Net's weights, with non-trivial BatchNorm statistics."""
-    from pipeline.model import UNet
+    from pipeline.testing import seeded_weights
 
-    torch.manual_seed(0)
-    net = UNet(**ARCH)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-    path = tmp_path_factory.mktemp("gpu_models") / "weights.pt"
-    torch.save(net.state_dict(), path)
-    return path
+    return seeded_weights(tmp_path_factory.mktemp("gpu_models") / "weights.pt", spread=0.2, **ARCH)
 
 
 def _export(weights, suffix: str) -> str:
@@ -75,16 +66,24 @@ def test_torchscript_on_cuda_matches_cpu_fp32(torchscript, precision):
     assert ref.std() > 0.01  # the outputs vary: agreement is not between two constants
 
 
-def test_onnxruntime_cuda_provider_matches_cpu(weights):
+def _onnx_and_cpu_output(weights, provider: str) -> tuple[str, np.ndarray, np.ndarray]:
+    """The ONNX export, a batch and what onnxruntime's CPU provider makes of it; the test
+    is skipped where onnxruntime lacks ``provider``."""
     ort = pytest.importorskip("onnxruntime")
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        pytest.skip(f"onnxruntime has no CUDA provider ({ort.get_available_providers()})")
+    if provider not in ort.get_available_providers():
+        pytest.skip(f"onnxruntime has no {provider} ({ort.get_available_providers()})")
     from pipeline.backends import load_backend
 
     onnx = _export(weights, ".onnx")
     batch = _batch()
     with load_backend(onnx, backend="onnx", device="cpu") as cpu:
-        ref = cpu.predict(batch)
+        return onnx, batch, cpu.predict(batch)
+
+
+def test_onnxruntime_cuda_provider_matches_cpu(weights):
+    from pipeline.backends import load_backend
+
+    onnx, batch, ref = _onnx_and_cpu_output(weights, "CUDAExecutionProvider")
     with load_backend(onnx, backend="onnx", device="cuda") as gpu:
         got = gpu.predict(batch)
     assert got.shape == ref.shape
@@ -156,15 +155,9 @@ def test_identity_blocks_on_cuda_are_exact():
 
 
 def test_onnx_io_binding_keeps_tensors_on_the_device(weights):
-    ort = pytest.importorskip("onnxruntime")
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        pytest.skip(f"onnxruntime has no CUDA provider ({ort.get_available_providers()})")
     from pipeline.backends import load_backend
 
-    onnx = _export(weights, ".onnx")
-    batch = _batch()
-    with load_backend(onnx, backend="onnx", device="cpu") as cpu:
-        ref = cpu.predict(batch)
+    onnx, batch, ref = _onnx_and_cpu_output(weights, "CUDAExecutionProvider")
     with load_backend(onnx, backend="onnx", device="cuda") as gpu:
         got = gpu.predict_tensor(torch.from_numpy(batch).cuda())
     assert got.is_cuda and got.dtype == torch.float32
@@ -172,17 +165,11 @@ def test_onnx_io_binding_keeps_tensors_on_the_device(weights):
 
 
 def test_tensorrt_provider_when_available(weights, tmp_path, monkeypatch):
-    ort = pytest.importorskip("onnxruntime")
-    if "TensorrtExecutionProvider" not in ort.get_available_providers():
-        pytest.skip("onnxruntime has no TensorRT provider")
     from pipeline.backends import load_backend
     from pipeline.errors import DeviceError
 
     monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path))
-    onnx = _export(weights, ".onnx")
-    batch = _batch()
-    with load_backend(onnx, backend="onnx", device="cpu") as cpu:
-        ref = cpu.predict(batch)
+    onnx, batch, ref = _onnx_and_cpu_output(weights, "TensorrtExecutionProvider")
     try:
         gpu = load_backend(onnx, device="cuda", ort_provider="tensorrt", precision="fp16")
     except DeviceError as exc:  # TensorRT's libraries missing on this machine

@@ -16,23 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import image_dirs, image_files, run_process, write_tiff
+from conftest import SMALL_RUN, image_dirs, image_files, run_process, write_tiff
 
 NAMES = ("s1", "s2", "s3")
-# 150 x 200 pixels in blocks of 64: 12 blocks per slide, tiles of 32 with overlap 8
-ARGS = (
-    "--backend",
-    "identity",
-    "--tile",
-    "32",
-    "--overlap",
-    "8",
-    "--chunk",
-    "32",
-    "--block",
-    "64",
-    "--no-skip-background",
-)
+# 150 x 200 pixels in blocks of 64 (SMALL_RUN): 12 blocks per slide
 BLOCKS = 12
 
 
@@ -55,14 +42,14 @@ def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("ref")
     slides = make_slides(root / "slides")
     out = root / "ref.zarr"
-    done = run_process("run", slides, "--out", out, "--scheduler", "sync", *ARGS)
+    done = run_process("run", slides, "--out", out, "--scheduler", "sync", *SMALL_RUN)
     assert done.returncode == 0, done.stderr
     return slides, image_files(out)
 
 
 def run(slides, out, *extra, faults=None, env=None):
     env = {**(env or {}), **({"PIPELINE_FAULTS": faults} if faults else {})}
-    return run_process("run", slides, "--out", out, "--workers", "2", *ARGS, *extra, env=env)
+    return run_process("run", slides, "--out", out, "--workers", "2", *SMALL_RUN, *extra, env=env)
 
 
 def assert_same(out: Path, expected: dict) -> None:
@@ -146,7 +133,7 @@ def test_external_kill_mid_batch(reference, tmp_path):
         out,
         "--workers",
         "2",
-        *ARGS,
+        *SMALL_RUN,
         env={"PIPELINE_FAULTS": "block=sleep:0.1"},
         wait=False,
     )
@@ -221,7 +208,7 @@ def test_ctrl_c_keeps_finished_work_and_writes_the_report(reference, tmp_path):
     says which inputs were interrupted, the same command continues them."""
     slides, expected = reference
     out = tmp_path / "out.zarr"
-    args = ("run", slides, "--out", out, "--workers", "2", *ARGS)
+    args = ("run", slides, "--out", out, "--workers", "2", *SMALL_RUN)
     proc = run_process(*args, env={"PIPELINE_FAULTS": "block=sleep:0.1"}, wait=False)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(list(out.glob(".pipeline/staging/*/blocks/*"))) < 8:

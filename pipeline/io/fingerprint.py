@@ -21,6 +21,9 @@ ZARR_SAMPLES = 8
 ZARR_WALK_LIMIT = 200_000
 _ZARR_METADATA = frozenset(("zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata"))
 
+#: (size, mtime in ns): see :func:`stamp`.
+Stamp = tuple[int, int]
+
 
 @dataclass(frozen=True)
 class Fingerprint:
@@ -31,13 +34,13 @@ class Fingerprint:
     size: int
     mtime_ns: int
     sample: str  # SHA-256 of the sampled content
-    stamp: tuple[int, int]  # see :func:`stamp`
+    stamp: Stamp  # see :func:`stamp`
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def stamp(path: str | os.PathLike) -> tuple[int, int]:
+def stamp(path: str | os.PathLike) -> Stamp:
     """(size, mtime in ns) of a file, or of a Zarr folder and its root metadata files:
     what a worker re-checks cheaply before each block. Raises ``OSError``."""
     path = os.fspath(path)

@@ -2,8 +2,9 @@
 
 tifffile's Zarr store holds an open file and cannot be pickled, so a dask array made
 straight from it cannot travel to distributed workers. :class:`LazyLevel` instead
-carries only the path, a locator and the file's fingerprint; each process opens the
-level once (:func:`_open_level`, cached) on its first read. Decode failures become
+carries only the path, a locator and the file's stamp (size and mtime:
+:func:`~pipeline.io.fingerprint.stamp`); each process opens the level once
+(:func:`_open_level`, cached) on its first read. Decode failures become
 :class:`~pipeline.errors.CorruptInputError` naming the file, level and region, never a
 silent black tile.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -22,17 +22,12 @@ from dask.array.core import normalize_chunks
 from dask.base import tokenize
 
 from pipeline.errors import CorruptInputError, InputChangedError, InputError
-from pipeline.io.formats import ZARR_MARKERS
+from pipeline.io.fingerprint import Stamp, stamp
 from pipeline.io.tiff import open_tiff_level
 from pipeline.io.zarr_source import open_zarr_level
 
 #: Target size of one dask chunk; chunks are whole multiples of the stored tiles.
 DASK_CHUNK_BYTES = 16 * 2**20
-
-#: Metadata files whose change means a Zarr folder changed.
-_ZARR_METADATA = (*ZARR_MARKERS, ".zattrs")
-
-Fingerprint = tuple[int, int]
 
 #: How each kind of file reopens a level: ``opener(path, *locator) -> zarr.Array``.
 #: A plain table, not a registry filled by another module: a worker process that only
@@ -40,22 +35,9 @@ Fingerprint = tuple[int, int]
 _OPENERS: dict[str, Callable[..., Any]] = {"tiff": open_tiff_level, "zarr": open_zarr_level}
 
 
-def fingerprint(path: str | os.PathLike) -> Fingerprint:
-    """(mtime in ns, size) of a file, or of a Zarr folder and its root metadata."""
-    path = os.fspath(path)
-    stats = [os.stat(path)]
-    if os.path.isdir(path):
-        for name in _ZARR_METADATA:
-            try:
-                stats.append(os.stat(os.path.join(path, name)))
-            except FileNotFoundError:
-                continue
-    return max(s.st_mtime_ns for s in stats), sum(s.st_size for s in stats)
-
-
 @functools.lru_cache(maxsize=32)
-def _open_level(kind: str, path: str, locator: tuple, expected: Fingerprint) -> Any:
-    if fingerprint(path) != expected:
+def _open_level(kind: str, path: str, locator: tuple, expected: Stamp) -> Any:
+    if stamp(path) != expected:
         raise InputChangedError(
             "changed on disk since it was opened",
             where=path,
@@ -83,7 +65,7 @@ class LazyLevel:
         selection: tuple[Any, ...],
         shape: tuple[int, ...],
         dtype: str,
-        stamp: Fingerprint,
+        stamp: Stamp,
         label: str = "",
         axes: str = "",
         chunks: tuple[int, ...] = (),

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.errors import MissingPixelSizeError, ResolutionError, UnsupportedFormatError
-from pipeline.io import lazy
+from pipeline.io import fingerprint
 from pipeline.io.channels import choose_channels, palette_colormap
 from pipeline.io.meta import PLAUSIBLE_UM, SeriesInfo, is_plausible_um
 from pipeline.io.model_view import ModelView, model_axes
@@ -111,7 +111,7 @@ class InputRef:
 
     def _opened(self) -> ModelInput:
         try:
-            stamp = lazy.fingerprint(self.path)
+            stamp = fingerprint.stamp(self.path)
         except OSError:
             stamp = (0, 0)  # opening reports what is wrong with the path
         return _open_cached(self, stamp)
@@ -243,7 +243,7 @@ def open_for_model(
 
 
 @functools.lru_cache(maxsize=16)
-def _open_cached(ref: InputRef, _stamp: lazy.Fingerprint) -> ModelInput:
+def _open_cached(ref: InputRef, _stamp: fingerprint.Stamp) -> ModelInput:
     # _stamp: only part of the cache key, so that a changed file is built again
     return _build(ref)
 

@@ -249,45 +249,36 @@ def create_image(
     """
     import zarr
 
-    root = Path(root)
-    staging = Path(staging) if staging else root / f".{name}.partial-{uuid.uuid4().hex[:8]}"
-    writer = _writer(root, name, shape, axes, chunks, dtype, fmt, block, min_size, staging)
+    staging = staging or Path(root) / f".{name}.partial-{uuid.uuid4().hex[:8]}"
+    writer, shapes = _layout(
+        root, name, shape, axes, chunks, dtype, fmt, block, min_size, staging=staging
+    )
     group = zarr.open_group(str(staging), mode="w", zarr_format=writer.format.zarr_format)
-    shapes = pyramid_shapes(shape, axes, min_size)
     for level in range(writer.block_levels + 1):
         _create_level(group, writer, level, shapes[level])
     return writer
 
 
-def reopen_image(
-    root: str | os.PathLike,
-    name: str,
-    shape: Sequence[int],
-    axes: str,
-    chunks: Sequence[int],
-    dtype: str,
-    fmt: ngff.NgffFormat | str | None = None,
-    block: Sequence[int] | None = None,
-    min_size: int = 256,
-    *,
-    staging: str | os.PathLike,
-) -> ImageWriter | None:
-    """The writer of an image that :func:`create_image` made at ``staging`` with the same
-    arguments, to continue writing it; None unless every level it created is there and
-    matches (shape, chunks, dtype)."""
-    writer = _writer(Path(root), name, shape, axes, chunks, dtype, fmt, block, min_size, staging)
-    shapes = pyramid_shapes(shape, axes, min_size)
+def reopen_image(*args: Any, staging: str | os.PathLike, **kwargs: Any) -> ImageWriter | None:
+    """The writer of an image that :func:`create_image` made at ``staging``, given the
+    same arguments, to continue writing it; None unless every level it created is there
+    and matches (shape, chunks, dtype)."""
+    writer, shapes = _layout(*args, staging=staging, **kwargs)
     for level in range(writer.block_levels + 1):
-        if not level_matches(writer.level_path(level), shapes[level], writer.chunks, dtype):
+        if not level_matches(writer.level_path(level), shapes[level], writer.chunks, writer.dtype):
             return None
     return writer
 
 
-def _writer(root, name, shape, axes, chunks, dtype, fmt, block, min_size, staging) -> ImageWriter:
+def _layout(
+    root, name, shape, axes, chunks, dtype, fmt=None, block=None, min_size=256, *, staging
+) -> tuple[ImageWriter, list[tuple[int, ...]]]:
+    """The writer of :func:`create_image`'s arguments and the shapes of its levels."""
     fmt = ngff.get_format(fmt)
     chunks = level_chunks(chunks, shape)
     written = 0 if block is None else block_levels(shape, axes, chunks, block, min_size)
-    return ImageWriter(Path(root), name, Path(staging), axes, chunks, dtype, fmt.version, written)
+    writer = ImageWriter(Path(root), name, Path(staging), axes, chunks, dtype, fmt.version, written)
+    return writer, pyramid_shapes(shape, axes, min_size)
 
 
 def _create_level(

@@ -33,7 +33,7 @@ from pipeline.errors import (
     NotFoundError,
     UnsupportedFormatError,
 )
-from pipeline.io import lazy
+from pipeline.io import fingerprint, lazy
 from pipeline.io.formats import TIFF_SUFFIXES, ZARR_MARKERS, is_zarr_dir
 from pipeline.io.meta import FileInfo, SeriesInfo, level_pixel_size
 from pipeline.io.tiff import inspect_tiff
@@ -131,7 +131,7 @@ def open_image(
     """
     where = os.fspath(path)
     try:
-        stamp = lazy.fingerprint(where)  # before reading metadata: a later change shows
+        stamp = fingerprint.stamp(where)  # before reading metadata: a later change shows
     except OSError:
         stamp = None  # _inspect says what is wrong with the path
     file = _inspect(where)
@@ -152,7 +152,7 @@ def open_image(
         chosen.selection,
         stored.shape,
         stored.dtype,
-        stamp or lazy.fingerprint(where),
+        stamp or fingerprint.stamp(where),
         f"series {chosen.index} level {level}",
         chosen.axes,
         stored.chunks,
@@ -183,7 +183,7 @@ def open_image_cached(
     """
     where = os.fspath(path)
     try:
-        stamp = lazy.fingerprint(where)
+        stamp = fingerprint.stamp(where)
     except OSError:
         stamp = (0, 0)  # let open_image report the problem
     return _open_cached(where, series, level, stamp)
@@ -191,7 +191,7 @@ def open_image_cached(
 
 @functools.lru_cache(maxsize=16)
 def _open_cached(
-    path: str, series: int | None, level: int, _stamp: lazy.Fingerprint
+    path: str, series: int | None, level: int, _stamp: fingerprint.Stamp
 ) -> ImageSource:
     # _stamp: only part of the cache key, so that a changed file is opened again
     return open_image(path, series=series, level=level)

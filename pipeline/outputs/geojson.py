@@ -32,12 +32,10 @@ Each feature carries ``properties.objectType`` (``"annotation"`` or ``"detection
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,6 +44,7 @@ import numpy as np
 import shapely
 from rasterio import features as rio_features
 
+from pipeline import atomic
 from pipeline.classes import PALETTE as CLASS_PALETTE
 from pipeline.config import OBJECT_TYPES
 from pipeline.errors import ConfigError, InputError, OutputError
@@ -178,26 +177,16 @@ def write_geojson(collection: Mapping[str, Any], path: str | os.PathLike) -> Pat
         The file cannot be written (missing folder, full disk, a folder in the way...).
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        # os.open with 0o666 honours the umask (mkstemp would leave the file 0600)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with atomic.replacing(path) as f:
             json.dump(collection, f, separators=(",", ":"), allow_nan=False)
             f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise OutputError(
-                f"cannot write GeoJSON ({exc.strerror or exc})",
-                where=path,
-                hint="check that the folder exists, is writable and has space",
-            ) from exc
-        raise
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write GeoJSON ({exc.strerror or exc})",
+            where=path,
+            hint="check that the folder exists, is writable and has space",
+        ) from exc
     return path
 
 

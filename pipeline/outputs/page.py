@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from pipeline.outputs._files import write_atomic
+from pipeline.atomic import write_output
 
 __all__ = ["INDEX_NAME", "render_index", "write_index"]
 
@@ -120,7 +120,7 @@ def write_index(
     """
     out_root = Path(out_root)
     text = render_index(report, out_root=out_root, now=now)
-    return write_atomic(out_root / INDEX_NAME, text.encode("utf-8"), "run page")
+    return write_output(out_root / INDEX_NAME, text.encode("utf-8"), "run page")
 
 
 def render_index(

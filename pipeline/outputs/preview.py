@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipeline.atomic import write_output
 from pipeline.classes import PALETTE as CLASS_PALETTE
 from pipeline.classes import class_labels
 from pipeline.errors import OutputError
-from pipeline.outputs._files import write_atomic
 
 if TYPE_CHECKING:
     import dask.array
@@ -215,7 +215,7 @@ def write_png(path: str | os.PathLike, rgb: np.ndarray) -> Path:
     OutputError
         When the file cannot be written.
     """
-    return write_atomic(path, encode_png(rgb), "preview")
+    return write_output(path, encode_png(rgb), "preview")
 
 
 def make_preview(
