@@ -122,14 +122,13 @@ def onnx_export(
     import torch
 
     names = {a: ("batch" if a == 0 else f"s{a - 2}") for a in dynamic_axes}
+    what = (module, (example,), str(path))  # the same network, input and file for both
     common = {"input_names": [input_name], "output_names": [output_name]}
     errors: list[str] = []
     with quiet_torch():
         try:
             torch.onnx.export(
-                module,
-                (example,),
-                str(path),
+                *what,
                 dynamo=False,
                 opset_version=opset,
                 dynamic_axes={input_name: names, output_name: names},
@@ -146,9 +145,7 @@ def onnx_export(
         }
         try:
             torch.onnx.export(
-                module,
-                (example,),
-                str(path),
+                *what,
                 dynamo=True,
                 opset_version=max(opset, 18),
                 dynamic_shapes=(dims,),

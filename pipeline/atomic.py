@@ -64,11 +64,8 @@ def write_output(path: str | os.PathLike, data: bytes, what: str) -> Path:
         with replacing(path, text=False) as f:
             f.write(data)
     except OSError as exc:
-        raise OutputError(
-            f"cannot write the {what} ({exc.strerror or exc})",
-            where=path,
-            hint="check permissions and free space",
-        ) from exc
+        problem = f"cannot write the {what} ({exc.strerror or exc})"
+        raise OutputError(problem, where=path, hint="check permissions and free space") from exc
     return path
 
 

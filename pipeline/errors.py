@@ -116,6 +116,19 @@ class PipelineError(Exception):
             self.reason = reason
         super().__init__(self.message)
 
+    @classmethod
+    def because(
+        cls,
+        exc: BaseException,
+        problem: str,
+        *,
+        where: str | os.PathLike | None = None,
+        hint: str | None = None,
+    ) -> PipelineError:
+        """This error, caused by ``exc``: its problem reads ``problem (ExcType: message)``.
+        Raise it ``from exc``."""
+        return cls(f"{problem} ({type(exc).__name__}: {exc})", where=where, hint=hint)
+
     @property
     def message(self) -> str:
         return message(self.problem, self.where, self.hint)

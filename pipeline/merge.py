@@ -108,7 +108,11 @@ class TensorMerger:
         self._zero = torch.zeros((), dtype=torch.float32, device=device)
         self._filled = 0  # pixels written for the first time (crop: owned pixels)
 
-    def _target(self, tile_out: Region, owned: Region | None) -> Region:
+    def _target(self, tile_out: Region, owned: Region | None, ordered_call: str) -> Region:
+        """The part of this merger's region a tile writes (crop: the part it owns).
+        ``ordered_call`` is the method an ordered merger takes tiles through instead."""
+        if self.ordered and not self.crop:
+            raise RuntimeError(f"an ordered merger takes tiles through {ordered_call}")
         return (owned if self.crop else tile_out).intersect(self.region)
 
     def add(self, pred: torch.Tensor, tile_out: Region, owned: Region | None = None) -> None:
@@ -116,9 +120,7 @@ class TensorMerger:
 
         In crop mode ``owned`` is the part of the tile that alone provides the output.
         """
-        if self.ordered and not self.crop:
-            raise RuntimeError("an ordered merger takes tiles through add_at")
-        target = self._target(tile_out, owned)
+        target = self._target(tile_out, owned, "add_at")
         if target.empty:
             return
         dst = target.relative_to(self.region).to_slices()
@@ -194,9 +196,7 @@ class TensorMerger:
 
     def skip(self, tile_out: Region, owned: Region | None = None) -> None:
         """Count a tile that was not run (no tissue) as predicting zeros."""
-        if self.ordered and not self.crop:
-            raise RuntimeError("an ordered merger takes tiles through skip_at")
-        target = self._target(tile_out, owned)
+        target = self._target(tile_out, owned, "skip_at")
         if target.empty:
             return
         dst = target.relative_to(self.region).to_slices()

@@ -65,10 +65,10 @@ from pipeline.stages import (
     predict_shared,
     process_block,
 )
-from pipeline.tissue_mask import TissueMask
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only: the driver imports this module, workers read pixels
     from pipeline.io.model_input import ModelInput
+    from pipeline.tissue_mask import TissueMask
 
 log = logging.getLogger(__name__)
 

@@ -46,6 +46,20 @@ def synthetic_preview(path: Path, seed: int) -> np.ndarray:
     return rgb
 
 
+def finished(file: str, output: Path, shape: list[int], **figures) -> InputResult:
+    """The report entry of an input that ran to the end; its pixels from its shape."""
+    name = UNICODE_NAME if file == UNICODE_NAME else Path(file).stem
+    return InputResult(
+        path=f"/data/{file}",
+        name=name,
+        state="done",
+        output=str(output),
+        shape=shape,
+        pixels=shape[1] * shape[2],
+        **figures,
+    )
+
+
 @pytest.fixture
 def run_output(tmp_path: Path) -> tuple[Path, dict]:
     out = tmp_path / "run out.zarr"  # a space: previews are linked by quoted URLs
@@ -53,29 +67,18 @@ def run_output(tmp_path: Path) -> tuple[Path, dict]:
     synthetic_preview(out / "previews" / "Schnitt_2.png", 2)
     report = RunReport(
         inputs=[
-            InputResult(
-                path="/data/slide-one.svs",
-                name="slide-one",
-                state="done",
-                output=str(out / "slide-one"),
-                shape=[1, 2967, 2220],
-                pixels=2967 * 2220,
+            finished(
+                "slide-one.svs",
+                out / "slide-one",
+                [1, 2967, 2220],
                 tiles=42,
-                skipped_tiles=18,
-                tissue_fraction=0.61,
                 blocks=4,
                 seconds=12.5,
+                skipped_tiles=18,
+                tissue_fraction=0.61,
             ),
-            InputResult(
-                path=f"/data/{UNICODE_NAME}",
-                name=UNICODE_NAME,
-                state="done",
-                output=str(out / "Schnitt_2"),
-                shape=[2, 1024, 1536],
-                pixels=1024 * 1536,
-                tiles=6,
-                blocks=1,
-                seconds=75.0,
+            finished(
+                UNICODE_NAME, out / "Schnitt_2", [2, 1024, 1536], tiles=6, blocks=1, seconds=75.0
             ),
             InputResult(
                 path=f"/data/{BAD_NAME}",

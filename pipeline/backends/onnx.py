@@ -114,12 +114,11 @@ def probe_runner(path: str | Path) -> tuple[Callable[[np.ndarray], np.ndarray], 
 
 
 class OnnxBackend(CheckedBackend):
-    """One ONNX model in an onnxruntime session.
+    """One ONNX model in an onnxruntime session; ``spec`` and ``device`` as for
+    :class:`~pipeline.backends.base.CheckedBackend`.
 
     Parameters
     ----------
-    spec, device
-        See :class:`~pipeline.backends.base.CheckedBackend`.
     threads
         ``SessionOptions.intra_op_num_threads`` (None: onnxruntime's default).
     provider, precision

@@ -62,12 +62,11 @@ def probe_runner(path: str | Path) -> Callable[[np.ndarray], np.ndarray]:
 
 
 class TorchScriptBackend(CheckedBackend):
-    """One TorchScript model on one device.
+    """One TorchScript model on one device; ``spec`` and ``device`` as for
+    :class:`~pipeline.backends.base.CheckedBackend`.
 
     Parameters
     ----------
-    spec, device
-        See :class:`~pipeline.backends.base.CheckedBackend`.
     precision
         ``fp32``; ``fp16``/``bf16`` run under autocast and need a CUDA device (checked
         by :func:`pipeline.backends.load_backend`).

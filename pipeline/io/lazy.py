@@ -47,8 +47,9 @@ def _open_level(kind: str, path: str, locator: tuple, expected: Stamp) -> Any:
     try:
         return opener(path, *locator)
     except (ValueError, RuntimeError, KeyError) as exc:
-        raise InputError(
-            f"cannot be opened again for reading ({type(exc).__name__}: {exc})",
+        raise InputError.because(
+            exc,
+            "cannot be opened again for reading",
             where=path,
             hint="the file may have been damaged or replaced; check it and rerun",
         ) from exc

@@ -71,10 +71,8 @@ def _read_picture(where: str) -> np.ndarray:
     try:
         data = np.asarray(imagecodecs.imread(where))
     except Exception as exc:  # codecs raise their own types for damaged files
-        raise InputError(
-            f"cannot be read as an image ({type(exc).__name__}: {exc})",
-            where=where,
-            hint="save the mask as PNG or TIFF",
+        raise InputError.because(
+            exc, "cannot be read as an image", where=where, hint="save the mask as PNG or TIFF"
         ) from exc
     if data.ndim == 3 and data.shape[-1] in (2, 4):
         data = data[..., :-1]  # drop alpha

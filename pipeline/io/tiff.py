@@ -157,22 +157,22 @@ def _check_extent(tif: tifffile.TiffFile, path: str) -> None:
 
 
 #: tifffile flag → (format, vendor), most specific first.
-_FLAVOURS = (
-    ("svs", "svs", "aperio"),
-    ("ndpi", "ndpi", "hamamatsu"),
-    ("qpi", "qptiff", "akoya"),
-    ("scn", "tiff", "leica"),
-    ("bif", "tiff", "ventana"),
-    ("philips", "tiff", "philips"),
-    ("ome", "ome-tiff", "ome"),
-    ("imagej", "tiff", "imagej"),
-)
+_FLAVOURS = {
+    "svs": ("svs", "aperio"),
+    "ndpi": ("ndpi", "hamamatsu"),
+    "qpi": ("qptiff", "akoya"),
+    "scn": ("tiff", "leica"),
+    "bif": ("tiff", "ventana"),
+    "philips": ("tiff", "philips"),
+    "ome": ("ome-tiff", "ome"),
+    "imagej": ("tiff", "imagej"),
+}
 
 
 def _flavour(tif: tifffile.TiffFile) -> tuple[str, str]:
-    for flag, fmt, vendor in _FLAVOURS:
+    for flag, flavour in _FLAVOURS.items():
         if getattr(tif, "is_" + flag, False):
-            return fmt, vendor
+            return flavour
     return "tiff", "tiff"
 
 

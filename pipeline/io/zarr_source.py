@@ -70,8 +70,9 @@ def inspect_zarr(path: str) -> FileInfo:
         AttributeError,
         OSError,
     ) as exc:
-        raise InputError(
-            f"is not a readable Zarr array or OME-Zarr image ({type(exc).__name__}: {exc})",
+        raise InputError.because(
+            exc,
+            "is not a readable Zarr array or OME-Zarr image",
             where=path,
             hint="check the folder's zarr.json/.zarray/.zattrs, or pass the path of an array",
         ) from exc

@@ -217,18 +217,12 @@ def export_model(
     *,
     model: torch.nn.Module | None = None,
     weights: str | os.PathLike | None = None,
-    in_channels: int = 1,
-    classes: int = 1,
-    base: int = 64,
-    depth: int = 4,
-    ndim: int = 2,
-    padding: str = "same",
-    activation: str = "auto",
     normalize: str = "dtype",
     fmt: str | None = None,
     check: bool = True,
     tolerance: float = 1e-4,
     extra: dict | None = None,
+    **arch: Any,
 ) -> ModelSpec:
     """Export a U-Net (or ``model``) to TorchScript or ONNX with embedded metadata.
 
@@ -242,9 +236,6 @@ def export_model(
         the CPU. A ``UNet`` reports its geometry; any other module is probed.
     weights
         A ``torch.save``-d state dict, loaded with ``weights_only=True``.
-    in_channels, classes, base, depth, ndim, padding, activation
-        The :class:`UNet` to build (``ndim``, ``in_channels`` also guide the probe of a
-        foreign ``model``).
     normalize
         How the pipeline scales integer input for this model (``dtype`` or ``none``).
     fmt
@@ -256,6 +247,11 @@ def export_model(
         Largest accepted max-abs difference (fp32).
     extra
         JSON-serialisable facts stored under ``"extra"`` in the metadata.
+    **arch
+        The :class:`UNet` to build, by its arguments (``in_channels``, ``classes``,
+        ``base``, ``depth``, ``ndim``, ``padding``, ``activation``; its defaults for those
+        not given). ``ndim``, ``in_channels`` and ``activation`` also guide the probe of a
+        foreign ``model``.
 
     Returns
     -------
@@ -278,13 +274,15 @@ def export_model(
         raise ConfigError(f"extra is not JSON-serialisable ({exc})", where="extra") from exc
     if model is None:
         try:
-            model = UNet(in_channels, classes, base, depth, ndim, padding, activation)
-        except ValueError as exc:
+            model = UNet(**arch)
+        except (TypeError, ValueError) as exc:  # an unknown argument, a bad value
             raise ConfigError(str(exc), where="model options") from exc
     if weights is not None:
         load_weights(model, weights)
     net = model.cpu().float().eval()
-    info = _describe(net, in_channels, ndim, activation)
+    info = _describe(
+        net, arch.get("in_channels", 1), arch.get("ndim", 2), arch.get("activation", "auto")
+    )
     example = torch.rand(1, info["in_channels"], *[info["min_tile"]] * info["ndim"])
     meta = build_metadata(
         fmt=fmt, normalize=normalize, torch_version=torch.__version__, extra=user_extra, **info

@@ -328,8 +328,9 @@ def read_output_labels(
         ).lower()
         arrays = [group[p] for p in paths]
     except (OSError, KeyError, IndexError, TypeError, ValueError) as exc:
-        raise OutputError(
-            f"is not a readable NGFF image ({type(exc).__name__}: {exc})",
+        raise OutputError.because(
+            exc,
+            "is not a readable NGFF image",
             where=where,
             hint="pass the output image group (or its label image) the run published",
         ) from exc
@@ -344,8 +345,9 @@ def read_output_labels(
     try:
         plane = _plane(da.from_zarr(arrays[level]), axes, 2 * want)
     except (OSError, ValueError, RuntimeError) as exc:
-        raise OutputError(
-            f"level {paths[level]} cannot be read ({type(exc).__name__}: {exc})",
+        raise OutputError.because(
+            exc,
+            f"level {paths[level]} cannot be read",
             where=where,
             hint="the output is damaged; rerun that input",
         ) from exc
