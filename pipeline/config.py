@@ -72,9 +72,6 @@ class RunConfig:
     dtype: str = "uint8"
     ngff: str = DEFAULT_VERSION
     normalize: str = "auto"
-    workers: int | None = None
-    threads_per_worker: int | None = None
-    scheduler: str | None = None
     chunk: int | None = None
     block: int | None = None
     pyramid_min: int = 256
@@ -94,6 +91,10 @@ class RunConfig:
     mask: str | None = None
     extensions: tuple[str, ...] = SEARCHED_SUFFIXES
     memory_budget_mb: int = 512
+    # where blocks run: a local cluster, a running scheduler, or Slurm jobs
+    workers: int | None = None
+    threads_per_worker: int | None = None
+    scheduler: str | None = None
     cluster: str = "local"
     jobs: int | None = None
     #: The ``slurm:`` section (partition, account, walltime, cores, memory, processes,

@@ -14,10 +14,10 @@ from pipeline.errors import UnsupportedFormatError
 
 CANONICAL = "tczyx"
 
-#: Letters that mean "a stack of something" without saying what (tifffile's I and Q).
-STACK = "i"
-#: Interleaved samples (tifffile's S): colour components, they become channels.
-SAMPLES = "s"
+#: tifffile's letters for axes it names without meaning: ``i``, a stack of something
+#: (its I and Q), and ``s``, interleaved samples (its S: colour components, which become
+#: channels).
+STACK, SAMPLES = "i", "s"
 
 
 class AxisSelection(NamedTuple):
