@@ -338,7 +338,7 @@ def _warm(spec: ModelSpec) -> tuple[str, ...]:
     """What a fresh local worker imports before its first block: the block stages, the
     model's runtime and torch (the engine's tensors)."""
     runtime = ("onnxruntime",) if spec.format == "onnx" else ()
-    return ("pipeline.tasks", *runtime, "torch")
+    return ("pipeline.tasks", "pipeline.io.model_input", *runtime, "torch")
 
 
 def backend_ref(spec: ModelSpec, cfg: RunConfig) -> BackendRef:
