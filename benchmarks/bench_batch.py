@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -119,6 +120,13 @@ def report(out: Path) -> dict[str, dict]:
     return {e["name"]: e for e in json.loads((out / "report.json").read_text())["inputs"]}
 
 
+def fresh(path: Path) -> Path:
+    """``path`` removed: every part starts from nothing, also in a reused --workdir (an
+    output left by an earlier run would count as progress, or as images already done)."""
+    shutil.rmtree(path, ignore_errors=True)
+    return path
+
+
 def make_slides(folder: Path, count: int, size: int, first: int = 0) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     # a different texture bank per slide: the slides differ in their pixels
@@ -139,16 +147,16 @@ def make_model(path: Path, base: int) -> Path:
 
 
 def part_kills(work: Path, common: list, args) -> dict[str, Any]:
-    slides = work / "kills-in"
+    slides = fresh(work / "kills-in")
     make_slides(slides, args.slides, args.size)
-    ref = work / "kills-ref.zarr"
+    ref = fresh(work / "kills-ref.zarr")
     rc, t0, err = pipeline_run(slides, "--out", ref, *common)
     if rc:
         raise RuntimeError(f"uninterrupted run failed: {err[-2000:]}")
     expected = image_files(ref)
     per_image = {e["name"]: e["blocks"] for e in report(ref).values()}
     total = sum(per_image.values())
-    out = work / "kills.zarr"
+    out = fresh(work / "kills.zarr")
     attempts = []
     for fraction in (0.25, 0.5, 0.75):
 
@@ -192,9 +200,9 @@ def part_kills(work: Path, common: list, args) -> dict[str, Any]:
 
 
 def part_nightly(work: Path, common: list, args) -> dict[str, Any]:
-    slides = work / "nightly-in"
+    slides = fresh(work / "nightly-in")
     make_slides(slides, args.slides, args.size)
-    out = work / "nightly.zarr"
+    out = fresh(work / "nightly.zarr")
     rc1, t1, err = pipeline_run(slides, "--out", out, *common)
     first = [p.name for p in images(out)]
     before = stamps(out, first)
@@ -209,8 +217,8 @@ def part_nightly(work: Path, common: list, args) -> dict[str, Any]:
     rc3, t3, _ = pipeline_run(slides, "--out", out, *common)
     entries = report(out)
     recomputed = sorted(n for n, e in entries.items() if e["state"] == "done")
-    fresh = work / "nightly-fresh.zarr"
-    pipeline_run(replaced, "--out", fresh, *common)
+    alone = fresh(work / "nightly-fresh.zarr")
+    pipeline_run(replaced, "--out", alone, *common)
     return {
         "first_s": t1,
         "rerun_with_2_new_s": t2,
@@ -221,14 +229,14 @@ def part_nightly(work: Path, common: list, args) -> dict[str, Any]:
         "replaced_rerun_s": t3,
         "recomputed_after_replacing": recomputed,
         "replaced_equals_fresh": image_files(out).get("slide00")
-        == image_files(fresh).get("slide00"),
+        == image_files(alone).get("slide00"),
         "report_inputs": len(entries),
         "returncodes": [rc1, rc2, rc3],
     }
 
 
 def part_scaling(work: Path, model: Path, args) -> dict[str, Any]:
-    small, big = work / "scaling-small", work / "scaling-big"
+    small, big = fresh(work / "scaling-small"), fresh(work / "scaling-big")
     make_slides(small, 16, args.scale_size // 4)
     make_slides(big, 1, args.scale_size)
     layout = [
@@ -240,17 +248,17 @@ def part_scaling(work: Path, model: Path, args) -> dict[str, Any]:
         "1",
         "--no-skip-background",
     ]
-    rc16, t16, err16 = pipeline_run(small, "--out", work / "scaling-16.zarr", *layout)
-    rc1, t1, err1 = pipeline_run(big, "--out", work / "scaling-1.zarr", *layout)
+    rc16, t16, err16 = pipeline_run(small, "--out", fresh(work / "scaling-16.zarr"), *layout)
+    rc1, t1, err1 = pipeline_run(big, "--out", fresh(work / "scaling-1.zarr"), *layout)
     if rc16 or rc1:
         raise RuntimeError(f"scaling runs failed: {err16[-1000:]} {err1[-1000:]}")
     return {"sixteen_s": t16, "one_s": t1, "ratio": t16 / t1, "target_ratio": 1.15}
 
 
 def part_lock(work: Path, common: list, args) -> dict[str, Any]:
-    slides = work / "lock-in"
+    slides = fresh(work / "lock-in")
     make_slides(slides, args.slides, args.size)
-    out = work / "lock.zarr"
+    out = fresh(work / "lock.zarr")
     first = pipeline_run(slides, "--out", out, *common, wait=False)
     lock = out / ".pipeline" / "locks" / "run.lock"
     while not lock.exists() and first.poll() is None:
