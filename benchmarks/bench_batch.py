@@ -1,7 +1,10 @@
 """Nightly batches: resume after kill -9, incremental reruns, many small slides, the lock.
 
 Every run is the real command line (``python -m pipeline.cli run``) in its own process
-group, with a small real U-Net (ONNX, base 8) so that computing dominates:
+group, with a small real U-Net (ONNX, base 16 as in bench_throughput, depth 3) so that
+computing outweighs the few seconds every run spends starting (workers importing torch
+and ONNX Runtime, opening inputs, finishing images). With ``--base 8`` a 6-slide run
+takes about 14 s here, and that start-up weighs more in every ratio:
 
 kills
     An uninterrupted run of ``--slides`` slides (``--size``², blocks of ``--block``,
@@ -26,7 +29,7 @@ lock
 Run the timed figures on an otherwise idle machine, under the shared benchmark lock::
 
     flock /tmp/bench.lock python benchmarks/bench_batch.py [--size 2048] [--slides 6]
-        [--block 512] [--base 8] [--workers 2] [--scale-size 4096]
+        [--block 512] [--base 16] [--workers 2] [--scale-size 4096]
         [--parts kills,nightly,scaling,lock] [--workdir DIR] [--quick] [--out HISTORY]
 """
 
@@ -61,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=2048, help="side of each slide (kills, nightly)")
     p.add_argument("--slides", type=int, default=6)
     p.add_argument("--block", type=int, default=512)
-    p.add_argument("--base", type=int, default=8, help="U-Net base width")
+    p.add_argument("--base", type=int, default=16, help="U-Net base width")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--scale-size", type=int, default=4096, help="the one big slide (scaling)")
     p.add_argument("--parts", default=",".join(PARTS))
