@@ -104,7 +104,10 @@ def _quiet_distributed() -> None:
     it closes) in this process: the terminal is the progress bar's and the summary's,
     unless the user asked for debug output (``-vv``)."""
     if not log.isEnabledFor(logging.DEBUG):
-        logging.getLogger("distributed").setLevel(logging.CRITICAL)
+        # tornado logs "Exception in callback ..." with a traceback when a connection's
+        # callback fails while the cluster closes (seen on Ctrl-C): the same noise
+        for name in ("distributed", *TORNADO_LOGS):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def slurm_settings(cfg: RunConfig) -> SlurmSettings:
@@ -158,7 +161,11 @@ def dask_client(cfg: RunConfig, warm: Sequence[str] = ()) -> Iterator[Any]:
             # what happened to each input is in the summary and the report
             silence_logs=logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.CRITICAL,
             memory_limit=0,
-            env={"OMP_NUM_THREADS": str(threads), WARM_ENV: ",".join(warm)},
+            env={
+                "OMP_NUM_THREADS": str(threads),
+                WARM_ENV: ",".join(warm),
+                QUIET_ENV: "" if log.isEnabledFor(logging.DEBUG) else "1",
+            },
             preload=[__name__],  # dask_setup below: Ctrl-C is the driver's to handle
         ) as cluster,
         Client(cluster) as client,
@@ -177,12 +184,20 @@ def dask_setup(worker: Any) -> None:
     and they overlap the driver's planning instead of delaying the first block."""
     if _main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if os.environ.get(QUIET_ENV):
+        # tornado's tracebacks of callbacks that fail while a worker closes (seen on
+        # Ctrl-C) reach the terminal like distributed's own logs, which silence_logs hides
+        for name in TORNADO_LOGS:
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     modules = [m for m in os.environ.get(WARM_ENV, "").split(",") if m]
     if modules:
         threading.Thread(target=_import_all, args=(modules,), daemon=True).start()
 
 
 WARM_ENV = "PIPELINE_WORKER_WARM"
+QUIET_ENV = "PIPELINE_WORKER_QUIET"
+#: distributed's own configuration logs tornado.application at ERROR: "Exception in callback"
+TORNADO_LOGS = ("tornado", "tornado.application")
 
 
 def _import_all(modules: Sequence[str]) -> None:

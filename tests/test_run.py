@@ -253,6 +253,24 @@ def test_local_workers_import_what_blocks_need_before_their_first_task():
         assert imported == []
 
 
+def _tornado_level() -> int:
+    import logging
+
+    return logging.getLogger("tornado.application").getEffectiveLevel()
+
+
+def test_local_workers_keep_tornado_tracebacks_off_the_terminal():
+    """A callback failing while a worker closes (Ctrl-C) made tornado print a traceback
+    to the shared terminal; workers now log tornado only at CRITICAL, as the driver does."""
+    import logging
+
+    from pipeline.cluster import dask_client
+
+    with dask_client(RunConfig(workers=1)) as client:
+        assert list(client.run(_tornado_level).values()) == [logging.CRITICAL]
+        assert _tornado_level() == logging.CRITICAL
+
+
 def test_tissue_skipping_changes_nothing_inside_tissue(data_dir, tmp_path):
     """The real slide with and without skipping: identical wherever there is tissue, zero
     elsewhere, fewer tiles run, no stored chunk wholly outside tissue, NGFF labels beside."""
