@@ -16,7 +16,7 @@ An input's preview and GeoJSON are moved into the output root right after its im
 the run page ``OUT/index.html`` is written from the same report
 (:meth:`Batch.report_written`).
 
-Progress: with a ``progress`` object (the CLI's :class:`~pipeline.progress.TerminalProgress`),
+Progress: with a ``progress`` object (the CLI's :class:`~pipeline.cli.progress.TerminalProgress`),
 each input gets one line of what will run when its prepare task returns
 (:func:`~pipeline.plan.summary_line`), then counts tiles as its blocks finish, and
 ends with its state. The library only calls it; the CLI draws.
@@ -97,7 +97,7 @@ class Batch:
         self.started: dict[str, float] = {}
         self.halt: OutputError | None = None
         self.lock: Any = None  # the run's OutputLock: no input starts once it is lost
-        self.progress: Any = None  # start_input / advance / finish_input (pipeline.progress)
+        self.progress: Any = None  # start_input / advance / finish_input (pipeline.cli.progress)
         self._last_write = self._write_cost = 0.0
 
     # --- the steps (driver.Work) ------------------------------------------------------

@@ -50,7 +50,7 @@ from pipeline.tasks import InputJob, Model
 log = logging.getLogger(__name__)
 
 #: The older progress callback ``(name, done blocks, total blocks)``; an object with
-#: ``start_input``/``advance``/``finish_input`` (:class:`pipeline.progress.TerminalProgress`)
+#: ``start_input``/``advance``/``finish_input`` (:class:`pipeline.cli.progress.TerminalProgress`)
 #: gets a what-will-run line per input and tiles instead.
 Progress = Callable[[str, int, int], None]
 

@@ -27,9 +27,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("pipeline.cli",),
     (
         "pipeline.demo",
-        "pipeline.progress",
-        "pipeline.describe",
-        "pipeline.cli_options",
+        "pipeline.cli.progress",
+        "pipeline.cli.describe",
+        "pipeline.cli.options",
         "pipeline.testing",
     ),
     ("pipeline.run",),
