@@ -98,7 +98,7 @@ class RunConfig:
     cluster: str = "local"
     jobs: int | None = None
     #: The ``slurm:`` section (partition, account, walltime, cores, memory, processes,
-    #: gpus...), validated by :class:`pipeline.slurm.SlurmSettings` when a run starts.
+    #: gpus...), validated by :class:`pipeline.cluster.slurm.SlurmSettings` when a run starts.
     slurm: Mapping[str, Any] | None = dataclasses.field(default=None, hash=False)
     tta: str = "none"
     ort_provider: str = "auto"

@@ -23,7 +23,7 @@ from pipeline.backends.base import ModelSpec
 from pipeline.batch import Batch
 from pipeline.blocks import make_tasks, run_local
 from pipeline.classes import label_names
-from pipeline.cluster import (
+from pipeline.cluster.clients import (
     model_threads,
     open_cluster,
     slurm_layout,

@@ -35,7 +35,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("pipeline.run",),
     ("pipeline.batch",),
     (
-        "pipeline.cluster",
+        "pipeline.cluster.clients",
         "pipeline.driver",
         "pipeline.ledger",
         "pipeline.lock",
@@ -43,7 +43,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ),
     ("pipeline.products", "pipeline.blocks"),
     ("pipeline.inprocess",),
-    ("pipeline.stages", "pipeline.tissue", "pipeline.slurm", "pipeline.outputs"),
+    ("pipeline.stages", "pipeline.tissue", "pipeline.cluster.slurm", "pipeline.outputs"),
     ("pipeline.engine",),
     ("pipeline.plan",),
     ("pipeline.model", "pipeline.tta", "pipeline.merge"),
@@ -67,7 +67,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "pipeline.atomic",
         "pipeline.buffers",
     ),
-    ("pipeline", "pipeline.errors", "pipeline._compat"),
+    ("pipeline", "pipeline.errors", "pipeline._compat", "pipeline.cluster"),
 )
 
 #: Inside ``pipeline.io``, in the order data flows (read path up, write path beside it).

@@ -214,7 +214,7 @@ def test_unknown_config_key_and_python_tag_refused(tmp_path, data_dir):
 def test_local_cluster_listens_on_loopback_only():
     import psutil
 
-    from pipeline.cluster import dask_client
+    from pipeline.cluster.clients import dask_client
 
     with dask_client(RunConfig(workers=1)) as client:
         assert client is not None
@@ -237,7 +237,7 @@ def _imported(names: tuple[str, ...]) -> list[str]:
 def test_local_workers_import_what_blocks_need_before_their_first_task():
     """A fresh worker imports the stages and the model's runtime in the background from
     its start (1-2 s on this machine), while the driver plans: no task asks for them."""
-    from pipeline.cluster import dask_client
+    from pipeline.cluster.clients import dask_client
 
     wanted = ("pipeline.tasks", "onnxruntime", "torch")
     with dask_client(RunConfig(workers=1), warm=wanted) as client:
