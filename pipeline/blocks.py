@@ -2,7 +2,7 @@
 
 :func:`make_tasks` turns a per-image :class:`~pipeline.plan.Plan` into
 :class:`~pipeline.stages.BlockJob` s (coordinates and references, never pixels), each with
-the blocks whose shared tiles it needs; :mod:`pipeline.tasks` runs them on workers with
+the blocks whose shared tiles it needs; :mod:`pipeline.batch.tasks` runs them on workers with
 staging and resume, :func:`run_local` in this process without them.
 """
 
@@ -80,7 +80,7 @@ def make_tasks(
     tile has tissue are left out: their chunks stay unwritten (background, not stored).
     ``levels``: the pyramid levels (1, 2...) blocks write from memory; ``outputs``: what
     else each block writes from its pixels (class labels, polygons:
-    :class:`pipeline.products.BlockProducts`).
+    :class:`pipeline.batch.products.BlockProducts`).
     """
     normalize = spec.normalize if cfg.normalize == "auto" else cfg.normalize
     grid = plan.grid()

@@ -69,7 +69,7 @@ class InputResult:
     seconds
         Wall time spent on this input.
     key
-        The run key its output was (or is being) made with (see :mod:`pipeline.ledger`).
+        The run key its output was (or is being) made with (see :mod:`pipeline.batch.ledger`).
     model
         SHA-256 of the model file (``identity`` for the identity backend).
     run

@@ -33,15 +33,15 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "pipeline.testing",
     ),
     ("pipeline.run",),
-    ("pipeline.batch",),
+    ("pipeline.batch.batch",),
     (
         "pipeline.cluster.clients",
-        "pipeline.driver",
-        "pipeline.ledger",
-        "pipeline.lock",
-        "pipeline.tasks",
+        "pipeline.batch.driver",
+        "pipeline.batch.ledger",
+        "pipeline.batch.lock",
+        "pipeline.batch.tasks",
     ),
-    ("pipeline.products", "pipeline.blocks"),
+    ("pipeline.batch.products", "pipeline.blocks"),
     ("pipeline.inprocess",),
     ("pipeline.stages", "pipeline.tissue", "pipeline.cluster.slurm", "pipeline.outputs"),
     ("pipeline.engine",),
@@ -62,12 +62,12 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     (
         "pipeline.geometry",
         "pipeline.retry",
-        "pipeline.shard",
+        "pipeline.batch.shard",
         "pipeline.faults",
         "pipeline.atomic",
         "pipeline.buffers",
     ),
-    ("pipeline", "pipeline.errors", "pipeline._compat", "pipeline.cluster"),
+    ("pipeline", "pipeline.errors", "pipeline._compat", "pipeline.cluster", "pipeline.batch"),
 )
 
 #: Inside ``pipeline.io``, in the order data flows (read path up, write path beside it).

@@ -239,7 +239,7 @@ def test_local_workers_import_what_blocks_need_before_their_first_task():
     its start (1-2 s on this machine), while the driver plans: no task asks for them."""
     from pipeline.cluster.clients import dask_client
 
-    wanted = ("pipeline.tasks", "onnxruntime", "torch")
+    wanted = ("pipeline.batch.tasks", "onnxruntime", "torch")
     with dask_client(RunConfig(workers=1), warm=wanted) as client:
         deadline = time.monotonic() + 60
         while True:

@@ -112,11 +112,11 @@ def run(ctx, inputs, out, model, config_file, force, shard, **options) -> None:
     from the same file, model and settings are skipped (up-to-date); an interrupted run
     is continued where it stopped by the same command.
     """
+    from pipeline.batch.shard import parse_shard
     from pipeline.cli.progress import TerminalProgress
     from pipeline.config import resolve_config
     from pipeline.io.discover import find_inputs
     from pipeline.run import run as run_pipeline
-    from pipeline.shard import parse_shard
 
     try:
         cfg = resolve_config(config_file, given_options(ctx, options))

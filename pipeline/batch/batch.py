@@ -1,7 +1,7 @@
 """The driver's side of a batch: what happens when an input's steps end.
 
-:class:`Batch` is the :class:`~pipeline.driver.Work` of a run: it names the worker steps
-(:mod:`pipeline.tasks`) and, in the driver, publishes each finished input
+:class:`Batch` is the :class:`~pipeline.batch.driver.Work` of a run: it names the worker steps
+(:mod:`pipeline.batch.tasks`) and, in the driver, publishes each finished input
 (:meth:`~pipeline.io.staging.StagingArea.publish`), records every outcome in the ledger,
 and rewrites ``OUT/report.json`` (every input the output holds) and this run's own
 report after each input.
@@ -12,7 +12,7 @@ full or read-only disk, a worker crash, an I/O error): then they are kept for th
 to continue. After a full or read-only disk no further input is started.
 
 An input's preview and GeoJSON are moved into the output root right after its image
-(:func:`~pipeline.products.publish_products`), and every time ``report.json`` is written
+(:func:`~pipeline.batch.products.publish_products`), and every time ``report.json`` is written
 the run page ``OUT/index.html`` is written from the same report
 (:meth:`Batch.report_written`).
 
@@ -34,8 +34,19 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import atomic, faults
+from pipeline.batch.driver import Step
+from pipeline.batch.ledger import Ledger
+from pipeline.batch.products import products_record, publish_products
+from pipeline.batch.tasks import (
+    InputJob,
+    Model,
+    Prepared,
+    finalize_input,
+    prepare_input,
+    run_block,
+    run_shared,
+)
 from pipeline.blocks import block_tiles
-from pipeline.driver import Step
 from pipeline.errors import (
     INTERNAL_ERROR,
     INTERRUPTED,
@@ -49,20 +60,9 @@ from pipeline.errors import (
     WorkerCrashError,
 )
 from pipeline.io.staging import StagingArea, output_error
-from pipeline.ledger import Ledger
 from pipeline.plan import summary_line
-from pipeline.products import products_record, publish_products
 from pipeline.report import InputResult, RunReport
 from pipeline.retry import ATTEMPTS
-from pipeline.tasks import (
-    InputJob,
-    Model,
-    Prepared,
-    finalize_input,
-    prepare_input,
-    run_block,
-    run_shared,
-)
 
 log = logging.getLogger(__name__)
 

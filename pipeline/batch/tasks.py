@@ -1,6 +1,6 @@
 """The worker side of one input: prepare, the two phases of each block, finalize.
 
-These functions run on Dask workers (or in-process, see :mod:`pipeline.driver`). They
+These functions run on Dask workers (or in-process, see :mod:`pipeline.batch.driver`). They
 take only picklable values and wrap the stages (:func:`~pipeline.stages.predict_shared`,
 :func:`~pipeline.stages.process_block`, :func:`~pipeline.io.sink.write_pyramid`) with
 what resuming and failing safely need:
@@ -16,9 +16,9 @@ what resuming and failing safely need:
   the free space.
 
 Besides its image, each input gets its class labels and, with ``--geojson``, polygons,
-written by each block (:class:`~pipeline.products.BlockProducts`, the jobs' ``outputs``),
+written by each block (:class:`~pipeline.batch.products.BlockProducts`, the jobs' ``outputs``),
 and at finalize the label pyramid, the GeoJSON and the preview
-(:func:`~pipeline.products.finish_products`). An input whose image is up to date but
+(:func:`~pipeline.batch.products.finish_products`). An input whose image is up to date but
 lacks a product this run asks for (``InputJob.refresh``) gets just its products.
 """
 
@@ -32,6 +32,13 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline import faults
 from pipeline.backends.base import ModelSpec
+from pipeline.batch.products import (
+    BlockProducts,
+    Products,
+    finish_products,
+    level0_scale,
+    polygons_folder,
+)
 from pipeline.blocks import Task, find_tissue, make_tasks, provenance
 from pipeline.classes import label_dtype, label_names
 from pipeline.config import RunConfig
@@ -48,13 +55,6 @@ from pipeline.io.staging import (
     published_key,
 )
 from pipeline.plan import Plan, make_plan
-from pipeline.products import (
-    BlockProducts,
-    Products,
-    finish_products,
-    level0_scale,
-    polygons_folder,
-)
 from pipeline.pyramid import pyramid_shapes
 from pipeline.retry import retrying
 from pipeline.stages import (
@@ -301,7 +301,7 @@ def run_block(
 def finalize_input(prepared: Prepared, model: Model) -> dict[str, Any]:
     """Pyramid, metadata and labels of a staged image whose blocks are all written; the
     input checked unchanged; its GeoJSON and preview; the stage marked complete. Returns
-    the stage's record (``products``: what :func:`~pipeline.products.finish_products`
+    the stage's record (``products``: what :func:`~pipeline.batch.products.finish_products`
     made). For a refresh, only the products of the published image."""
     job, stage = prepared.job, prepared.stage
     faults.point("finalize", job.name)
@@ -385,7 +385,7 @@ def finalize_input(prepared: Prepared, model: Model) -> dict[str, Any]:
 def _products(
     prepared: Prepared, model: Model, image: Path, blocks: tuple[str, ...] | None
 ) -> dict[str, Any]:
-    """The GeoJSON and preview of ``image`` into the stage (see :mod:`pipeline.products`)."""
+    """The GeoJSON and preview of ``image`` into the stage (see :mod:`pipeline.batch.products`)."""
     job = prepared.job
     classes = prepared.shape[0] if prepared.shape else _classes(image)
     try:

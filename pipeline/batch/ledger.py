@@ -47,7 +47,7 @@ HISTORY = 20
 #: The GeoJSON settings (``geojson``, ``simplify``, ``object_type``) are not: they do not
 #: change the image, and a missing or other GeoJSON is made alone from the published
 #: label image (``OUT/.pipeline/inputs`` records what each output has, see
-#: :mod:`pipeline.products`).
+#: :mod:`pipeline.batch.products`).
 OUTPUT_FIELDS = (
     "tile",
     "overlap",
@@ -204,7 +204,7 @@ class Ledger:
     ) -> None:
         """Record an input's outcome (``result``: its report entry); ``published``: its
         output now holds ``key``; ``products``: what it has besides its image (see
-        :func:`pipeline.products.products_record`)."""
+        :func:`pipeline.batch.products.products_record`)."""
         rec = self.records.setdefault(input_id(real), {"input": real, "history": []})
         rec.update(state=result.get("state"), run=run, result=result, updated=_now())
         if key is not None:
