@@ -27,7 +27,6 @@ from pipeline.batch.lock import OutputLock, short_lock
 from pipeline.batch.products import Products, products_current
 from pipeline.batch.shard import Shard
 from pipeline.batch.tasks import InputJob, Model
-from pipeline.blocks import make_tasks, run_local
 from pipeline.classes import label_names
 from pipeline.cluster.clients import (
     model_threads,
@@ -37,15 +36,16 @@ from pipeline.cluster.clients import (
     worker_layout,
 )
 from pipeline.config import RunConfig
+from pipeline.engine.blocks import make_tasks, run_local
+from pipeline.engine.plan import check_options, make_plan
+from pipeline.engine.stages import BLOCK_THREADS, BackendRef, predict_shared, process_block
 from pipeline.errors import UP_TO_DATE, ConfigError, PipelineError
 from pipeline.io import ngff, sink
 from pipeline.io.collection import write_collection
 from pipeline.io.fingerprint import fingerprint
 from pipeline.io.staging import StagingArea, output_error
-from pipeline.plan import check_options, make_plan
 from pipeline.report import InputResult, RunReport
 from pipeline.retry import retrying
-from pipeline.stages import BLOCK_THREADS, BackendRef, predict_shared, process_block
 
 log = logging.getLogger(__name__)
 

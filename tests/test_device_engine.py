@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.blend import BlendMode, tile_weights
 from pipeline.devices import normalize_, quantize, to_device, to_host
-from pipeline.engine import (
+from pipeline.engine.blend import BlendMode, tile_weights
+from pipeline.engine.device_section import (
     blend_block,
     box_to_device,
     device_lock,
@@ -17,11 +17,11 @@ from pipeline.engine import (
     read_box,
     stream_predictions,
 )
+from pipeline.engine.merge import TensorMerger, weights_on
+from pipeline.engine.tiling import BlockGrid, Lattice
+from pipeline.engine.tta import check_tta, predict_tta, transforms
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.geometry import Region, reflect_index
-from pipeline.merge import TensorMerger, weights_on
-from pipeline.tiling import BlockGrid, Lattice
-from pipeline.tta import check_tta, predict_tta, transforms
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -18,7 +18,7 @@ the run page ``OUT/index.html`` is written from the same report
 
 Progress: with a ``progress`` object (the CLI's :class:`~pipeline.cli.progress.TerminalProgress`),
 each input gets one line of what will run when its prepare task returns
-(:func:`~pipeline.plan.summary_line`), then counts tiles as its blocks finish, and
+(:func:`~pipeline.engine.plan.summary_line`), then counts tiles as its blocks finish, and
 ends with its state. The library only calls it; the CLI draws.
 """
 
@@ -46,7 +46,8 @@ from pipeline.batch.tasks import (
     run_block,
     run_shared,
 )
-from pipeline.blocks import block_tiles
+from pipeline.engine.blocks import block_tiles
+from pipeline.engine.plan import summary_line
 from pipeline.errors import (
     INTERNAL_ERROR,
     INTERRUPTED,
@@ -60,7 +61,6 @@ from pipeline.errors import (
     WorkerCrashError,
 )
 from pipeline.io.staging import StagingArea, output_error
-from pipeline.plan import summary_line
 from pipeline.report import InputResult, RunReport
 from pipeline.retry import ATTEMPTS
 

@@ -3,7 +3,7 @@
 Where each is made
 ------------------
 **Per block**, on the worker, inside the block task (:class:`BlockProducts`, a
-:class:`~pipeline.stages.BlockOutput` the block's job carries): the block's class labels
+:class:`~pipeline.engine.stages.BlockOutput` the block's job carries): the block's class labels
 are written into ``IMAGE/labels/classes`` (exactly the chunks the block writes in the
 image: one writer per chunk; background chunks not stored), and with ``--geojson`` its
 objects are traced (:func:`~pipeline.outputs.polygons.trace_block`) and saved as one
@@ -51,9 +51,9 @@ from pipeline.io.staging import block_id
 
 if TYPE_CHECKING:
     from pipeline.config import RunConfig
+    from pipeline.engine.stages import BlockJob
     from pipeline.io.model_input import ModelInput
     from pipeline.outputs.polygons import BlockPolygons
-    from pipeline.stages import BlockJob
 
 log = logging.getLogger(__name__)
 

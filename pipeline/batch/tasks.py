@@ -1,8 +1,8 @@
 """The worker side of one input: prepare, the two phases of each block, finalize.
 
 These functions run on Dask workers (or in-process, see :mod:`pipeline.batch.driver`). They
-take only picklable values and wrap the stages (:func:`~pipeline.stages.predict_shared`,
-:func:`~pipeline.stages.process_block`, :func:`~pipeline.io.sink.write_pyramid`) with
+take only picklable values and wrap the stages (:func:`~pipeline.engine.stages.predict_shared`,
+:func:`~pipeline.engine.stages.process_block`, :func:`~pipeline.io.sink.write_pyramid`) with
 what resuming and failing safely need:
 
 * a block records that it is done (:meth:`~pipeline.io.staging.Stage.mark_block_done`)
@@ -39,9 +39,18 @@ from pipeline.batch.products import (
     level0_scale,
     polygons_folder,
 )
-from pipeline.blocks import Task, find_tissue, make_tasks, provenance
 from pipeline.classes import label_dtype, label_names
 from pipeline.config import RunConfig
+from pipeline.engine.blocks import Task, find_tissue, make_tasks, provenance
+from pipeline.engine.plan import Plan, make_plan
+from pipeline.engine.stages import (
+    BackendRef,
+    BlockJob,
+    BlockResult,
+    forget_sink,
+    predict_shared,
+    process_block,
+)
 from pipeline.errors import InputChangedError, InternalError
 from pipeline.io import sink
 from pipeline.io.class_labels import ClassLabels, create_class_labels, finish_class_labels
@@ -54,17 +63,8 @@ from pipeline.io.staging import (
     output_error,
     published_key,
 )
-from pipeline.plan import Plan, make_plan
 from pipeline.pyramid import pyramid_shapes
 from pipeline.retry import retrying
-from pipeline.stages import (
-    BackendRef,
-    BlockJob,
-    BlockResult,
-    forget_sink,
-    predict_shared,
-    process_block,
-)
 
 if TYPE_CHECKING:  # annotations only: the driver imports this module, workers read pixels
     from pipeline.io.model_input import ModelInput

@@ -63,8 +63,8 @@ from typing import Any
 
 from pipeline.cluster.slurm import SlurmSettings, cluster_kwargs, import_jobqueue
 from pipeline.config import RunConfig
+from pipeline.engine.stages import BLOCK_THREADS
 from pipeline.errors import ConfigError
-from pipeline.stages import BLOCK_THREADS
 
 __all__ = [
     "SlurmSettings",

@@ -1,7 +1,7 @@
 """The block tasks of one input: its tissue mask, one task per block, its provenance.
 
-:func:`make_tasks` turns a per-image :class:`~pipeline.plan.Plan` into
-:class:`~pipeline.stages.BlockJob` s (coordinates and references, never pixels), each with
+:func:`make_tasks` turns a per-image :class:`~pipeline.engine.plan.Plan` into
+:class:`~pipeline.engine.stages.BlockJob` s (coordinates and references, never pixels), each with
 the blocks whose shared tiles it needs; :mod:`pipeline.batch.tasks` runs them on workers with
 staging and resume, :func:`run_local` in this process without them.
 """
@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING
 from pipeline import __version__
 from pipeline.backends.base import ModelSpec
 from pipeline.config import RunConfig
-from pipeline.inprocess import run_in_threads
-from pipeline.plan import Plan
-from pipeline.stages import (
+from pipeline.engine.inprocess import run_in_threads
+from pipeline.engine.plan import Plan
+from pipeline.engine.stages import (
     BLOCK_THREADS,
     BackendRef,
     BlockJob,
@@ -50,7 +50,7 @@ def find_tissue(inp: ModelInput, shape: tuple[int, ...], cfg: RunConfig) -> Tiss
     """The tissue mask for one input: the user's (``--mask``, applied to every input),
     detected on a low-resolution level read as the model reads the input (2D images), or
     None (volumes; ``--no-skip-background``)."""
-    from pipeline.tissue import detect_tissue, load_user_mask
+    from pipeline.engine.tissue import detect_tissue, load_user_mask
 
     if cfg.mask:
         return load_user_mask(cfg.mask, shape)
@@ -162,7 +162,7 @@ def provenance(
 
 def block_tiles(task: Task, by_index: dict[int, Task]) -> int:
     """Tiles a block task runs through the model, as its result counts them
-    (:attr:`~pipeline.stages.BlockResult.tiles`): its own shared tiles, and its tiles that
+    (:attr:`~pipeline.engine.stages.BlockResult.tiles`): its own shared tiles, and its tiles that
     no block it needs computes for it (``by_index``: the input's tasks by order number)."""
     job = task.job
     shared = {t for j in task.needs if j in by_index for t in by_index[j].job.own}

@@ -5,9 +5,9 @@ frozen :class:`BlockJob` (coordinates and references, never pixels); the model a
 input/output handles are opened once per worker process and cached.
 
 A block runs in three steps: its input box is read on the host in its stored dtype;
-then, holding the device's lock (:func:`pipeline.engine.device_lock`), it goes to the
+then, holding the device's lock (:func:`pipeline.engine.device_section.device_lock`), it goes to the
 model's device once, where tiles are cut, scaled, predicted, blended and quantised
-(:mod:`pipeline.engine`), and comes back once in the output dtype; then its chunks are
+(:mod:`pipeline.engine.device_section`), and comes back once in the output dtype; then its chunks are
 written, level 0 and the pyramid levels it owns (:mod:`pipeline.pyramid`), and any
 extra per-block outputs. With a few block threads per worker (:data:`BLOCK_THREADS`)
 one block computes while another reads and a third writes; memory stays bounded by
@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, Protocol, Union
 
 import numpy as np
 
-from pipeline.blend import BlendMode
 from pipeline.devices import host_threads, torch_device
-from pipeline.engine import (
+from pipeline.engine.blend import BlendMode
+from pipeline.engine.device_section import (
     HostBox,
     box_to_device,
     device_lock,
@@ -39,10 +39,10 @@ from pipeline.engine import (
     read_box,
     stream_predictions,
 )
+from pipeline.engine.tiling import Lattice
 from pipeline.errors import ModelRunError, PipelineError
 from pipeline.geometry import Region
 from pipeline.pyramid import downsample, level_region
-from pipeline.tiling import Lattice
 from pipeline.tissue_mask import TissueMask
 
 if TYPE_CHECKING:
@@ -115,7 +115,7 @@ class BlockJob:
         Tiles per forward pass (None: chosen per worker to fill the device), input
         scaling (``dtype``/``none``), output dtype.
     tta
-        Test-time augmentation (``none``, ``flip``, ``d4``; see :mod:`pipeline.tta`).
+        Test-time augmentation (``none``, ``flip``, ``d4``; see :mod:`pipeline.engine.tta`).
     outputs
         Further per-block writers (:class:`BlockOutput`), given the block's final pixels.
     tiles

@@ -12,11 +12,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pipeline.backends.base import ModelSpec, check_tile
-from pipeline.blend import BlendMode
 from pipeline.config import RunConfig
+from pipeline.engine.blend import BlendMode
+from pipeline.engine.tiling import BlockGrid, Lattice, choose_stride
+from pipeline.engine.tta import check_tta
 from pipeline.errors import ConfigError
-from pipeline.tiling import BlockGrid, Lattice, choose_stride
-from pipeline.tta import check_tta
 
 DEFAULT_TILE = {2: 256, 3: 64}
 DEFAULT_CHUNK = {2: 1024, 3: 128}
