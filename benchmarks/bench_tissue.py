@@ -60,7 +60,7 @@ def main() -> None:
     import zarr
 
     from pipeline.config import RunConfig
-    from pipeline.geometry import Region
+    from pipeline.core.geometry import Region
     from pipeline.model.export import export_model
     from pipeline.run import run
 

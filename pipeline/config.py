@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.classes import DEFAULT_THRESHOLD, parse_class_names
+from pipeline.core.classes import DEFAULT_THRESHOLD, parse_class_names
 from pipeline.errors import ConfigError
 from pipeline.io.formats import SEARCHED_SUFFIXES
 from pipeline.io.ngff import DEFAULT_VERSION, VERSIONS

@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pipeline import faults
 from pipeline.backends.base import ModelSpec
 from pipeline.batch.batch import Batch
 from pipeline.batch.driver import Driver, Step, SyncClient, ThreadClient
@@ -27,7 +26,6 @@ from pipeline.batch.lock import OutputLock, short_lock
 from pipeline.batch.products import Products, products_current
 from pipeline.batch.shard import Shard
 from pipeline.batch.tasks import InputJob, Model
-from pipeline.classes import label_names
 from pipeline.cluster.clients import (
     model_threads,
     open_cluster,
@@ -36,6 +34,10 @@ from pipeline.cluster.clients import (
     worker_layout,
 )
 from pipeline.config import RunConfig
+from pipeline.core import faults
+from pipeline.core.classes import label_names
+from pipeline.core.report import InputResult, RunReport
+from pipeline.core.retry import retrying
 from pipeline.engine.blocks import make_tasks, run_local
 from pipeline.engine.plan import check_options, make_plan
 from pipeline.engine.stages import BLOCK_THREADS, BackendRef, predict_shared, process_block
@@ -44,8 +46,6 @@ from pipeline.io import ngff, sink
 from pipeline.io.collection import write_collection
 from pipeline.io.fingerprint import fingerprint
 from pipeline.io.staging import StagingArea, output_error
-from pipeline.report import InputResult, RunReport
-from pipeline.retry import retrying
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import dask
 import pytest
 
 from pipeline.batch.driver import Driver, Step, SyncClient, describe_task
-from pipeline.geometry import Region
+from pipeline.core.geometry import Region
 
 
 @dataclass(frozen=True)

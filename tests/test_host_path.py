@@ -12,15 +12,15 @@ import tifffile
 import torch
 import zarr
 
-from pipeline.buffers import reused
-from pipeline.devices import normalize_, scale_into, scale_of
+from pipeline.core.buffers import reused
+from pipeline.core.devices import normalize_, scale_into, scale_of
+from pipeline.core.geometry import Region
+from pipeline.core.pyramid import _mean_uint8, _mean_uint8_banded
 from pipeline.engine.blend import BlendMode
 from pipeline.engine.device_section import finish_block, merge_tiles
 from pipeline.engine.tiling import BlockGrid, Lattice
-from pipeline.geometry import Region
 from pipeline.io.tiff import open_tiff_level
 from pipeline.io.tiff_tiles import TiffTiles
-from pipeline.pyramid import _mean_uint8, _mean_uint8_banded
 
 CPU = torch.device("cpu")
 SVS = "wsi/CMU-1-Small-Region.svs"
@@ -142,7 +142,7 @@ def _plain_sums(lattice, write, tiles, preds, blend, skipped):
 
 def test_finish_in_bands_equals_whole_block_passes(monkeypatch) -> None:
     import pipeline.engine.device_section as engine
-    from pipeline.devices import quantize, to_device, to_host
+    from pipeline.core.devices import quantize, to_device, to_host
 
     rng = np.random.default_rng(7)
     acc = torch.from_numpy(rng.random((3, 67, 45), np.float32) * 3)

@@ -142,8 +142,8 @@ def test_a_run_whose_lock_was_taken_over_starts_no_further_input(tmp_path):
     from pipeline.batch.batch import Batch
     from pipeline.batch.ledger import Ledger, init_state_dir
     from pipeline.batch.tasks import InputJob
+    from pipeline.core.report import InputResult, RunReport
     from pipeline.errors import OutputLockedError
-    from pipeline.report import InputResult, RunReport
 
     out = tmp_path / "out.zarr"
     init_state_dir(out)

@@ -272,8 +272,8 @@ def test_tissue_skipping_changes_nothing_inside_tissue(data_dir, tmp_path):
     (plain, full), (skipped, masked) = runs[False], runs[True]
     assert 0.2 < skipped.tissue_fraction < 0.95
     assert skipped.skipped_tiles > 0 and skipped.tiles + skipped.skipped_tiles == plain.tiles
+    from pipeline.core.geometry import Region
     from pipeline.engine.tissue import detect_tissue
-    from pipeline.geometry import Region
     from pipeline.io.sources import open_image
 
     tissue = detect_tissue(open_image(data_dir / SVS), full.shape[1:])

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
+from pipeline.core.geometry import Region
 from pipeline.engine.blend import BlendMode, tile_weights
 from pipeline.engine.tiling import Lattice, choose_stride
-from pipeline.geometry import Region
 
 
 def coverage(lat, owned):

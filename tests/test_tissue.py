@@ -12,10 +12,10 @@ import tifffile
 import zarr
 from conftest import write_tiff
 
+from pipeline.core.geometry import Region
 from pipeline.engine import tissue
 from pipeline.engine.tissue import TissueMask, detect_tissue, load_user_mask
 from pipeline.errors import ConfigError, InputError
-from pipeline.geometry import Region
 from pipeline.io import ngff, sink
 from pipeline.io.labels import write_tissue_labels
 from pipeline.io.model_input import open_for_model, open_level

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline._compat import quiet_torch
 from pipeline.config import RunConfig
+from pipeline.core._compat import quiet_torch
 from pipeline.errors import ConfigError
 from pipeline.run import predict_array, resolve_model
 

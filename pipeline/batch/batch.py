@@ -33,7 +33,6 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from pipeline import atomic, faults
 from pipeline.batch.driver import Step
 from pipeline.batch.ledger import Ledger
 from pipeline.batch.products import products_record, publish_products
@@ -46,6 +45,9 @@ from pipeline.batch.tasks import (
     run_block,
     run_shared,
 )
+from pipeline.core import atomic, faults
+from pipeline.core.report import InputResult, RunReport
+from pipeline.core.retry import ATTEMPTS
 from pipeline.engine.blocks import block_tiles
 from pipeline.engine.plan import summary_line
 from pipeline.errors import (
@@ -61,8 +63,6 @@ from pipeline.errors import (
     WorkerCrashError,
 )
 from pipeline.io.staging import StagingArea, output_error
-from pipeline.report import InputResult, RunReport
-from pipeline.retry import ATTEMPTS
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline import __version__, atomic
+from pipeline import __version__
 from pipeline.backends.files import sha256_of
+from pipeline.core import atomic
 from pipeline.io.fingerprint import Fingerprint
 from pipeline.io.sink import unique_names
 from pipeline.io.staging import published_attrs, published_key

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.classes import label_colors, label_names
+from pipeline.core.classes import label_colors, label_names
 from pipeline.errors import PipelineError
 from pipeline.io.class_labels import ClassLabels, open_label_level, write_label_block
 from pipeline.io.staging import block_id
@@ -86,7 +86,7 @@ class Products:
         Probability at which a one-class pixel is foreground (the labels).
     names
         Class names given (``--class-names`` or the model's), see
-        :func:`pipeline.classes.label_names`.
+        :func:`pipeline.core.classes.label_names`.
     geojson, simplify, object_type
         Polygons: whether, their tolerance, their QuPath object type.
     """

@@ -11,7 +11,7 @@ what resuming and failing safely need:
 * before each block the input's stamp (size, mtime) is checked against the one the run
   key was made with, and at the end its whole fingerprint: a file changed during its run
   fails as ``input-changed`` instead of ending as a hybrid;
-* transient ``OSError`` is retried with backoff (:mod:`pipeline.retry`); a full or
+* transient ``OSError`` is retried with backoff (:mod:`pipeline.core.retry`); a full or
   read-only disk becomes an :class:`~pipeline.errors.OutputError` naming the folder and
   the free space.
 
@@ -30,7 +30,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline import faults
 from pipeline.backends.base import ModelSpec
 from pipeline.batch.products import (
     BlockProducts,
@@ -39,8 +38,11 @@ from pipeline.batch.products import (
     level0_scale,
     polygons_folder,
 )
-from pipeline.classes import label_dtype, label_names
 from pipeline.config import RunConfig
+from pipeline.core import faults
+from pipeline.core.classes import label_dtype, label_names
+from pipeline.core.pyramid import pyramid_shapes
+from pipeline.core.retry import retrying
 from pipeline.engine.blocks import Task, find_tissue, make_tasks, provenance
 from pipeline.engine.plan import Plan, make_plan
 from pipeline.engine.stages import (
@@ -63,12 +65,10 @@ from pipeline.io.staging import (
     output_error,
     published_key,
 )
-from pipeline.pyramid import pyramid_shapes
-from pipeline.retry import retrying
 
 if TYPE_CHECKING:  # annotations only: the driver imports this module, workers read pixels
+    from pipeline.core.tissue_mask import TissueMask
     from pipeline.io.model_input import ModelInput
-    from pipeline.tissue_mask import TissueMask
 
 log = logging.getLogger(__name__)
 

@@ -387,7 +387,7 @@ def export(
     The file carries what running it needs (axes, channels, classes, margin, size step,
     activation, normalisation, and optionally resolution and class names).
     """
-    from pipeline.classes import label_names, parse_class_names
+    from pipeline.core.classes import label_names, parse_class_names
     from pipeline.model.export import export_model
 
     try:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from pipeline import __version__
 from pipeline.backends.base import ModelSpec
 from pipeline.config import RunConfig
+from pipeline.core.tissue_mask import TissueMask
 from pipeline.engine.inprocess import run_in_threads
 from pipeline.engine.plan import Plan
 from pipeline.engine.stages import (
@@ -28,7 +29,6 @@ from pipeline.engine.stages import (
     predict_shared,
     process_block,
 )
-from pipeline.tissue_mask import TissueMask
 
 if TYPE_CHECKING:
     from pipeline.io.model_input import ModelInput

@@ -10,9 +10,9 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
-from pipeline.devices import empty
+from pipeline.core.devices import empty
+from pipeline.core.geometry import Region
 from pipeline.engine.blend import BlendMode, tile_weights
-from pipeline.geometry import Region
 
 if TYPE_CHECKING:
     import torch

@@ -138,7 +138,7 @@ def block_shape(
 
     On y and x a block grows in steps of ``2**ALIGN_LEVELS`` chunks when the budget
     allows it (else 2, else 1), so that it also holds whole chunks of the first pyramid
-    levels, which it then writes from memory (:func:`pipeline.pyramid.block_levels`).
+    levels, which it then writes from memory (:func:`pipeline.core.pyramid.block_levels`).
 
     Bytes counted: the computing block's float32 accumulators (classes + weight) and
     the output of two blocks (the one computing, the one being written) per block pixel;
