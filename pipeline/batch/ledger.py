@@ -7,7 +7,7 @@ Layout (all internal state lives in one hidden folder of the output root)::
         inputs/<id>.json        one record per input (id: hash of the input's real path)
         names/<name>.json       an output name, bound to one input for good (lower case)
         runs/<run id>.json      each run's own report
-        locks/  staging/  old/  trash/     see lock.py and io/staging.py
+        locks/  staging/  old/  trash/     see batch/lock.py and io/staging.py
 
 A **run key** is a SHA-256 over the input's fingerprint (real path, size, mtime and a
 content sample), the model's SHA-256, the settings that change output pixels

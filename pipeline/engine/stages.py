@@ -5,10 +5,10 @@ frozen :class:`BlockJob` (coordinates and references, never pixels); the model a
 input/output handles are opened once per worker process and cached.
 
 A block runs in three steps: its input box is read on the host in its stored dtype;
-then, holding the device's lock (:func:`pipeline.engine.device_section.device_lock`), it goes to the
-model's device once, where tiles are cut, scaled, predicted, blended and quantised
-(:mod:`pipeline.engine.device_section`), and comes back once in the output dtype; then its chunks are
-written, level 0 and the pyramid levels it owns (:mod:`pipeline.core.pyramid`), and any
+then, holding the device's lock (:func:`pipeline.engine.device_section.device_lock`), it
+goes to the model's device once, where tiles are cut, scaled, predicted, blended and
+quantised (:mod:`pipeline.engine.device_section`), and comes back once in the output
+dtype; then its chunks are written, level 0 and the pyramid levels it owns (:mod:`pipeline.core.pyramid`), and any
 extra per-block outputs. With a few block threads per worker (:data:`BLOCK_THREADS`)
 one block computes while another reads and a third writes; memory stays bounded by
 that many blocks.
