@@ -246,14 +246,14 @@ def _profiled(blocks: list, timed: dict):
     """Record every in-process block's ``BlockResult.seconds`` and the model's share.
 
     The in-process path looks ``process_block`` (and ``predict_shared``, the first phase
-    of blocks that own tiles shared with their neighbours) up in ``pipeline.tasks`` (in
-    ``pipeline.run`` before the driver) and ``get_backend`` in ``pipeline.stages``, so
+    of blocks that own tiles shared with their neighbours) up in ``pipeline.batch.tasks`` (in
+    ``pipeline.run`` before the driver) and ``get_backend`` in ``pipeline.engine.stages``, so
     wrapping them there sees every block.
     """
-    import pipeline.stages as stages
+    import pipeline.engine.stages as stages
 
     try:
-        import pipeline.tasks as prun
+        import pipeline.batch.tasks as prun
     except ImportError:  # before the driver: the blocks ran from pipeline.run
         import pipeline.run as prun
 
@@ -324,7 +324,7 @@ def in_process(args, tiff: Path, onnx: Path, work: Path):
 
 def lattice_tiles(args, spec, shape: tuple[int, int]):
     """The lattice (a) uses and its tiles: unique ones, and those its blocks run."""
-    from pipeline.plan import make_plan
+    from pipeline.engine.plan import make_plan
 
     plan = make_plan(spec, shape, IN_CHANNELS, CLASSES, run_config(args))
     lat = plan.lattice

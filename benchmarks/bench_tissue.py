@@ -60,7 +60,7 @@ def main() -> None:
     import zarr
 
     from pipeline.config import RunConfig
-    from pipeline.geometry import Region
+    from pipeline.core.geometry import Region
     from pipeline.model.export import export_model
     from pipeline.run import run
 
@@ -91,8 +91,8 @@ def main() -> None:
                 "tissue_fraction": r.tissue_fraction,
                 "chunks_stored": chunks,
             }
+        from pipeline.engine.tissue import detect_tissue
         from pipeline.io.sources import open_image
-        from pipeline.tissue import detect_tissue
 
         mask = detect_tissue(open_image(tmp / "slide.tif"), outputs[True].shape[1:])
         detected = mask.upsample(Region.of_shape(outputs[True].shape[1:]))

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.classes import DEFAULT_THRESHOLD, parse_class_names
+from pipeline.core.classes import DEFAULT_THRESHOLD, parse_class_names
 from pipeline.errors import ConfigError
 from pipeline.io.formats import SEARCHED_SUFFIXES
 from pipeline.io.ngff import DEFAULT_VERSION, VERSIONS
@@ -98,7 +98,7 @@ class RunConfig:
     cluster: str = "local"
     jobs: int | None = None
     #: The ``slurm:`` section (partition, account, walltime, cores, memory, processes,
-    #: gpus...), validated by :class:`pipeline.slurm.SlurmSettings` when a run starts.
+    #: gpus...), validated by :class:`pipeline.cluster.slurm.SlurmSettings` when a run starts.
     slurm: Mapping[str, Any] | None = dataclasses.field(default=None, hash=False)
     tta: str = "none"
     ort_provider: str = "auto"

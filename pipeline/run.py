@@ -2,9 +2,9 @@
 
 This layer never touches pixels. :func:`run` takes the output's lock, repairs what an
 earlier crash left, decides per input from the ledger whether its output is up to date,
-and hands the others to the :class:`~pipeline.driver.Driver`, which keeps several inputs
+and hands the others to the :class:`~pipeline.batch.driver.Driver`, which keeps several inputs
 in flight on a Dask cluster (or runs them in-process: ``scheduler="sync"``, or a single
-block on the default layout). :class:`~pipeline.batch.Batch` publishes and records each
+block on the default layout). :class:`~pipeline.batch.batch.Batch` publishes and records each
 input as it ends.
 """
 
@@ -18,12 +18,15 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pipeline import faults
 from pipeline.backends.base import ModelSpec
-from pipeline.batch import Batch
-from pipeline.blocks import make_tasks, run_local
-from pipeline.classes import label_names
-from pipeline.cluster import (
+from pipeline.batch.batch import Batch
+from pipeline.batch.driver import Driver, Step, SyncClient, ThreadClient
+from pipeline.batch.ledger import Ledger, init_state_dir, new_run_id, output_settings, run_key
+from pipeline.batch.lock import OutputLock, short_lock
+from pipeline.batch.products import Products, products_current
+from pipeline.batch.shard import Shard
+from pipeline.batch.tasks import InputJob, Model
+from pipeline.cluster.clients import (
     model_threads,
     open_cluster,
     slurm_layout,
@@ -31,26 +34,23 @@ from pipeline.cluster import (
     worker_layout,
 )
 from pipeline.config import RunConfig
-from pipeline.driver import Driver, Step, SyncClient, ThreadClient
+from pipeline.core import faults
+from pipeline.core.classes import label_names
+from pipeline.core.report import InputResult, RunReport
+from pipeline.core.retry import retrying
+from pipeline.engine.blocks import make_tasks, run_local
+from pipeline.engine.plan import check_options, make_plan
+from pipeline.engine.stages import BLOCK_THREADS, BackendRef, predict_shared, process_block
 from pipeline.errors import UP_TO_DATE, ConfigError, PipelineError
 from pipeline.io import ngff, sink
 from pipeline.io.collection import write_collection
 from pipeline.io.fingerprint import fingerprint
 from pipeline.io.staging import StagingArea, output_error
-from pipeline.ledger import Ledger, init_state_dir, new_run_id, output_settings, run_key
-from pipeline.lock import OutputLock, short_lock
-from pipeline.plan import check_options, make_plan
-from pipeline.products import Products, products_current
-from pipeline.report import InputResult, RunReport
-from pipeline.retry import retrying
-from pipeline.shard import Shard
-from pipeline.stages import BLOCK_THREADS, BackendRef, predict_shared, process_block
-from pipeline.tasks import InputJob, Model
 
 log = logging.getLogger(__name__)
 
 #: The older progress callback ``(name, done blocks, total blocks)``; an object with
-#: ``start_input``/``advance``/``finish_input`` (:class:`pipeline.progress.TerminalProgress`)
+#: ``start_input``/``advance``/``finish_input`` (:class:`pipeline.cli.progress.TerminalProgress`)
 #: gets a what-will-run line per input and tiles instead.
 Progress = Callable[[str, int, int], None]
 
@@ -99,7 +99,7 @@ def run(
     ``decided``: inputs settled before the run (skipped or failed while finding inputs,
     see :func:`pipeline.io.discover.find_inputs`); they are added to the report as they
     are. ``force``: recompute inputs whose output is up to date. ``shard``: run only this
-    shard's share of the inputs (a job array; see :mod:`pipeline.shard`). ``progress``:
+    shard's share of the inputs (a job array; see :mod:`pipeline.batch.shard`). ``progress``:
     see :data:`Progress`.
 
     Raises
@@ -338,7 +338,7 @@ def _warm(spec: ModelSpec) -> tuple[str, ...]:
     """What a fresh local worker imports before its first block: the block stages, the
     model's runtime and torch (the engine's tensors)."""
     runtime = ("onnxruntime",) if spec.format == "onnx" else ()
-    return ("pipeline.tasks", "pipeline.io.model_input", *runtime, "torch")
+    return ("pipeline.batch.tasks", "pipeline.io.model_input", *runtime, "torch")
 
 
 def backend_ref(spec: ModelSpec, cfg: RunConfig) -> BackendRef:
@@ -395,7 +395,7 @@ class _Prepared:
 
 
 class _Blocks:
-    """The driver's :class:`~pipeline.driver.Work` for a bare list of block tasks."""
+    """The driver's :class:`~pipeline.batch.driver.Work` for a bare list of block tasks."""
 
     def __init__(self, progress: Callable[[int, int], None]) -> None:
         self.progress, self.tiles, self.done, self.total, self.error = progress, 0, 0, 0, None

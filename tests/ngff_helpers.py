@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from pipeline.classes import label_colors
+from pipeline.core.classes import label_colors
 from pipeline.io.ngff import get_format, omero_channels
 
 CHUNK = 64

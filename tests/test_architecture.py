@@ -8,7 +8,8 @@ Only imports of the package's own modules matter.
 
 :data:`LAYERS` is the architecture (``ARCHITECTURE.md`` describes it): a module may
 import its own unit (a package of the layer) and anything in a lower layer; units in
-the same layer are independent. A new module must be placed in a layer.
+the same layer are independent. :data:`PACKAGES` orders the modules inside a package
+the same way. A new module must be placed in a layer.
 """
 
 from __future__ import annotations
@@ -25,49 +26,73 @@ MAX_LINES = 500
 #: Top to bottom; each layer lists independent units (a module or a package).
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("pipeline.cli",),
-    (
-        "pipeline.demo",
-        "pipeline.progress",
-        "pipeline.describe",
-        "pipeline.cli_options",
-        "pipeline.testing",
-    ),
+    ("pipeline.demo", "pipeline.testing"),
     ("pipeline.run",),
-    ("pipeline.batch",),
-    (
-        "pipeline.cluster",
-        "pipeline.driver",
-        "pipeline.ledger",
-        "pipeline.lock",
-        "pipeline.tasks",
-    ),
-    ("pipeline.products", "pipeline.blocks"),
-    ("pipeline.inprocess",),
-    ("pipeline.stages", "pipeline.tissue", "pipeline.slurm", "pipeline.outputs"),
-    ("pipeline.engine",),
-    ("pipeline.plan",),
-    ("pipeline.model", "pipeline.tta", "pipeline.merge"),
+    ("pipeline.batch", "pipeline.cluster"),
+    ("pipeline.engine", "pipeline.outputs", "pipeline.model"),
     ("pipeline.backends",),
     ("pipeline.config",),
     ("pipeline.io",),
-    ("pipeline.report",),
+    ("pipeline.core",),
+    ("pipeline", "pipeline.errors"),
+)
+
+#: Inside ``pipeline.cli``: ``python -m pipeline.cli``, the commands, what they show.
+CLI_LAYERS: tuple[tuple[str, ...], ...] = (
+    ("pipeline.cli.__main__",),
+    ("pipeline.cli",),
+    ("pipeline.cli.options", "pipeline.cli.progress", "pipeline.cli.describe"),
+)
+
+#: Inside ``pipeline.batch``: the driver's side, the steps, what they share.
+BATCH_LAYERS: tuple[tuple[str, ...], ...] = (
+    ("pipeline.batch.batch",),
     (
-        "pipeline.blend",
-        "pipeline.tiling",
-        "pipeline.tissue_mask",
-        "pipeline.classes",
-        "pipeline.pyramid",
-        "pipeline.devices",
+        "pipeline.batch.driver",
+        "pipeline.batch.ledger",
+        "pipeline.batch.lock",
+        "pipeline.batch.tasks",
+    ),
+    ("pipeline.batch.products", "pipeline.batch.shard"),
+    ("pipeline.batch",),
+)
+
+#: Inside ``pipeline.cluster``: the Dask clients over the Slurm settings.
+CLUSTER_LAYERS: tuple[tuple[str, ...], ...] = (
+    ("pipeline.cluster.clients",),
+    ("pipeline.cluster.slurm",),
+    ("pipeline.cluster",),
+)
+
+#: Inside ``pipeline.engine``, from an input's blocks down to the pure tile maths.
+ENGINE_LAYERS: tuple[tuple[str, ...], ...] = (
+    ("pipeline.engine.blocks",),
+    ("pipeline.engine.inprocess",),
+    ("pipeline.engine.stages", "pipeline.engine.tissue"),
+    ("pipeline.engine.device_section",),
+    ("pipeline.engine.plan",),
+    ("pipeline.engine.tta", "pipeline.engine.merge"),
+    ("pipeline.engine.blend", "pipeline.engine.tiling"),
+    ("pipeline.engine",),
+)
+
+#: Inside ``pipeline.core``: what io/, backends/ and everything above share.
+CORE_LAYERS: tuple[tuple[str, ...], ...] = (
+    (
+        "pipeline.core.report",
+        "pipeline.core.pyramid",
+        "pipeline.core.tissue_mask",
+        "pipeline.core.classes",
+        "pipeline.core.devices",
+        "pipeline.core.retry",
     ),
     (
-        "pipeline.geometry",
-        "pipeline.retry",
-        "pipeline.shard",
-        "pipeline.faults",
-        "pipeline.atomic",
-        "pipeline.buffers",
+        "pipeline.core.geometry",
+        "pipeline.core.atomic",
+        "pipeline.core.faults",
+        "pipeline.core.buffers",
     ),
-    ("pipeline", "pipeline.errors", "pipeline._compat"),
+    ("pipeline.core", "pipeline.core._compat"),
 )
 
 #: Inside ``pipeline.io``, in the order data flows (read path up, write path beside it).
@@ -91,6 +116,16 @@ IO_LAYERS: tuple[tuple[str, ...], ...] = (
         "pipeline.io.fingerprint",
     ),
 )
+
+#: Each package whose modules are checked among themselves too, with its layers.
+PACKAGES: dict[str, tuple[tuple[str, ...], ...]] = {
+    "pipeline.cli": CLI_LAYERS,
+    "pipeline.batch": BATCH_LAYERS,
+    "pipeline.cluster": CLUSTER_LAYERS,
+    "pipeline.engine": ENGINE_LAYERS,
+    "pipeline.io": IO_LAYERS,
+    "pipeline.core": CORE_LAYERS,
+}
 
 
 def _modules() -> dict[str, Path]:
@@ -222,14 +257,17 @@ def test_every_module_has_a_layer() -> None:
     unplaced = [m for m in MODULES if _unit(m, LAYERS, "pipeline") is None]
     unplaced += [
         m
+        for scope, layers in PACKAGES.items()
         for m in MODULES
-        if m.startswith("pipeline.io.") and _unit(m, IO_LAYERS, "pipeline.io") is None
+        if m.startswith(scope + ".") and _unit(m, layers, scope) is None
     ]
-    assert not unplaced, f"place these in LAYERS / IO_LAYERS of {Path(__file__).name}: {unplaced}"
+    assert not unplaced, f"place these in LAYERS / PACKAGES of {Path(__file__).name}: {unplaced}"
 
 
 @pytest.mark.parametrize(
-    ("layers", "scope"), [(LAYERS, "pipeline"), (IO_LAYERS, "pipeline.io")], ids=["package", "io"]
+    ("layers", "scope"),
+    [(LAYERS, "pipeline"), *((layers, scope) for scope, layers in PACKAGES.items())],
+    ids=["package", *(scope.removeprefix("pipeline.") for scope in PACKAGES)],
 )
 def test_imports_flow_down_the_layers(layers, scope) -> None:
     assert layer_violations(GRAPH, layers, scope) == []

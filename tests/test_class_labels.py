@@ -13,7 +13,7 @@ import pytest
 import zarr
 from ngff_helpers import CHUNK, blobs, write_image
 
-from pipeline.classes import class_labels
+from pipeline.core.classes import class_labels
 from pipeline.io.class_labels import (
     create_class_labels,
     finish_class_labels,
@@ -78,7 +78,7 @@ def test_label_image_from_blocks_validates_and_matches_the_whole(tmp_path, versi
 def test_blocks_write_their_part_of_the_first_levels_as_the_whole_image_would(tmp_path, block):
     """Label levels 1..k written by the blocks (from their own labels, every 2**k-th) equal
     the levels picked from the whole label image; the rest are made when finishing."""
-    from pipeline.pyramid import block_levels
+    from pipeline.core.pyramid import block_levels
 
     probs = blobs(2, shape=(300, 230), seed=7)  # odd level sizes: floored like the image's
     image = tmp_path / "img"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.classes import (
+from pipeline.core.classes import (
     PALETTE,
     channel_names,
     class_labels,

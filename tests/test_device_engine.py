@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.blend import BlendMode, tile_weights
-from pipeline.devices import normalize_, quantize, to_device, to_host
-from pipeline.engine import (
+from pipeline.core.devices import normalize_, quantize, to_device, to_host
+from pipeline.core.geometry import Region, reflect_index
+from pipeline.engine.blend import BlendMode, tile_weights
+from pipeline.engine.device_section import (
     blend_block,
     box_to_device,
     device_lock,
@@ -17,11 +18,10 @@ from pipeline.engine import (
     read_box,
     stream_predictions,
 )
+from pipeline.engine.merge import TensorMerger, weights_on
+from pipeline.engine.tiling import BlockGrid, Lattice
+from pipeline.engine.tta import check_tta, predict_tta, transforms
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.geometry import Region, reflect_index
-from pipeline.merge import TensorMerger, weights_on
-from pipeline.tiling import BlockGrid, Lattice
-from pipeline.tta import check_tta, predict_tta, transforms
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -235,7 +235,7 @@ def test_frozen_torchscript_has_no_parameters_and_same_output():
     from pipeline.model.unet import UNet
 
     net = UNet(in_channels=1, classes=1, base=4, depth=2, padding="same").eval()
-    from pipeline._compat import quiet_torch
+    from pipeline.core._compat import quiet_torch
 
     with quiet_torch():
         scripted = torch.jit.script(net)

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 import dask
 import pytest
 
-from pipeline.driver import Driver, Step, SyncClient, describe_task
-from pipeline.geometry import Region
+from pipeline.batch.driver import Driver, Step, SyncClient, describe_task
+from pipeline.core.geometry import Region
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ def test_in_process_runs_only_unfinished_blocks_with_the_shared_tiles_they_need(
 
 
 def test_threads_in_process_run_many_inputs_like_a_cluster():
-    from pipeline.driver import ThreadClient
+    from pipeline.batch.driver import ThreadClient
 
     work = Work(blocks=5, done={"b": (0, 1)}, kill_on="raise:c:3")
     with ThreadClient(3) as client:

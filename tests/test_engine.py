@@ -136,9 +136,9 @@ def test_torchscript_matches_onnx_end_to_end(valid_net, rng):
 def test_every_tile_runs_exactly_once(block, blend):
     """Shared tiles are computed by one owner block and reused by the others."""
     from pipeline.backends.base import ModelSpec
-    from pipeline.blocks import make_tasks, run_local
-    from pipeline.plan import make_plan
-    from pipeline.stages import BackendRef
+    from pipeline.engine.blocks import make_tasks, run_local
+    from pipeline.engine.plan import make_plan
+    from pipeline.engine.stages import BackendRef
 
     spec = ModelSpec(format="identity", ndim=2, in_channels=0, classes=0)
     cfg = RunConfig(backend="identity", tile=(32,), overlap=8, blend=blend, block=block, chunk=16)

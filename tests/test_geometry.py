@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline.geometry import Region, reflect_index
+from pipeline.core.geometry import Region, reflect_index
 
 
 def test_region_ops():

@@ -12,15 +12,15 @@ import tifffile
 import torch
 import zarr
 
-from pipeline.blend import BlendMode
-from pipeline.buffers import reused
-from pipeline.devices import normalize_, scale_into, scale_of
-from pipeline.engine import finish_block, merge_tiles
-from pipeline.geometry import Region
+from pipeline.core.buffers import reused
+from pipeline.core.devices import normalize_, scale_into, scale_of
+from pipeline.core.geometry import Region
+from pipeline.core.pyramid import _mean_uint8, _mean_uint8_banded
+from pipeline.engine.blend import BlendMode
+from pipeline.engine.device_section import finish_block, merge_tiles
+from pipeline.engine.tiling import BlockGrid, Lattice
 from pipeline.io.tiff import open_tiff_level
 from pipeline.io.tiff_tiles import TiffTiles
-from pipeline.pyramid import _mean_uint8, _mean_uint8_banded
-from pipeline.tiling import BlockGrid, Lattice
 
 CPU = torch.device("cpu")
 SVS = "wsi/CMU-1-Small-Region.svs"
@@ -128,7 +128,7 @@ def test_ordered_merger_equals_zeroed_sums_bit_for_bit(blend, flush) -> None:
 
 def _plain_sums(lattice, write, tiles, preds, blend, skipped):
     """The reference: zeroed accumulators, every tile added in order."""
-    from pipeline.merge import TensorMerger, weights_on
+    from pipeline.engine.merge import TensorMerger, weights_on
 
     w = weights_on(blend, lattice.out_tile, lattice.overlap, CPU)
     merger = TensorMerger(write, 2, blend, CPU, w)
@@ -141,8 +141,8 @@ def _plain_sums(lattice, write, tiles, preds, blend, skipped):
 
 
 def test_finish_in_bands_equals_whole_block_passes(monkeypatch) -> None:
-    import pipeline.engine as engine
-    from pipeline.devices import quantize, to_device, to_host
+    import pipeline.engine.device_section as engine
+    from pipeline.core.devices import quantize, to_device, to_host
 
     rng = np.random.default_rng(7)
     acc = torch.from_numpy(rng.random((3, 67, 45), np.float32) * 3)
@@ -181,8 +181,8 @@ def test_banded_uint8_mean_equals_whole(shape, yx) -> None:
 def test_block_chunks_all_zero_are_not_stored(tmp_path: Path) -> None:
     """A block's all-zero chunks stay unstored (and a stored one is removed), its other
     chunks are written without Zarr's per-value check."""
+    from pipeline.engine.stages import _store
     from pipeline.io import sink
-    from pipeline.stages import _store
 
     sink.open_root(tmp_path / "out")
     writer = sink.create_image(tmp_path / "out", "img", (2, 64, 64), "cyx", (2, 16, 16), "uint8")

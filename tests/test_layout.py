@@ -156,8 +156,8 @@ def test_model_layout_reads_only_the_tiles_under_a_window(
 ) -> None:
     """Moving axes with dask (transpose) defeated slice fusion: a 256 x 256 window
     decoded its whole 16 MiB dask chunk (100 tiles). The layout view reads 4."""
-    from pipeline.geometry import Region
-    from pipeline.stages import read_region
+    from pipeline.core.geometry import Region
+    from pipeline.engine.stages import read_region
 
     reads = tile_reads
     src = open_image(data_dir / "wsi/CMU-1-Small-Region.svs")

@@ -9,16 +9,16 @@ import pytest
 import tifffile
 import zarr
 
-from pipeline.config import RunConfig
-from pipeline.io.fingerprint import fingerprint
-from pipeline.io.staging import published_key
-from pipeline.ledger import (
+from pipeline.batch.ledger import (
     Ledger,
     init_state_dir,
     output_settings,
     run_key,
 )
-from pipeline.shard import Shard, parse_shard
+from pipeline.batch.shard import Shard, parse_shard
+from pipeline.config import RunConfig
+from pipeline.io.fingerprint import fingerprint
+from pipeline.io.staging import published_key
 
 
 def slide(path, seed, shape=(64, 64)):

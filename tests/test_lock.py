@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from pipeline.lock import LockedError, OutputLock, holders, read_lock
-from pipeline.shard import Shard
+from pipeline.batch.lock import LockedError, OutputLock, holders, read_lock
+from pipeline.batch.shard import Shard
 
 
 def dead_pid() -> int:
@@ -107,8 +107,8 @@ def test_shards_of_one_array_coexist_and_exclude_everything_else(tmp_path):
 
 RACE = """
 import sys, time
-from pipeline.lock import OutputLock, LockedError
-from pipeline.shard import Shard
+from pipeline.batch.lock import OutputLock, LockedError
+from pipeline.batch.shard import Shard
 shard = None if sys.argv[2].startswith("whole") else Shard(1, 2)
 start = float(sys.argv[3])
 time.sleep(max(0.0, start - time.time()))
@@ -139,11 +139,11 @@ def test_two_processes_starting_together_one_wins(tmp_path, second):
 
 
 def test_a_run_whose_lock_was_taken_over_starts_no_further_input(tmp_path):
-    from pipeline.batch import Batch
+    from pipeline.batch.batch import Batch
+    from pipeline.batch.ledger import Ledger, init_state_dir
+    from pipeline.batch.tasks import InputJob
+    from pipeline.core.report import InputResult, RunReport
     from pipeline.errors import OutputLockedError
-    from pipeline.ledger import Ledger, init_state_dir
-    from pipeline.report import InputResult, RunReport
-    from pipeline.tasks import InputJob
 
     out = tmp_path / "out.zarr"
     init_state_dir(out)

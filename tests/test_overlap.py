@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch  # noqa: F401  (imported before the clock starts: the blocks' device code uses it)
 
-from pipeline import stages
 from pipeline.backends.identity import IdentityBackend, identity_spec
 from pipeline.config import RunConfig
-from pipeline.plan import make_plan
+from pipeline.engine import stages
+from pipeline.engine.plan import make_plan
+from pipeline.engine.stages import BackendRef
 from pipeline.run import make_tasks, run_blocks, run_local
-from pipeline.stages import BackendRef
 
 STAGE_S = 0.15
 BLOCKS = 6
@@ -121,7 +121,7 @@ def test_in_process_blocks_overlap_read_compute_write():
 def test_dask_worker_threads_overlap_read_compute_write():
     from distributed import Client, LocalCluster
 
-    from pipeline.stages import BLOCK_THREADS
+    from pipeline.engine.stages import BLOCK_THREADS
 
     image, tasks = _tasks()
     with (

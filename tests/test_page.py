@@ -15,9 +15,9 @@ import imagecodecs
 import numpy as np
 import pytest
 
+from pipeline.core.report import InputResult, RunReport
 from pipeline.outputs.page import render_index, write_index
 from pipeline.outputs.preview import MAX_SIDE, PALETTE, compose_preview, write_png
-from pipeline.report import InputResult, RunReport
 
 BAD_NAME = "bad <slide> & \"co\" '1'.svs"
 BAD_REASON = "corrupt-input"

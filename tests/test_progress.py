@@ -6,7 +6,7 @@ import io
 import logging
 import re
 
-from pipeline.progress import TerminalProgress, format_seconds, summary_line
+from pipeline.cli.progress import TerminalProgress, format_seconds, summary_line
 
 
 def test_summary_line_says_what_will_run():

@@ -8,8 +8,14 @@ import dask.array as da
 import numpy as np
 import pytest
 
-from pipeline.geometry import Region
-from pipeline.pyramid import block_levels, downsample, level_chunks, level_region, pyramid_shapes
+from pipeline.core.geometry import Region
+from pipeline.core.pyramid import (
+    block_levels,
+    downsample,
+    level_chunks,
+    level_region,
+    pyramid_shapes,
+)
 
 
 def block_regions(shape, block):

@@ -9,7 +9,7 @@ import unicodedata
 import pytest
 
 from pipeline import cli
-from pipeline.report import InputResult, RunReport
+from pipeline.core.report import InputResult, RunReport
 
 
 def result(path, state, **kw) -> InputResult:

@@ -2,7 +2,7 @@
 uninterrupted run, finished work not redone (RELIABILITY F1-F6).
 
 Every run is a real ``pipeline run`` process in its own process group with a real local
-Dask cluster; faults are injected with ``PIPELINE_FAULTS`` (see :mod:`pipeline.faults`):
+Dask cluster; faults are injected with ``PIPELINE_FAULTS`` (see :mod:`pipeline.core.faults`):
 ``killgroup`` SIGKILLs the driver and its workers at a named point, ``kill`` one worker.
 """
 

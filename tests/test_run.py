@@ -214,7 +214,7 @@ def test_unknown_config_key_and_python_tag_refused(tmp_path, data_dir):
 def test_local_cluster_listens_on_loopback_only():
     import psutil
 
-    from pipeline.cluster import dask_client
+    from pipeline.cluster.clients import dask_client
 
     with dask_client(RunConfig(workers=1)) as client:
         assert client is not None
@@ -237,9 +237,9 @@ def _imported(names: tuple[str, ...]) -> list[str]:
 def test_local_workers_import_what_blocks_need_before_their_first_task():
     """A fresh worker imports the stages and the model's runtime in the background from
     its start (1-2 s on this machine), while the driver plans: no task asks for them."""
-    from pipeline.cluster import dask_client
+    from pipeline.cluster.clients import dask_client
 
-    wanted = ("pipeline.tasks", "onnxruntime", "torch")
+    wanted = ("pipeline.batch.tasks", "onnxruntime", "torch")
     with dask_client(RunConfig(workers=1), warm=wanted) as client:
         deadline = time.monotonic() + 60
         while True:
@@ -290,9 +290,9 @@ def test_tissue_skipping_changes_nothing_inside_tissue(data_dir, tmp_path):
     (plain, full), (skipped, masked) = runs[False], runs[True]
     assert 0.2 < skipped.tissue_fraction < 0.95
     assert skipped.skipped_tiles > 0 and skipped.tiles + skipped.skipped_tiles == plain.tiles
-    from pipeline.geometry import Region
+    from pipeline.core.geometry import Region
+    from pipeline.engine.tissue import detect_tissue
     from pipeline.io.sources import open_image
-    from pipeline.tissue import detect_tissue
 
     tissue = detect_tissue(open_image(data_dir / SVS), full.shape[1:])
     inside = tissue.upsample(Region.of_shape(full.shape[1:]))

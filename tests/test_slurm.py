@@ -23,15 +23,15 @@ from distributed import as_completed
 from slurm import DRIVER, assert_no_jobs_left, job_name, jobs_named, slurm_cluster  # noqa: F401
 
 import pipeline
-from pipeline.cluster import cancel_leftovers, make_cluster, slurm_client
-from pipeline.errors import ConfigError
-from pipeline.slurm import (
+from pipeline.cluster.clients import cancel_leftovers, make_cluster, slurm_client
+from pipeline.cluster.slurm import (
     SlurmSettings,
     gpu_for_worker,
     import_jobqueue,
     lifetime_for,
     walltime_seconds,
 )
+from pipeline.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 # dask_jobqueue registers its defaults with dask.config when first imported; imported for the
@@ -165,7 +165,7 @@ def test_job_script_takes_the_site_config_and_our_overrides(monkeypatch):
     assert command.startswith(f"{sys.executable} -m distributed.cli.dask_worker")
     # one worker process per GPU, the cores split among them, each pinned to its GPU
     assert "--nworkers 2" in command and "--nthreads 4" in command
-    assert "--preload pipeline.slurm" in command and "export PIPELINE_PIN_GPU=1" in script
+    assert "--preload pipeline.cluster.slurm" in command and "export PIPELINE_PIN_GPU=1" in script
     # 4 h walltime: workers end between 3 h 45 and 3 h 55, never past the walltime
     assert "--lifetime 13800s --lifetime-stagger 300s" in command
     assert "--lifetime-restart" not in command

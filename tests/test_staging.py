@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from pipeline.geometry import Region
+from pipeline.core.geometry import Region
+from pipeline.core.retry import is_transient, retrying
 from pipeline.io.staging import StagingArea, block_id, output_error
-from pipeline.retry import is_transient, retrying
 
 KEY = "0123456789abcdef" * 4
 

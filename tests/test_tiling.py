@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from pipeline.blend import BlendMode, tile_weights
-from pipeline.geometry import Region
-from pipeline.tiling import Lattice, choose_stride
+from pipeline.core.geometry import Region
+from pipeline.engine.blend import BlendMode, tile_weights
+from pipeline.engine.tiling import Lattice, choose_stride
 
 
 def coverage(lat, owned):

@@ -12,14 +12,14 @@ import tifffile
 import zarr
 from conftest import write_tiff
 
-from pipeline import tissue
+from pipeline.core.geometry import Region
+from pipeline.engine import tissue
+from pipeline.engine.tissue import TissueMask, detect_tissue, load_user_mask
 from pipeline.errors import ConfigError, InputError
-from pipeline.geometry import Region
 from pipeline.io import ngff, sink
 from pipeline.io.labels import write_tissue_labels
 from pipeline.io.model_input import open_for_model, open_level
 from pipeline.io.sources import open_image
-from pipeline.tissue import TissueMask, detect_tissue, load_user_mask
 
 GLASS = (240, 235, 240)
 PINK = (225, 150, 200)
@@ -467,6 +467,6 @@ def test_user_mask_errors(tmp_path, caplog):
     with pytest.raises(InputError, match="does not exist"):
         load_user_mask(tmp_path / "missing.png", (100, 100))
     imagecodecs.imwrite(tmp_path / "empty.png", np.zeros((100, 100), np.uint8))
-    with caplog.at_level(logging.WARNING, logger="pipeline.tissue"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.engine.tissue"):
         assert load_user_mask(tmp_path / "empty.png", (1000, 1000)).fraction == 0.0
     assert "every tile will be skipped" in caplog.text

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline._compat import quiet_torch
 from pipeline.config import RunConfig
+from pipeline.core._compat import quiet_torch
 from pipeline.errors import ConfigError
 from pipeline.run import predict_array, resolve_model
 
@@ -51,7 +51,7 @@ def flipped_whole_image_mean(net, image, spec, lattice):
 
 @pytest.mark.parametrize("block", [None, 256])
 def test_flip_tta_of_a_valid_net_equals_flipped_whole_image_passes(paper_net, block):
-    from pipeline.plan import make_plan
+    from pipeline.engine.plan import make_plan
 
     net, path = paper_net
     image = np.random.default_rng(5).integers(0, 256, (1, 701, 899), dtype=np.uint8)

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline._compat import jit_inference, jit_load
 from pipeline.backends.base import CheckedBackend, ModelSpec
 from pipeline.backends.tuning import CudaGraphRunner, freeze_for_inference, to_channels_last
-from pipeline.devices import host_threads
+from pipeline.core._compat import jit_inference, jit_load
+from pipeline.core.devices import host_threads
 from pipeline.errors import ModelError
 
 if TYPE_CHECKING:

@@ -48,7 +48,7 @@ def freeze_for_inference(module: Any, device: str) -> Any:
     that cannot be frozen is used as it is."""
     import torch
 
-    from pipeline._compat import quiet_torch
+    from pipeline.core._compat import quiet_torch
 
     with quiet_torch():
         if not is_frozen(module):

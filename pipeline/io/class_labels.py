@@ -5,9 +5,9 @@ How a run uses it
 1. :func:`create_class_labels`, once per input, where the image's staging group is
    created: the label group and its level-0 array, with the image's chunk grid (``c`` of
    length 1), and the pyramid levels the blocks write themselves (``level_shapes``: the
-   image's block levels, :func:`pipeline.pyramid.block_levels`). Nothing is listed yet.
+   image's block levels, :func:`pipeline.core.pyramid.block_levels`). Nothing is listed yet.
 2. :func:`write_label_block`, on the worker, once per block, with the block's blended
-   probabilities: labels (:func:`pipeline.classes.class_labels`) written into exactly the
+   probabilities: labels (:func:`pipeline.core.classes.class_labels`) written into exactly the
    chunks the block writes in the image, so every label chunk has one writer, like the
    image's, and its part of those pyramid levels (every ``2**k``-th label: a block starts
    on a multiple of ``2**k`` there, so it picks what the whole image would).
@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.classes import (
+from pipeline.core.classes import (
     DEFAULT_THRESHOLD,
     class_labels,
     label_colors,
@@ -95,7 +95,7 @@ def create_class_labels(
         The image's level-0 shape, axes and chunks, ``c`` first (``c`` = probability
         channels); the labels get ``c`` of length 1 and the same spatial chunks.
     classes
-        Probability channels (see :mod:`pipeline.classes` for how they become labels).
+        Probability channels (see :mod:`pipeline.core.classes` for how they become labels).
     threshold
         Probability at which a one-class pixel is foreground.
     fmt
@@ -165,7 +165,7 @@ def write_label_block(
         ``(K, *spatial)`` blended probabilities of the block's write region, in the
         output dtype (uint8 ``p x 255``, float16 or float32).
     threshold
-        As for :func:`pipeline.classes.class_labels`.
+        As for :func:`pipeline.core.classes.class_labels`.
     levels, axes
         The label levels 1, 2... the blocks write (:attr:`ClassLabels.levels` of them,
         :func:`open_label_level`) and the labels' axes: the block's part of each, every
@@ -217,7 +217,7 @@ def finish_class_labels(
     pixel_size
         µm per level-0 pixel of the spatial axes that have one.
     names
-        Class names (see :func:`pipeline.classes.label_names`).
+        Class names (see :func:`pipeline.core.classes.label_names`).
 
     Returns
     -------

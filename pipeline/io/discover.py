@@ -39,6 +39,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+from pipeline.core.report import InputResult
 from pipeline.errors import (
     DUPLICATE,
     NOT_AN_IMAGE,
@@ -50,7 +51,6 @@ from pipeline.errors import (
 )
 from pipeline.io.formats import SEARCHED_SUFFIXES, is_zarr_dir
 from pipeline.io.sink import sanitize_name
-from pipeline.report import InputResult
 
 LIST_SUFFIXES = (".txt", ".list")
 

@@ -21,7 +21,7 @@ from pipeline.io import ngff
 from pipeline.io.class_labels import add_label_name
 
 if TYPE_CHECKING:
-    from pipeline.tissue_mask import TissueMask
+    from pipeline.core.tissue_mask import TissueMask
 
 __all__ = ["TISSUE_COLORS", "write_tissue_labels"]
 

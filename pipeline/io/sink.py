@@ -23,12 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.classes import channel_names, label_colors
+from pipeline.core.classes import channel_names, label_colors
+from pipeline.core.pyramid import block_levels, downsample, level_chunks, pyramid_shapes
 from pipeline.errors import OutputError
 from pipeline.io import ngff
 from pipeline.io.collection import RESERVED_NAMES, drop_consolidated, root_format
 from pipeline.io.formats import NAME_SUFFIXES
-from pipeline.pyramid import block_levels, downsample, level_chunks, pyramid_shapes
 
 _ARRAY_CONFIG = {"write_empty_chunks": False}
 _WINDOWS_DEVICES = {
@@ -244,7 +244,7 @@ def create_image(
     at ``staging`` (default: a new hidden folder in ``root``).
 
     With ``block`` (the block shape, every axis), the pyramid levels whose chunks each lie
-    inside one block (:func:`pipeline.pyramid.block_levels`) are created too: the blocks
+    inside one block (:func:`pipeline.core.pyramid.block_levels`) are created too: the blocks
     write them from their own pixels, and :func:`write_pyramid` builds only the rest.
     """
     import zarr
@@ -313,7 +313,7 @@ def level_matches(
 
 def write_pyramid(writer: ImageWriter, min_size: int = 256) -> int:
     """Build the levels the blocks did not write, each from the previous one (mean over
-    2×2 in y, x, as :func:`pipeline.pyramid.downsample`), one output chunk at a time
+    2×2 in y, x, as :func:`pipeline.core.pyramid.downsample`), one output chunk at a time
     (each has exactly one writer); level 0 is read back only when no block wrote
     level 1. Returns the level count."""
     import zarr
@@ -347,7 +347,7 @@ def write_metadata(
     class_names: Sequence[str] | None = None,
 ) -> None:
     """NGFF multiscales (level 0 first, see :mod:`pipeline.io.ngff`), the channels named
-    after the classes (``omero.channels[].label``, see :func:`pipeline.classes.channel_names`)
+    after the classes (``omero.channels[].label``, see :func:`pipeline.core.classes.channel_names`)
     in their label colours, and provenance under ``pipeline``."""
     import zarr
 

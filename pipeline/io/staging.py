@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import atomic, faults
+from pipeline.core import atomic, faults
 from pipeline.errors import DiskFullError, OutputError, ReadOnlyOutputError
 
 KEY_CHARS = 12

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.buffers import reused
+from pipeline.core.buffers import reused
 
 __all__ = ["TiffTiles", "decode_pool", "supports"]
 

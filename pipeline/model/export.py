@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import _compat
 from pipeline.backends import load_backend, read_model_spec
 from pipeline.backends.base import ModelSpec
 from pipeline.backends.files import EXTRA_FILE, METADATA_KEY, build_metadata
 from pipeline.config import MODEL_FORMATS, NORMALIZATIONS
+from pipeline.core import _compat
 from pipeline.errors import ConfigError, ModelError
 from pipeline.model.fold import fold_batchnorm
 from pipeline.model.unet import UNet

@@ -44,9 +44,9 @@ import numpy as np
 import shapely
 from rasterio import features as rio_features
 
-from pipeline import atomic
-from pipeline.classes import PALETTE as CLASS_PALETTE
 from pipeline.config import OBJECT_TYPES
+from pipeline.core import atomic
+from pipeline.core.classes import PALETTE as CLASS_PALETTE
 from pipeline.errors import ConfigError, InputError, OutputError
 from pipeline.outputs.polygons import (
     CONNECTIVITY,
@@ -77,7 +77,7 @@ __all__ = [
 
 AREA_MEASUREMENT = "Area px^2"
 # default class colours, class k -> PALETTE[(k - 1) % len(PALETTE)]: the classes' colours
-# everywhere (the label image, previews), see pipeline.classes
+# everywhere (the label image, previews), see pipeline.core.classes
 PALETTE = CLASS_PALETTE
 
 

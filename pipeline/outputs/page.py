@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from pipeline.atomic import write_output
+from pipeline.core.atomic import write_output
 
 __all__ = ["INDEX_NAME", "render_index", "write_index"]
 

@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.atomic import write_output
-from pipeline.classes import PALETTE as CLASS_PALETTE
-from pipeline.classes import class_labels
+from pipeline.core.atomic import write_output
+from pipeline.core.classes import PALETTE as CLASS_PALETTE
+from pipeline.core.classes import class_labels
 from pipeline.errors import OutputError
 
 if TYPE_CHECKING:
@@ -53,7 +53,7 @@ logger = logging.getLogger(__name__)
 MAX_SIDE = 2048
 #: The input level read for a preview is the coarsest one at least this long (longer side).
 PREVIEW_SIZE = 1024
-#: Colours of labels 1, 2, 3... (cycled): the classes' colours everywhere (pipeline.classes).
+#: Colours of labels 1, 2, 3... (cycled): the classes' colours everywhere (pipeline.core.classes).
 PALETTE = CLASS_PALETTE
 
 Colours = Mapping[int, Sequence[int]] | Sequence[Sequence[int]]
@@ -155,7 +155,7 @@ def _colours(labels: np.ndarray, fg: np.ndarray, colours: Colours | None):
 
 def labels_from_probabilities(probabilities: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     """``(C, h, w)`` class probabilities → ``(h, w)`` labels (0 = background), the way the
-    class label image makes them (:func:`pipeline.classes.class_labels`): uint8 values
+    class label image makes them (:func:`pipeline.core.classes.class_labels`): uint8 values
     are probability × 255; one class: 1 where ``p >= threshold``; several: the most
     probable class (channel 0 being background). NaN counts as 0.
     """

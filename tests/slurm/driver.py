@@ -1,6 +1,6 @@
 """A driver process for the Slurm tests: ``python driver.py MODE JOBS``.
 
-Starts :func:`pipeline.cluster.slurm_client` with no settings of ours, so everything comes
+Starts :func:`pipeline.cluster.clients.slurm_client` with no settings of ours, so everything comes
 from the dask-jobqueue configuration in the environment (``DASK_JOBQUEUE__SLURM__*``), runs
 20 small tasks and prints one JSON line: where each ran and the job ids submitted.
 MODE ``done`` then leaves the context; ``wait`` prints ``READY`` and blocks on one long task
@@ -13,7 +13,7 @@ import json
 import sys
 import time
 
-from pipeline.cluster import slurm_client
+from pipeline.cluster.clients import slurm_client
 
 
 def where(_: int) -> dict:

@@ -4,7 +4,7 @@ and quantised where the network runs.
 The block's input box arrives once, in its stored dtype (:func:`box_to_device`); tiles
 are cut from it on the device into one reused batch buffer (a copy that also converts
 to float32), scaled in place, run through the model (with test-time augmentation when
-asked), and added one by one, in lattice order, into a :class:`~pipeline.merge.TensorMerger`.
+asked), and added one by one, in lattice order, into a :class:`~pipeline.engine.merge.TensorMerger`.
 The blended block is masked, checked, quantised and copied back once
 (:func:`finish_block`). On CPU the same code runs on CPU tensors.
 
@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.blend import BlendMode
-from pipeline.devices import empty, quantize, scale_into, scale_of, to_device, to_host
+from pipeline.core.devices import empty, quantize, scale_into, scale_of, to_device, to_host
+from pipeline.core.geometry import Region, reflect_index
+from pipeline.engine.blend import BlendMode
+from pipeline.engine.merge import TensorMerger, weights_on
+from pipeline.engine.tiling import Lattice
+from pipeline.engine.tta import predict_tta
 from pipeline.errors import PipelineError
-from pipeline.geometry import Region, reflect_index
-from pipeline.merge import TensorMerger, weights_on
-from pipeline.tiling import Lattice
-from pipeline.tta import predict_tta
 
 if TYPE_CHECKING:
     import torch
@@ -128,7 +128,7 @@ def stream_predictions(
 
     ``x`` holds ``box`` on the device in the stored dtype. Tiles are cut into one
     float32 batch buffer that is reused, converted and scaled in the same pass
-    (:func:`~pipeline.devices.scale_into`), so a yielded prediction is valid until the
+    (:func:`~pipeline.core.devices.scale_into`), so a yielded prediction is valid until the
     next batch is cut (the caller merges it first, or copies it).
     """
     import torch

@@ -4,7 +4,7 @@ Most of a whole-slide image is glass. :func:`detect_tissue` finds the tissue on 
 low-resolution view of the slide (a pyramid level, or the image averaged down lazily)
 read exactly as the model reads the image (:func:`pipeline.io.model_input.open_level`:
 the same channels, palette mapping and MINISWHITE inversion); :func:`load_user_mask`
-takes a mask the user drew. Both return a :class:`~pipeline.tissue_mask.TissueMask`
+takes a mask the user drew. Both return a :class:`~pipeline.core.tissue_mask.TissueMask`
 (cells over the run grid; see that module for the geometry).
 
 When in doubt, tissue
@@ -38,12 +38,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from pipeline.core.tissue_mask import TissueMask, area_fraction
 from pipeline.errors import ConfigError, InputError
 from pipeline.io.masks import read_mask
 from pipeline.io.model_input import InputRef, ModelInput, open_level
 from pipeline.io.resample import reduce_blocks
 from pipeline.io.sources import ImageSource
-from pipeline.tissue_mask import TissueMask, area_fraction
 
 __all__ = ["KINDS", "TissueMask", "area_fraction", "detect_tissue", "load_user_mask"]
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.buffers import reused
+from pipeline.core.buffers import reused
 
 if TYPE_CHECKING:
     import torch
@@ -131,7 +131,7 @@ def empty(
     shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, role: str | None = None
 ) -> torch.Tensor:
     """An uninitialised tensor; on CPU with ``role``, in this thread's previous buffer of
-    that role when nothing holds it any more (:func:`pipeline.buffers.reused`)."""
+    that role when nothing holds it any more (:func:`pipeline.core.buffers.reused`)."""
     import torch
 
     if role is None or device.type != "cpu":

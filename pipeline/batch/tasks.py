@@ -1,8 +1,8 @@
 """The worker side of one input: prepare, the two phases of each block, finalize.
 
-These functions run on Dask workers (or in-process, see :mod:`pipeline.driver`). They
-take only picklable values and wrap the stages (:func:`~pipeline.stages.predict_shared`,
-:func:`~pipeline.stages.process_block`, :func:`~pipeline.io.sink.write_pyramid`) with
+These functions run on Dask workers (or in-process, see :mod:`pipeline.batch.driver`). They
+take only picklable values and wrap the stages (:func:`~pipeline.engine.stages.predict_shared`,
+:func:`~pipeline.engine.stages.process_block`, :func:`~pipeline.io.sink.write_pyramid`) with
 what resuming and failing safely need:
 
 * a block records that it is done (:meth:`~pipeline.io.staging.Stage.mark_block_done`)
@@ -11,14 +11,14 @@ what resuming and failing safely need:
 * before each block the input's stamp (size, mtime) is checked against the one the run
   key was made with, and at the end its whole fingerprint: a file changed during its run
   fails as ``input-changed`` instead of ending as a hybrid;
-* transient ``OSError`` is retried with backoff (:mod:`pipeline.retry`); a full or
+* transient ``OSError`` is retried with backoff (:mod:`pipeline.core.retry`); a full or
   read-only disk becomes an :class:`~pipeline.errors.OutputError` naming the folder and
   the free space.
 
 Besides its image, each input gets its class labels and, with ``--geojson``, polygons,
-written by each block (:class:`~pipeline.products.BlockProducts`, the jobs' ``outputs``),
+written by each block (:class:`~pipeline.batch.products.BlockProducts`, the jobs' ``outputs``),
 and at finalize the label pyramid, the GeoJSON and the preview
-(:func:`~pipeline.products.finish_products`). An input whose image is up to date but
+(:func:`~pipeline.batch.products.finish_products`). An input whose image is up to date but
 lacks a product this run asks for (``InputJob.refresh``) gets just its products.
 """
 
@@ -30,11 +30,29 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline import faults
 from pipeline.backends.base import ModelSpec
-from pipeline.blocks import Task, find_tissue, make_tasks, provenance
-from pipeline.classes import label_dtype, label_names
+from pipeline.batch.products import (
+    BlockProducts,
+    Products,
+    finish_products,
+    level0_scale,
+    polygons_folder,
+)
 from pipeline.config import RunConfig
+from pipeline.core import faults
+from pipeline.core.classes import label_dtype, label_names
+from pipeline.core.pyramid import pyramid_shapes
+from pipeline.core.retry import retrying
+from pipeline.engine.blocks import Task, find_tissue, make_tasks, provenance
+from pipeline.engine.plan import Plan, make_plan
+from pipeline.engine.stages import (
+    BackendRef,
+    BlockJob,
+    BlockResult,
+    forget_sink,
+    predict_shared,
+    process_block,
+)
 from pipeline.errors import InputChangedError, InternalError
 from pipeline.io import sink
 from pipeline.io.class_labels import ClassLabels, create_class_labels, finish_class_labels
@@ -47,28 +65,10 @@ from pipeline.io.staging import (
     output_error,
     published_key,
 )
-from pipeline.plan import Plan, make_plan
-from pipeline.products import (
-    BlockProducts,
-    Products,
-    finish_products,
-    level0_scale,
-    polygons_folder,
-)
-from pipeline.pyramid import pyramid_shapes
-from pipeline.retry import retrying
-from pipeline.stages import (
-    BackendRef,
-    BlockJob,
-    BlockResult,
-    forget_sink,
-    predict_shared,
-    process_block,
-)
 
 if TYPE_CHECKING:  # annotations only: the driver imports this module, workers read pixels
+    from pipeline.core.tissue_mask import TissueMask
     from pipeline.io.model_input import ModelInput
-    from pipeline.tissue_mask import TissueMask
 
 log = logging.getLogger(__name__)
 
@@ -301,7 +301,7 @@ def run_block(
 def finalize_input(prepared: Prepared, model: Model) -> dict[str, Any]:
     """Pyramid, metadata and labels of a staged image whose blocks are all written; the
     input checked unchanged; its GeoJSON and preview; the stage marked complete. Returns
-    the stage's record (``products``: what :func:`~pipeline.products.finish_products`
+    the stage's record (``products``: what :func:`~pipeline.batch.products.finish_products`
     made). For a refresh, only the products of the published image."""
     job, stage = prepared.job, prepared.stage
     faults.point("finalize", job.name)
@@ -385,7 +385,7 @@ def finalize_input(prepared: Prepared, model: Model) -> dict[str, Any]:
 def _products(
     prepared: Prepared, model: Model, image: Path, blocks: tuple[str, ...] | None
 ) -> dict[str, Any]:
-    """The GeoJSON and preview of ``image`` into the stage (see :mod:`pipeline.products`)."""
+    """The GeoJSON and preview of ``image`` into the stage (see :mod:`pipeline.batch.products`)."""
     job = prepared.job
     classes = prepared.shape[0] if prepared.shape else _classes(image)
     try:

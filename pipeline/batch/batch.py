@@ -1,7 +1,7 @@
 """The driver's side of a batch: what happens when an input's steps end.
 
-:class:`Batch` is the :class:`~pipeline.driver.Work` of a run: it names the worker steps
-(:mod:`pipeline.tasks`) and, in the driver, publishes each finished input
+:class:`Batch` is the :class:`~pipeline.batch.driver.Work` of a run: it names the worker steps
+(:mod:`pipeline.batch.tasks`) and, in the driver, publishes each finished input
 (:meth:`~pipeline.io.staging.StagingArea.publish`), records every outcome in the ledger,
 and rewrites ``OUT/report.json`` (every input the output holds) and this run's own
 report after each input.
@@ -12,13 +12,13 @@ full or read-only disk, a worker crash, an I/O error): then they are kept for th
 to continue. After a full or read-only disk no further input is started.
 
 An input's preview and GeoJSON are moved into the output root right after its image
-(:func:`~pipeline.products.publish_products`), and every time ``report.json`` is written
+(:func:`~pipeline.batch.products.publish_products`), and every time ``report.json`` is written
 the run page ``OUT/index.html`` is written from the same report
 (:meth:`Batch.report_written`).
 
-Progress: with a ``progress`` object (the CLI's :class:`~pipeline.progress.TerminalProgress`),
+Progress: with a ``progress`` object (the CLI's :class:`~pipeline.cli.progress.TerminalProgress`),
 each input gets one line of what will run when its prepare task returns
-(:func:`~pipeline.plan.summary_line`), then counts tiles as its blocks finish, and
+(:func:`~pipeline.engine.plan.summary_line`), then counts tiles as its blocks finish, and
 ends with its state. The library only calls it; the CLI draws.
 """
 
@@ -33,9 +33,23 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from pipeline import atomic, faults
-from pipeline.blocks import block_tiles
-from pipeline.driver import Step
+from pipeline.batch.driver import Step
+from pipeline.batch.ledger import Ledger
+from pipeline.batch.products import products_record, publish_products
+from pipeline.batch.tasks import (
+    InputJob,
+    Model,
+    Prepared,
+    finalize_input,
+    prepare_input,
+    run_block,
+    run_shared,
+)
+from pipeline.core import atomic, faults
+from pipeline.core.report import InputResult, RunReport
+from pipeline.core.retry import ATTEMPTS
+from pipeline.engine.blocks import block_tiles
+from pipeline.engine.plan import summary_line
 from pipeline.errors import (
     INTERNAL_ERROR,
     INTERRUPTED,
@@ -49,20 +63,6 @@ from pipeline.errors import (
     WorkerCrashError,
 )
 from pipeline.io.staging import StagingArea, output_error
-from pipeline.ledger import Ledger
-from pipeline.plan import summary_line
-from pipeline.products import products_record, publish_products
-from pipeline.report import InputResult, RunReport
-from pipeline.retry import ATTEMPTS
-from pipeline.tasks import (
-    InputJob,
-    Model,
-    Prepared,
-    finalize_input,
-    prepare_input,
-    run_block,
-    run_shared,
-)
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class Batch:
         self.started: dict[str, float] = {}
         self.halt: OutputError | None = None
         self.lock: Any = None  # the run's OutputLock: no input starts once it is lost
-        self.progress: Any = None  # start_input / advance / finish_input (pipeline.progress)
+        self.progress: Any = None  # start_input / advance / finish_input (pipeline.cli.progress)
         self._last_write = self._write_cost = 0.0
 
     # --- the steps (driver.Work) ------------------------------------------------------

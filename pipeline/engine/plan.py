@@ -12,11 +12,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pipeline.backends.base import ModelSpec, check_tile
-from pipeline.blend import BlendMode
 from pipeline.config import RunConfig
+from pipeline.engine.blend import BlendMode
+from pipeline.engine.tiling import BlockGrid, Lattice, choose_stride
+from pipeline.engine.tta import check_tta
 from pipeline.errors import ConfigError
-from pipeline.tiling import BlockGrid, Lattice, choose_stride
-from pipeline.tta import check_tta
 
 DEFAULT_TILE = {2: 256, 3: 64}
 DEFAULT_CHUNK = {2: 1024, 3: 128}
@@ -138,7 +138,7 @@ def block_shape(
 
     On y and x a block grows in steps of ``2**ALIGN_LEVELS`` chunks when the budget
     allows it (else 2, else 1), so that it also holds whole chunks of the first pyramid
-    levels, which it then writes from memory (:func:`pipeline.pyramid.block_levels`).
+    levels, which it then writes from memory (:func:`pipeline.core.pyramid.block_levels`).
 
     Bytes counted: the computing block's float32 accumulators (classes + weight) and
     the output of two blocks (the one computing, the one being written) per block pixel;

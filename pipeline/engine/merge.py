@@ -10,9 +10,9 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
-from pipeline.blend import BlendMode, tile_weights
-from pipeline.devices import empty
-from pipeline.geometry import Region
+from pipeline.core.devices import empty
+from pipeline.core.geometry import Region
+from pipeline.engine.blend import BlendMode, tile_weights
 
 if TYPE_CHECKING:
     import torch
@@ -50,7 +50,7 @@ def zeros_scratch(role: str, shape: tuple[int, ...], device: torch.device) -> to
 def weights_on(
     mode: BlendMode, out_tile: tuple[int, ...], overlap: tuple[int, ...], device: torch.device
 ) -> torch.Tensor | None:
-    """:func:`~pipeline.blend.tile_weights` as a tensor on ``device`` (None for crop)."""
+    """:func:`~pipeline.engine.blend.tile_weights` as a tensor on ``device`` (None for crop)."""
     import torch
 
     if BlendMode(mode) is BlendMode.CROP:

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from pipeline.plan import summary_line
+from pipeline.engine.plan import summary_line
 
 __all__ = ["TerminalProgress", "format_seconds", "summary_line"]
 

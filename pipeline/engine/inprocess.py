@@ -2,7 +2,7 @@
 with several threads.
 
 Each block task reads its input, then computes under the per-device lock
-(:func:`pipeline.engine.device_lock`), then writes; with ``threads`` tasks in flight,
+(:func:`pipeline.engine.device_section.device_lock`), then writes; with ``threads`` tasks in flight,
 one block computes while the next reads and the previous one writes. At most
 ``threads + 1`` block tasks are queued ahead of the oldest unfinished one, so memory
 stays bounded by a few blocks, and results come back in order.
@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
-from pipeline.stages import BLOCK_THREADS
+from pipeline.engine.stages import BLOCK_THREADS
 
 __all__ = ["run_in_threads"]
 

@@ -36,10 +36,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline import atomic
+from pipeline.batch.shard import Shard
+from pipeline.core import atomic
 from pipeline.errors import OutputError, OutputLockedError
 from pipeline.io.staging import output_error
-from pipeline.shard import Shard
 
 log = logging.getLogger(__name__)
 

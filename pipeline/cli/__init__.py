@@ -31,14 +31,14 @@ from pathlib import Path
 
 import click
 
-from pipeline.cli_options import RUN_EPILOG, given_options, run_options
+from pipeline.cli.describe import inspect_path, open_hints, render
+from pipeline.cli.options import RUN_EPILOG, given_options, run_options
 from pipeline.config import (
     ACTIVATIONS,
     MODEL_FORMATS,
     NORMALIZATIONS,
     PADDINGS,
 )
-from pipeline.describe import inspect_path, open_hints, render
 from pipeline.errors import InputError, PipelineError
 
 EXIT_OK, EXIT_FAILED_INPUTS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -112,11 +112,11 @@ def run(ctx, inputs, out, model, config_file, force, shard, **options) -> None:
     from the same file, model and settings are skipped (up-to-date); an interrupted run
     is continued where it stopped by the same command.
     """
+    from pipeline.batch.shard import parse_shard
+    from pipeline.cli.progress import TerminalProgress
     from pipeline.config import resolve_config
     from pipeline.io.discover import find_inputs
-    from pipeline.progress import TerminalProgress
     from pipeline.run import run as run_pipeline
-    from pipeline.shard import parse_shard
 
     try:
         cfg = resolve_config(config_file, given_options(ctx, options))
@@ -387,7 +387,7 @@ def export(
     The file carries what running it needs (axes, channels, classes, margin, size step,
     activation, normalisation, and optionally resolution and class names).
     """
-    from pipeline.classes import label_names, parse_class_names
+    from pipeline.core.classes import label_names, parse_class_names
     from pipeline.model.export import export_model
 
     try:
@@ -480,7 +480,3 @@ def demo(folder, seconds) -> None:
         run_demo(folder, train_seconds=seconds, echo=click.echo)
     except PipelineError as exc:
         _fail(exc, EXIT_FAILED_INPUTS)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

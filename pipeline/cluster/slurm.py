@@ -2,7 +2,7 @@
 dask-jobqueue configuration (``jobqueue.slurm``), the worker lifetime that the walltime
 allows, and the preload that gives each worker process of a multi-GPU job its own GPU.
 
-Nothing here submits a job (:mod:`pipeline.cluster` does); it reads ``dask.config`` and,
+Nothing here submits a job (:mod:`pipeline.cluster.clients` does); it reads ``dask.config`` and,
 through :func:`import_jobqueue`, imports dask-jobqueue without its SIGINT handler.
 """
 
@@ -405,7 +405,7 @@ def cluster_kwargs(settings: SlurmSettings) -> dict[str, Any]:
 
 
 def dask_setup(worker: Any) -> None:
-    """Worker preload (``--preload pipeline.slurm``): one GPU of the job per worker process.
+    """Worker preload (``--preload pipeline.cluster.slurm``): one GPU of the job per worker process.
 
     Slurm gives the job its GPUs in ``CUDA_VISIBLE_DEVICES``; the job's worker processes are
     named ``<job>-0``, ``<job>-1``...: process ``i`` keeps only the job's ``i``-th GPU. Runs

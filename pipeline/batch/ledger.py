@@ -7,7 +7,7 @@ Layout (all internal state lives in one hidden folder of the output root)::
         inputs/<id>.json        one record per input (id: hash of the input's real path)
         names/<name>.json       an output name, bound to one input for good (lower case)
         runs/<run id>.json      each run's own report
-        locks/  staging/  old/  trash/     see lock.py and io/staging.py
+        locks/  staging/  old/  trash/     see batch/lock.py and io/staging.py
 
 A **run key** is a SHA-256 over the input's fingerprint (real path, size, mtime and a
 content sample), the model's SHA-256, the settings that change output pixels
@@ -31,8 +31,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline import __version__, atomic
+from pipeline import __version__
 from pipeline.backends.files import sha256_of
+from pipeline.core import atomic
 from pipeline.io.fingerprint import Fingerprint
 from pipeline.io.sink import unique_names
 from pipeline.io.staging import published_attrs, published_key
@@ -47,7 +48,7 @@ HISTORY = 20
 #: The GeoJSON settings (``geojson``, ``simplify``, ``object_type``) are not: they do not
 #: change the image, and a missing or other GeoJSON is made alone from the published
 #: label image (``OUT/.pipeline/inputs`` records what each output has, see
-#: :mod:`pipeline.products`).
+#: :mod:`pipeline.batch.products`).
 OUTPUT_FIELDS = (
     "tile",
     "overlap",
@@ -204,7 +205,7 @@ class Ledger:
     ) -> None:
         """Record an input's outcome (``result``: its report entry); ``published``: its
         output now holds ``key``; ``products``: what it has besides its image (see
-        :func:`pipeline.products.products_record`)."""
+        :func:`pipeline.batch.products.products_record`)."""
         rec = self.records.setdefault(input_id(real), {"input": real, "history": []})
         rec.update(state=result.get("state"), run=run, result=result, updated=_now())
         if key is not None:

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from pipeline.geometry import Region
+from pipeline.core.geometry import Region
 
 __all__ = ["block_levels", "downsample", "level_chunks", "level_region", "pyramid_shapes"]
 

@@ -2,7 +2,7 @@
 
 :class:`TissueMask` answers, conservatively, whether a region may hold tissue (so a
 tile without any is not run) and which output pixels are tissue (glass is background).
-Pure: numpy and :mod:`pipeline.geometry` only; :mod:`pipeline.tissue` makes masks.
+Pure: numpy and :mod:`pipeline.core.geometry` only; :mod:`pipeline.engine.tissue` makes masks.
 
 Geometry
 --------
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.geometry import Region
+from pipeline.core.geometry import Region
 
 __all__ = ["TissueMask", "area_fraction"]
 

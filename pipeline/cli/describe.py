@@ -203,7 +203,7 @@ def _render_model(info: Mapping[str, Any]) -> str:
 
 
 def _class_names(classes: Any, names: Sequence[str] | None) -> str:
-    from pipeline.classes import label_names
+    from pipeline.core.classes import label_names
 
     if not names or not isinstance(classes, int) or classes < 1:
         return "not named (pipeline export --class-names)"

@@ -5,10 +5,10 @@ frozen :class:`BlockJob` (coordinates and references, never pixels); the model a
 input/output handles are opened once per worker process and cached.
 
 A block runs in three steps: its input box is read on the host in its stored dtype;
-then, holding the device's lock (:func:`pipeline.engine.device_lock`), it goes to the
-model's device once, where tiles are cut, scaled, predicted, blended and quantised
-(:mod:`pipeline.engine`), and comes back once in the output dtype; then its chunks are
-written, level 0 and the pyramid levels it owns (:mod:`pipeline.pyramid`), and any
+then, holding the device's lock (:func:`pipeline.engine.device_section.device_lock`), it
+goes to the model's device once, where tiles are cut, scaled, predicted, blended and
+quantised (:mod:`pipeline.engine.device_section`), and comes back once in the output
+dtype; then its chunks are written, level 0 and the pyramid levels it owns (:mod:`pipeline.core.pyramid`), and any
 extra per-block outputs. With a few block threads per worker (:data:`BLOCK_THREADS`)
 one block computes while another reads and a third writes; memory stays bounded by
 that many blocks.
@@ -28,9 +28,12 @@ from typing import TYPE_CHECKING, Protocol, Union
 
 import numpy as np
 
-from pipeline.blend import BlendMode
-from pipeline.devices import host_threads, torch_device
-from pipeline.engine import (
+from pipeline.core.devices import host_threads, torch_device
+from pipeline.core.geometry import Region
+from pipeline.core.pyramid import downsample, level_region
+from pipeline.core.tissue_mask import TissueMask
+from pipeline.engine.blend import BlendMode
+from pipeline.engine.device_section import (
     HostBox,
     box_to_device,
     device_lock,
@@ -39,11 +42,8 @@ from pipeline.engine import (
     read_box,
     stream_predictions,
 )
+from pipeline.engine.tiling import Lattice
 from pipeline.errors import ModelRunError, PipelineError
-from pipeline.geometry import Region
-from pipeline.pyramid import downsample, level_region
-from pipeline.tiling import Lattice
-from pipeline.tissue_mask import TissueMask
 
 if TYPE_CHECKING:
     import dask.array
@@ -110,12 +110,12 @@ class BlockJob:
         Path of the output level-0 Zarr array, or None to return the pixels.
     levels
         Paths of the pyramid levels 1, 2... this block writes from its own pixels (their
-        chunks lie inside its region; see :func:`pipeline.pyramid.block_levels`).
+        chunks lie inside its region; see :func:`pipeline.core.pyramid.block_levels`).
     batch_size, normalize, out_dtype
         Tiles per forward pass (None: chosen per worker to fill the device), input
         scaling (``dtype``/``none``), output dtype.
     tta
-        Test-time augmentation (``none``, ``flip``, ``d4``; see :mod:`pipeline.tta`).
+        Test-time augmentation (``none``, ``flip``, ``d4``; see :mod:`pipeline.engine.tta`).
     outputs
         Further per-block writers (:class:`BlockOutput`), given the block's final pixels.
     tiles
@@ -294,7 +294,7 @@ def _device_name(backend: Backend) -> str:
 
 class _Section:
     """The device section of a block: the device's lock, and on CPU one torch thread for
-    the small per-tile ops (:func:`pipeline.devices.host_threads` says why)."""
+    the small per-tile ops (:func:`pipeline.core.devices.host_threads` says why)."""
 
     def __init__(self, backend: Backend) -> None:
         self.device = torch_device(_device_name(backend))
@@ -428,7 +428,7 @@ def _tensor(pred: np.ndarray, device: torch.device) -> torch.Tensor:
 
 def write_block(job: BlockJob, out: np.ndarray) -> None:
     """Level 0 of the block, then each pyramid level it owns, each computed from the
-    previous one as stored (:func:`pipeline.pyramid.downsample`); level 0 is never read."""
+    previous one as stored (:func:`pipeline.core.pyramid.downsample`); level 0 is never read."""
     axes = "c" + "zyx"[-job.write.ndim :]
     chunks = _store(job.sink, job.write, out)
     data = out

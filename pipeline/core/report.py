@@ -29,7 +29,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pipeline import __version__, atomic
+from pipeline import __version__
+from pipeline.core import atomic
 
 STATES = ("pending", "done", "failed", "skipped")
 
@@ -69,7 +70,7 @@ class InputResult:
     seconds
         Wall time spent on this input.
     key
-        The run key its output was (or is being) made with (see :mod:`pipeline.ledger`).
+        The run key its output was (or is being) made with (see :mod:`pipeline.batch.ledger`).
     model
         SHA-256 of the model file (``identity`` for the identity backend).
     run
@@ -156,5 +157,5 @@ class RunReport:
 
     def write(self, path: str | os.PathLike, others: Sequence[dict] = ()) -> Path:
         """Write the report (see :meth:`to_dict`) as JSON, atomically: readers see the
-        old file or the new one, never a mix (:func:`pipeline.atomic.write_json`)."""
+        old file or the new one, never a mix (:func:`pipeline.core.atomic.write_json`)."""
         return atomic.write_json(path, self.to_dict(others))

@@ -25,7 +25,7 @@ Behaviour
   (``CUDA_VISIBLE_DEVICES``) and given an equal share of the job's cores.
 * Workers retire before the walltime: ``--lifetime`` ends them a margin before Slurm would
   kill them, staggered so that jobs do not all end together
-  (:func:`pipeline.slurm.lifetime_for`); the finished job is then replaced by a fresh one
+  (:func:`pipeline.cluster.slurm.lifetime_for`); the finished job is then replaced by a fresh one
   while work remains. A ``--lifetime`` in the site's ``worker-extra-args`` is kept as it is.
 * Jobs run the same Python and import the same ``pipeline`` as the driver: the interpreter is
   the driver's ``sys.executable`` (unless ``python`` is configured) and the driver's
@@ -61,10 +61,10 @@ import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from pipeline.cluster.slurm import SlurmSettings, cluster_kwargs, import_jobqueue
 from pipeline.config import RunConfig
+from pipeline.engine.stages import BLOCK_THREADS
 from pipeline.errors import ConfigError
-from pipeline.slurm import SlurmSettings, cluster_kwargs, import_jobqueue
-from pipeline.stages import BLOCK_THREADS
 
 __all__ = [
     "SlurmSettings",
@@ -174,7 +174,7 @@ def dask_client(cfg: RunConfig, warm: Sequence[str] = ()) -> Iterator[Any]:
 
 
 def dask_setup(worker: Any) -> None:
-    """Worker preload (``--preload pipeline.cluster``): a local worker ignores SIGINT and
+    """Worker preload (``--preload pipeline.cluster.clients``): a local worker ignores SIGINT and
     starts importing what its blocks will need.
 
     Ctrl-C in a terminal reaches every process of the foreground group; the driver then

@@ -18,7 +18,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pipeline.geometry import Region
+from pipeline.core.geometry import Region
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 Where each is made
 ------------------
 **Per block**, on the worker, inside the block task (:class:`BlockProducts`, a
-:class:`~pipeline.stages.BlockOutput` the block's job carries): the block's class labels
+:class:`~pipeline.engine.stages.BlockOutput` the block's job carries): the block's class labels
 are written into ``IMAGE/labels/classes`` (exactly the chunks the block writes in the
 image: one writer per chunk; background chunks not stored), and with ``--geojson`` its
 objects are traced (:func:`~pipeline.outputs.polygons.trace_block`) and saved as one
@@ -44,16 +44,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.classes import label_colors, label_names
+from pipeline.core.classes import label_colors, label_names
 from pipeline.errors import PipelineError
 from pipeline.io.class_labels import ClassLabels, open_label_level, write_label_block
 from pipeline.io.staging import block_id
 
 if TYPE_CHECKING:
     from pipeline.config import RunConfig
+    from pipeline.engine.stages import BlockJob
     from pipeline.io.model_input import ModelInput
     from pipeline.outputs.polygons import BlockPolygons
-    from pipeline.stages import BlockJob
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class Products:
         Probability at which a one-class pixel is foreground (the labels).
     names
         Class names given (``--class-names`` or the model's), see
-        :func:`pipeline.classes.label_names`.
+        :func:`pipeline.core.classes.label_names`.
     geojson, simplify, object_type
         Polygons: whether, their tolerance, their QuPath object type.
     """

@@ -1,7 +1,7 @@
 """Blending modes and the weight window of one tile.
 
 The per-block merger that uses them (accumulators the size of one block's write
-region, on the model's device) is :class:`pipeline.merge.TensorMerger`.
+region, on the model's device) is :class:`pipeline.engine.merge.TensorMerger`.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The block tasks of one input: its tissue mask, one task per block, its provenance.
 
-:func:`make_tasks` turns a per-image :class:`~pipeline.plan.Plan` into
-:class:`~pipeline.stages.BlockJob` s (coordinates and references, never pixels), each with
-the blocks whose shared tiles it needs; :mod:`pipeline.tasks` runs them on workers with
+:func:`make_tasks` turns a per-image :class:`~pipeline.engine.plan.Plan` into
+:class:`~pipeline.engine.stages.BlockJob` s (coordinates and references, never pixels), each with
+the blocks whose shared tiles it needs; :mod:`pipeline.batch.tasks` runs them on workers with
 staging and resume, :func:`run_local` in this process without them.
 """
 
@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING
 from pipeline import __version__
 from pipeline.backends.base import ModelSpec
 from pipeline.config import RunConfig
-from pipeline.inprocess import run_in_threads
-from pipeline.plan import Plan
-from pipeline.stages import (
+from pipeline.core.tissue_mask import TissueMask
+from pipeline.engine.inprocess import run_in_threads
+from pipeline.engine.plan import Plan
+from pipeline.engine.stages import (
     BLOCK_THREADS,
     BackendRef,
     BlockJob,
@@ -28,7 +29,6 @@ from pipeline.stages import (
     predict_shared,
     process_block,
 )
-from pipeline.tissue_mask import TissueMask
 
 if TYPE_CHECKING:
     from pipeline.io.model_input import ModelInput
@@ -50,7 +50,7 @@ def find_tissue(inp: ModelInput, shape: tuple[int, ...], cfg: RunConfig) -> Tiss
     """The tissue mask for one input: the user's (``--mask``, applied to every input),
     detected on a low-resolution level read as the model reads the input (2D images), or
     None (volumes; ``--no-skip-background``)."""
-    from pipeline.tissue import detect_tissue, load_user_mask
+    from pipeline.engine.tissue import detect_tissue, load_user_mask
 
     if cfg.mask:
         return load_user_mask(cfg.mask, shape)
@@ -80,7 +80,7 @@ def make_tasks(
     tile has tissue are left out: their chunks stay unwritten (background, not stored).
     ``levels``: the pyramid levels (1, 2...) blocks write from memory; ``outputs``: what
     else each block writes from its pixels (class labels, polygons:
-    :class:`pipeline.products.BlockProducts`).
+    :class:`pipeline.batch.products.BlockProducts`).
     """
     normalize = spec.normalize if cfg.normalize == "auto" else cfg.normalize
     grid = plan.grid()
@@ -162,7 +162,7 @@ def provenance(
 
 def block_tiles(task: Task, by_index: dict[int, Task]) -> int:
     """Tiles a block task runs through the model, as its result counts them
-    (:attr:`~pipeline.stages.BlockResult.tiles`): its own shared tiles, and its tiles that
+    (:attr:`~pipeline.engine.stages.BlockResult.tiles`): its own shared tiles, and its tiles that
     no block it needs computes for it (``by_index``: the input's tasks by order number)."""
     job = task.job
     shared = {t for j in task.needs if j in by_index for t in by_index[j].job.own}

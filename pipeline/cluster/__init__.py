@@ -1,0 +1,1 @@
+"""Where blocks run: Dask clients (local, a scheduler, Slurm) and Slurm job settings."""

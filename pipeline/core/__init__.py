@@ -1,0 +1,1 @@
+"""The foundations every layer uses: geometry, files written atomically, fault points."""

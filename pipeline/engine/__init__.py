@@ -1,0 +1,1 @@
+"""One block on the compute device: plan, tiles, model, blend, write."""
