@@ -60,7 +60,7 @@ BATCH_LAYERS: tuple[tuple[str, ...], ...] = (
 #: Inside ``pipeline.cluster``: the Dask clients over the Slurm settings.
 CLUSTER_LAYERS: tuple[tuple[str, ...], ...] = (
     ("pipeline.cluster.clients",),
-    ("pipeline.cluster.slurm",),
+    ("pipeline.cluster.slurm", "pipeline.cluster.worker_start"),
     ("pipeline.cluster",),
 )
 

@@ -264,7 +264,7 @@ def test_local_workers_keep_tornado_tracebacks_off_the_terminal():
     to the shared terminal; workers now log tornado only at CRITICAL, as the driver does."""
     import logging
 
-    from pipeline.cluster import dask_client
+    from pipeline.cluster.clients import dask_client
 
     with dask_client(RunConfig(workers=1)) as client:
         assert list(client.run(_tornado_level).values()) == [logging.CRITICAL]

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import itertools
 import logging
 import os
@@ -61,6 +60,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from pipeline.cluster import worker_start
 from pipeline.cluster.slurm import SlurmSettings, cluster_kwargs, import_jobqueue
 from pipeline.config import RunConfig
 from pipeline.engine.stages import BLOCK_THREADS
@@ -106,7 +106,7 @@ def _quiet_distributed() -> None:
     if not log.isEnabledFor(logging.DEBUG):
         # tornado logs "Exception in callback ..." with a traceback when a connection's
         # callback fails while the cluster closes (seen on Ctrl-C): the same noise
-        for name in ("distributed", *TORNADO_LOGS):
+        for name in ("distributed", *worker_start.TORNADO_LOGS):
             logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
@@ -163,49 +163,14 @@ def dask_client(cfg: RunConfig, warm: Sequence[str] = ()) -> Iterator[Any]:
             memory_limit=0,
             env={
                 "OMP_NUM_THREADS": str(threads),
-                WARM_ENV: ",".join(warm),
-                QUIET_ENV: "" if log.isEnabledFor(logging.DEBUG) else "1",
+                worker_start.WARM_ENV: ",".join(warm),
+                worker_start.QUIET_ENV: "" if log.isEnabledFor(logging.DEBUG) else "1",
             },
-            preload=[__name__],  # dask_setup below: Ctrl-C is the driver's to handle
+            preload=[worker_start.__name__],  # Ctrl-C is the driver's; imports start early
         ) as cluster,
         Client(cluster) as client,
     ):
         yield client
-
-
-def dask_setup(worker: Any) -> None:
-    """Worker preload (``--preload pipeline.cluster.clients``): a local worker ignores SIGINT and
-    starts importing what its blocks will need.
-
-    Ctrl-C in a terminal reaches every process of the foreground group; the driver then
-    stops the run and closes the cluster, while workers that took the signal themselves
-    would only print tracebacks. The imports (torch, the backend, the block stages: 1-2 s
-    on a small machine) run in a background thread: the worker joins the cluster at once,
-    and they overlap the driver's planning instead of delaying the first block."""
-    if _main_thread():
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if os.environ.get(QUIET_ENV):
-        # tornado's tracebacks of callbacks that fail while a worker closes (seen on
-        # Ctrl-C) reach the terminal like distributed's own logs, which silence_logs hides
-        for name in TORNADO_LOGS:
-            logging.getLogger(name).setLevel(logging.CRITICAL)
-    modules = [m for m in os.environ.get(WARM_ENV, "").split(",") if m]
-    if modules:
-        threading.Thread(target=_import_all, args=(modules,), daemon=True).start()
-
-
-WARM_ENV = "PIPELINE_WORKER_WARM"
-QUIET_ENV = "PIPELINE_WORKER_QUIET"
-#: distributed's own configuration logs tornado.application at ERROR: "Exception in callback"
-TORNADO_LOGS = ("tornado", "tornado.application")
-
-
-def _import_all(modules: Sequence[str]) -> None:
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except Exception as exc:  # noqa: BLE001 - the block importing it will say what is wrong
-            log.debug("warming %s failed: %s", name, exc)
 
 
 def worker_layout(cfg: RunConfig) -> tuple[int, int]:
