@@ -84,7 +84,6 @@ class _Input:
     retried: list[tuple[str, int]] = field(default_factory=list)  # resubmitted (KilledWorker)
     replaced: dict = field(default_factory=dict)  # first-phase future -> its resubmission
     running: set = field(default_factory=set)  # this input's unfinished futures
-    blocks_left: int = 0
     done: int = 0
     total: int = 0
     finalizing: bool = False
@@ -165,7 +164,7 @@ class Driver:
         tasks = list(prepared.tasks)
         inp.by_index = {t.job.index: t for t in tasks}
         todo = [t for t in tasks if not t.done]
-        inp.total, inp.done, inp.blocks_left = len(tasks), len(tasks) - len(todo), len(todo)
+        inp.total, inp.done = len(tasks), len(tasks) - len(todo)
         with_own = {t.job.index for t in tasks if t.job.own}
         inp.owners = {j for t in todo for j in t.needs if j in with_own}
         inp.last_user = {j: t.job.index for t in todo for j in t.needs}
@@ -277,9 +276,8 @@ class Driver:
             elif kind == "block":
                 self.work.block_done(inp.item, fut.result())
                 inp.done += 1
-                inp.blocks_left -= 1
                 self._progress(inp)
-                if inp.blocks_left == 0 and not inp.finalizing:
+                if inp.done == inp.total and not inp.finalizing:
                     self._finalize(inp)
             elif kind == "finalize":
                 self.work.finished(inp.item, inp.prepared, fut.result())

@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipeline.core import atomic
 from pipeline.core.classes import label_colors, label_names
 from pipeline.errors import PipelineError
 from pipeline.io.class_labels import ClassLabels, open_label_level, write_label_block
@@ -153,15 +153,8 @@ def save_block_polygons(path: str | os.PathLike, polygons: BlockPolygons) -> Non
         arrays[f"{part}_classes"] = np.asarray(found.classes, dtype=np.int32)
         arrays[f"{part}_sizes"] = np.fromiter(map(len, wkb), dtype=np.int64, count=len(wkb))
         arrays[f"{part}_wkb"] = np.frombuffer(b"".join(wkb), dtype=np.uint8)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    with atomic.replacing(path, text=False, durable=False) as f:
+        np.savez(f, **arrays)
 
 
 def load_block_polygons(path: str | os.PathLike) -> BlockPolygons:

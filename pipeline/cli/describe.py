@@ -7,12 +7,13 @@ short table for people. The CLI prints one or the other (``--json``).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from pipeline.core.atomic import read_json
 
 __all__ = ["MODEL_SUFFIXES", "compact", "inspect_path", "open_hints", "render"]
 
@@ -79,7 +80,7 @@ def _has_multiscales(path: Path, zarr_format: int) -> bool:
 def describe_output(out: str | os.PathLike) -> dict[str, Any]:
     """The images of an output root with their states (from ``report.json``, if any)."""
     from pipeline.io.collection import find_images, image_summary, read_collection, root_format
-    from pipeline.io.ngff import FORMATS
+    from pipeline.io.ngff import format_for_zarr
 
     out = Path(out)
     zarr_format = root_format(out)
@@ -103,10 +104,9 @@ def describe_output(out: str | os.PathLike) -> dict[str, Any]:
                 "message": entry.get("message"),
             }
         )
-    version = next((f.version for f in FORMATS.values() if f.zarr_format == zarr_format), None)
     return {
         "path": str(out),
-        "ngff": version,
+        "ngff": format_for_zarr(zarr_format).version if zarr_format else None,
         "listed": listed is not None,
         "report": bool(report),
         "images": images,
@@ -114,10 +114,7 @@ def describe_output(out: str | os.PathLike) -> dict[str, Any]:
 
 
 def _read_report(out: Path) -> dict[str, Any]:
-    try:
-        data = json.loads((out / "report.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
+    data = read_json(out / "report.json")
     return data if isinstance(data, dict) else {}
 
 

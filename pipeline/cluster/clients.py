@@ -50,7 +50,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
 import shutil
 import signal
 import subprocess
@@ -63,6 +62,7 @@ from typing import Any
 from pipeline.cluster import worker_start
 from pipeline.cluster.slurm import SlurmSettings, cluster_kwargs, import_jobqueue
 from pipeline.config import RunConfig
+from pipeline.core.devices import usable_cores
 from pipeline.engine.stages import BLOCK_THREADS
 from pipeline.errors import ConfigError
 
@@ -85,7 +85,7 @@ def open_cluster(cfg: RunConfig, warm: Sequence[str] = ()) -> Iterator[tuple[Any
     """``(client, slots)``: a client where ``cfg`` says blocks run, and how many blocks
     run at once there (the driver keeps about twice as many queued). ``warm``: modules a
     local cluster's workers import in the background as soon as they start (see
-    :func:`dask_setup`)."""
+    :func:`pipeline.cluster.worker_start.dask_setup`)."""
     _quiet_distributed()
     if cfg.cluster == "slurm":
         settings = slurm_settings(cfg)
@@ -175,11 +175,8 @@ def dask_client(cfg: RunConfig, warm: Sequence[str] = ()) -> Iterator[Any]:
 
 def worker_layout(cfg: RunConfig) -> tuple[int, int]:
     """(worker processes, model threads per worker) for the local cluster."""
-    cores = (
-        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    )
     workers = cfg.workers or _gpu_count(cfg) or 1
-    threads = cfg.threads_per_worker or max(1, cores // workers)
+    threads = cfg.threads_per_worker or max(1, usable_cores() // workers)
     return workers, threads
 
 

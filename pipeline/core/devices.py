@@ -12,6 +12,7 @@ even out), so outputs do not change with the device.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -33,6 +34,13 @@ __all__ = [
     "to_host",
     "torch_device",
 ]
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def torch_device(name: str) -> torch.device:

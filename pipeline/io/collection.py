@@ -45,7 +45,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.io.ngff import COLLECTION_GROUP, COLLECTION_KEY, FORMATS, NgffFormat, detect_format
+from pipeline.core import atomic
+from pipeline.io.ngff import (
+    COLLECTION_GROUP,
+    COLLECTION_KEY,
+    NgffFormat,
+    detect_format,
+    format_for_zarr,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +69,6 @@ __all__ = [
 
 #: Names in the output root that are not input images (image names must avoid them).
 RESERVED_NAMES = frozenset({COLLECTION_GROUP.lower(), "previews", "geojson", "labels"})
-_METADATA_FILES = {2: (".zgroup", ".zattrs", ".zmetadata"), 3: ("zarr.json",)}
 
 
 def root_format(out: str | os.PathLike) -> int | None:
@@ -108,12 +114,7 @@ def group_content(folder: Path, zarr_format: int) -> dict[str, Any] | None:
             attrs = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     except (OSError, ValueError):
         return None
-    return _format_of(zarr_format).unwrap(attrs)
-
-
-def _format_of(zarr_format: int) -> NgffFormat:
-    """NGFF metadata sits where its Zarr format puts it: top level in v2, under ``ome`` in v3."""
-    return FORMATS["0.4" if zarr_format == 2 else "0.5"]
+    return format_for_zarr(zarr_format).unwrap(attrs)
 
 
 def read_collection(out: str | os.PathLike) -> list[str] | None:
@@ -178,9 +179,7 @@ def drop_consolidated(out: str | os.PathLike) -> None:
         path = Path(out) / "zarr.json"
         meta = json.loads(path.read_text(encoding="utf-8"))
         if meta.pop("consolidated_metadata", None) is not None:
-            tmp = path.with_name(f".zarr.json.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
-            os.replace(tmp, path)
+            atomic.write_text(path, json.dumps(meta, indent=2), durable=False)
 
 
 def _consolidate(root: Any, names: Sequence[str]) -> None:
@@ -225,7 +224,7 @@ def image_summary(out: str | os.PathLike, name: str, zarr_format: int) -> dict[s
     group = zarr.open_group(str(path), mode="r", zarr_format=zarr_format)
     attrs = group.attrs.asdict()
     fmt = detect_format(attrs)
-    content = _format_of(zarr_format).unwrap(attrs)
+    content = format_for_zarr(zarr_format).unwrap(attrs)
     multiscale = (content.get("multiscales") or [{}])[0]
     datasets = multiscale.get("datasets") or []
     axes = "".join(
@@ -236,7 +235,7 @@ def image_summary(out: str | os.PathLike, name: str, zarr_format: int) -> dict[s
     labels = []
     if "labels" in group:
         labels_attrs = group["labels"].attrs.asdict()
-        labels = list(_format_of(zarr_format).unwrap(labels_attrs).get("labels", []))
+        labels = list(format_for_zarr(zarr_format).unwrap(labels_attrs).get("labels", []))
     return {
         "name": name,
         "ngff": fmt.version if fmt is not None else None,

@@ -70,8 +70,6 @@ class NgffFormat:
 
     version: ClassVar[str]
     zarr_format: ClassVar[int]
-    #: Files that hold a group's metadata (what a folder must contain to be a group).
-    group_files: ClassVar[tuple[str, ...]]
 
     def wrap(self, content: Mapping[str, Any]) -> dict[str, Any]:
         """The attributes that store NGFF ``content`` (``multiscales``, ``labels``...)."""
@@ -158,7 +156,6 @@ class FormatV04(NgffFormat):
 
     version = "0.4"
     zarr_format = 2
-    group_files = (".zgroup", ".zattrs")
 
     def wrap(self, content: Mapping[str, Any]) -> dict[str, Any]:
         return dict(content)
@@ -187,7 +184,6 @@ class FormatV05(NgffFormat):
 
     version = "0.5"
     zarr_format = 3
-    group_files = ("zarr.json",)
 
     def wrap(self, content: Mapping[str, Any]) -> dict[str, Any]:
         return {"ome": {"version": self.version, **content}}
@@ -206,6 +202,11 @@ class FormatV05(NgffFormat):
 
 
 FORMATS: dict[str, NgffFormat] = {f.version: f for f in (FormatV04(), FormatV05())}
+
+
+def format_for_zarr(zarr_format: int) -> NgffFormat:
+    """The NGFF version written on Zarr v``zarr_format`` (2: 0.4, 3: 0.5)."""
+    return next(f for f in FORMATS.values() if f.zarr_format == zarr_format)
 
 
 def get_format(version: str | NgffFormat | None = None) -> NgffFormat:

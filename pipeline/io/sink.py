@@ -140,7 +140,7 @@ def check_root(out: str | os.PathLike, fmt: ngff.NgffFormat | str | None = None)
         )
     found = root_format(out) if out.is_dir() else None
     if found is not None and found != fmt.zarr_format:
-        other = next(f for f in ngff.FORMATS.values() if f.zarr_format == found)
+        other = ngff.format_for_zarr(found)
         raise OutputError(
             f"holds NGFF {other.version} (Zarr v{found}) images; --ngff {fmt.version} cannot "
             "be added to it",

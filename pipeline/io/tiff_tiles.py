@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.buffers import reused
+from pipeline.core.devices import usable_cores
 
 __all__ = ["TiffTiles", "decode_pool", "supports"]
 
@@ -38,12 +39,7 @@ def decode_pool() -> ThreadPoolExecutor:
     global _POOL
     with _POOL_GUARD:
         if _POOL is None:
-            cores = (
-                len(os.sched_getaffinity(0))
-                if hasattr(os, "sched_getaffinity")
-                else os.cpu_count() or 1
-            )
-            _POOL = ThreadPoolExecutor(max(2, cores), thread_name_prefix="tiff-decode")
+            _POOL = ThreadPoolExecutor(max(2, usable_cores()), thread_name_prefix="tiff-decode")
         return _POOL
 
 
