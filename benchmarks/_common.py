@@ -169,7 +169,9 @@ def machine_info() -> dict[str, Any]:
     """CPU model, cores, RAM, GPU and the versions the figures depend on."""
     import psutil
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    from pipeline.core.devices import usable_cores
+
+    cores = usable_cores()
     return {
         "host": platform.node(),
         "cpu": _cpu_model(),

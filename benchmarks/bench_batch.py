@@ -48,8 +48,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import (  # noqa: E402
-    DEFAULT_HISTORY,
     ROOT,
+    add_standard_options,
     append_history,
     use_source_tree,
     work_folder,
@@ -68,9 +68,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--scale-size", type=int, default=4096, help="the one big slide (scaling)")
     p.add_argument("--parts", default=",".join(PARTS))
-    p.add_argument("--workdir", help="keep slides and outputs here (default: a temp folder)")
-    p.add_argument("--out", default=str(DEFAULT_HISTORY), help="history file (JSON lines)")
-    p.add_argument("--quick", action="store_true", help="smoke mode: tiny slides and model")
+    add_standard_options(
+        p,
+        workdir="keep slides and outputs here (default: a temp folder)",
+        quick="tiny slides and model",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.size, args.slides, args.block, args.base, args.scale_size = 256, 2, 128, 4, 512

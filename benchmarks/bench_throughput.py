@@ -246,16 +246,11 @@ def _profiled(blocks: list, timed: dict):
     """Record every in-process block's ``BlockResult.seconds`` and the model's share.
 
     The in-process path looks ``process_block`` (and ``predict_shared``, the first phase
-    of blocks that own tiles shared with their neighbours) up in ``pipeline.batch.tasks`` (in
-    ``pipeline.run`` before the driver) and ``get_backend`` in ``pipeline.engine.stages``, so
-    wrapping them there sees every block.
+    of blocks that own tiles shared with their neighbours) up in ``pipeline.batch.tasks`` and
+    ``get_backend`` in ``pipeline.engine.stages``, so wrapping them there sees every block.
     """
+    import pipeline.batch.tasks as prun
     import pipeline.engine.stages as stages
-
-    try:
-        import pipeline.batch.tasks as prun
-    except ImportError:  # before the driver: the blocks ran from pipeline.run
-        import pipeline.run as prun
 
     saved = {
         (prun, n): getattr(prun, n) for n in ("process_block", "predict_shared") if hasattr(prun, n)
