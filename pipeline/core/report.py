@@ -155,7 +155,7 @@ class RunReport:
             "inputs": entries,
         }
 
-    def write(self, path: str | os.PathLike, others: Sequence[dict] = ()) -> Path:
-        """Write the report (see :meth:`to_dict`) as JSON, atomically: readers see the
-        old file or the new one, never a mix (:func:`pipeline.core.atomic.write_json`)."""
-        return atomic.write_json(path, self.to_dict(others))
+    def write(self, path: str | os.PathLike) -> Path:
+        """Write this run's report (see :meth:`to_dict`) as JSON, atomically: readers see
+        the old file or the new one, never a mix (:func:`pipeline.core.atomic.write_json`)."""
+        return atomic.write_json(path, self.to_dict())
