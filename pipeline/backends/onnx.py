@@ -27,8 +27,14 @@ def _providers(device: str, provider: str, precision: str) -> list[Any]:
         return [_CPU_EP]
     import torch
 
-    # ONNX Runtime queues its kernels on torch's stream: behind the tiles cut there
-    stream = torch.cuda.current_stream(torch.device(device)).cuda_stream
+    # ONNX Runtime queues its kernels on torch's stream: behind the tiles cut there. A
+    # torch without CUDA has no stream to give: the session then says which provider
+    # could not start (a DeviceError in make_session), not torch's assertion
+    stream = (
+        torch.cuda.current_stream(torch.device(device)).cuda_stream
+        if torch.cuda.is_available()
+        else None
+    )
     return gpu_providers(device, provider, precision, stream=stream)
 
 
