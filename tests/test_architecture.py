@@ -112,6 +112,7 @@ IO_LAYERS: tuple[tuple[str, ...], ...] = (
         "pipeline.io.tiff_tiles",
         "pipeline.io.resample",
         "pipeline.io.ngff",
+        "pipeline.io.chunk_writer",
         "pipeline.io.formats",
         "pipeline.io.fingerprint",
     ),

@@ -49,12 +49,12 @@ from pipeline.engine.stages import (
     BackendRef,
     BlockJob,
     BlockResult,
-    forget_sink,
     predict_shared,
     process_block,
 )
 from pipeline.errors import InputChangedError, InternalError
 from pipeline.io import sink
+from pipeline.io.chunk_writer import forget_writers
 from pipeline.io.class_labels import ClassLabels, create_class_labels, finish_class_labels
 from pipeline.io.fingerprint import fingerprint, stamp
 from pipeline.io.staging import (
@@ -359,7 +359,7 @@ def finalize_input(prepared: Prepared, model: Model) -> dict[str, Any]:
         _raise_if_full(exc, job)
         raise
     finally:
-        forget_sink(writer.level_path(0))
+        forget_writers(stage.image)
     stage.remove_orphans()  # every block has ended: what a killed writer left is garbage
     try:  # the pixels read are the pixels the key was made from (not a mix)
         now = retrying(fingerprint, job.path, what=f"reading {job.path}")

@@ -16,9 +16,7 @@ that many blocks.
 
 from __future__ import annotations
 
-import itertools
 import logging
-import os
 import threading
 import time
 import warnings
@@ -44,11 +42,11 @@ from pipeline.engine.device_section import (
 )
 from pipeline.engine.tiling import Lattice
 from pipeline.errors import ModelRunError, PipelineError
+from pipeline.io.chunk_writer import level_writer
 
 if TYPE_CHECKING:
     import dask.array
     import torch
-    import zarr
 
     from pipeline.backends.base import Backend
     from pipeline.io.model_input import InputRef
@@ -163,7 +161,6 @@ class BlockResult:
 
 _BACKENDS: dict[BackendRef, Backend] = {}
 _BATCHES: dict[tuple, int] = {}
-_SINKS: dict[tuple[str, bool], zarr.Array] = {}
 _LOAD = threading.Lock()
 
 
@@ -204,23 +201,6 @@ def worker_device(device: str) -> str:
 
     count = torch.cuda.device_count()
     return f"cuda:{int(name) % count}" if isinstance(name, int) and count > 1 else device
-
-
-def _open_sink(path: str, keep_empty: bool = False) -> zarr.Array:
-    arr = _SINKS.get((path, keep_empty))
-    if arr is None:
-        from pipeline.io.sink import open_level
-
-        arr = _SINKS[(path, keep_empty)] = open_level(path, keep_empty)
-    return arr
-
-
-def forget_sink(path: str) -> None:
-    """Drop the cached output handles of the image whose level ``path`` is (every level),
-    after the image is finished or discarded."""
-    folder = os.path.dirname(path.rstrip("/\\"))
-    for key in [k for k in _SINKS if k[0] == path or os.path.dirname(k[0]) == folder]:
-        _SINKS.pop(key, None)
 
 
 def read_region(array: np.ndarray | dask.array.Array, region: Region) -> np.ndarray:
@@ -439,26 +419,8 @@ def write_block(job: BlockJob, out: np.ndarray) -> None:
 
 def _store(path: str, region: Region, data: np.ndarray) -> tuple[int, ...]:
     """``data`` (every channel of ``region``, whole chunks of the level at ``path``)
-    written; returns the level's chunks.
-
-    Chunks holding a nonzero value are written without Zarr's emptiness check (it
-    compares every value, which costs more than compressing the chunk); any other
-    chunk is written through the check, so an all-zero chunk is still not stored.
-    """
-    target = _open_sink(path, keep_empty=True)
-    pieces = [
-        tuple(slice(o, o + c) for o, c in zip(corner, target.chunks))
-        for corner in itertools.product(
-            *(range(0, n, c) for n, c in zip(data.shape, target.chunks))
-        )
-    ]
-    empty = [p for p in pieces if not data[p].any()]  # -0.0 counts here: Zarr decides
-    origin = (0, *region.offset)
-    if not empty:
-        target[(slice(None), *region.to_slices())] = data
-        return target.chunks
-    checked = _open_sink(path)
-    for p in pieces:
-        at = tuple(slice(o + s.start, o + min(s.stop, n)) for o, s, n in zip(origin, p, data.shape))
-        (checked if p in empty else target)[at] = data[p]
-    return target.chunks
+    written through the process's writer of that level (all-zero chunks not stored);
+    returns the level's chunks."""
+    writer = level_writer(path)
+    writer[(slice(None), *region.to_slices())] = data
+    return writer.chunks

@@ -39,6 +39,7 @@ from pipeline.core.classes import (
     label_dtype,
     label_names,
 )
+from pipeline.io.chunk_writer import EMPTY_CHUNKS_CONFIG, LevelWriter, level_writer
 from pipeline.io.ngff import NgffFormat, get_format
 
 __all__ = [
@@ -53,7 +54,6 @@ __all__ = [
 
 #: Name of the class label image inside the image's ``labels`` group.
 LABEL_NAME = "classes"
-_ARRAY_CONFIG = {"write_empty_chunks": False}
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ def create_class_labels(
             chunks=tuple(min(c, n) for c, n in zip(label_chunks, level_shape)),
             dtype=label_dtype(classes),
             fill_value=0,
-            config=_ARRAY_CONFIG,
+            config=EMPTY_CHUNKS_CONFIG,
             **fmt.array_options(axes),
         )
     return ClassLabels(
@@ -137,11 +137,10 @@ def create_class_labels(
     )
 
 
-def open_label_level(labels: ClassLabels, level: int = 0):
-    """Open a level array of the labels for writing (a worker caches it per process)."""
-    import zarr
-
-    return zarr.open_array(os.path.join(labels.path, str(level)), mode="r+", config=_ARRAY_CONFIG)
+def open_label_level(labels: ClassLabels, level: int = 0) -> LevelWriter:
+    """A level array of the labels, for block writes (the process's writer: opened once;
+    all-zero chunks are not stored)."""
+    return level_writer(os.path.join(labels.path, str(level)))
 
 
 def write_label_block(
@@ -246,7 +245,7 @@ def finish_class_labels(
             chunks=chunks,
             dtype=level0.dtype,
             fill_value=0,
-            config=_ARRAY_CONFIG,
+            config=EMPTY_CHUNKS_CONFIG,
             **fmt.array_options(labels.axes),
             overwrite=True,  # a level left by a run killed while finishing is made again
         )

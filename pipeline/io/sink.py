@@ -27,10 +27,10 @@ from pipeline.core.classes import channel_names, label_colors
 from pipeline.core.pyramid import block_levels, downsample, level_chunks, pyramid_shapes
 from pipeline.errors import OutputError
 from pipeline.io import ngff
+from pipeline.io.chunk_writer import EMPTY_CHUNKS_CONFIG
 from pipeline.io.collection import RESERVED_NAMES, drop_consolidated, root_format
 from pipeline.io.formats import NAME_SUFFIXES
 
-_ARRAY_CONFIG = {"write_empty_chunks": False}
 _WINDOWS_DEVICES = {
     "CON",
     "PRN",
@@ -187,17 +187,6 @@ def open_root(out: str | os.PathLike, fmt: ngff.NgffFormat | str | None = None):
         ) from exc
 
 
-def open_level(path: str, keep_empty: bool = False):
-    """Open one level array for writing; empty (all-zero) chunks are not stored, unless
-    ``keep_empty`` (for a writer that knows its chunks are not empty: Zarr's check
-    compares every value of every chunk, which costs more than compressing it)."""
-    import zarr
-
-    config = {**_ARRAY_CONFIG, "write_empty_chunks": True} if keep_empty else _ARRAY_CONFIG
-    # open_array ignores ``config`` for an existing array: set it on the opened one
-    return zarr.open_array(path, mode="r+").with_config(config)
-
-
 @dataclass
 class ImageWriter:
     """An NGFF image being written under ``staging``, published to ``final``."""
@@ -290,7 +279,7 @@ def _create_level(
         chunks=level_chunks(writer.chunks, shape),
         dtype=writer.dtype,
         fill_value=0,
-        config=_ARRAY_CONFIG,
+        config=EMPTY_CHUNKS_CONFIG,
         **writer.format.array_options(writer.axes),
         overwrite=overwrite,
     )

@@ -1,0 +1,121 @@
+"""Level arrays as blocks write them: opened once per process, written chunk by chunk.
+
+A block writes whole chunks of a level (one writer per chunk). Zarr's own way of not
+storing an all-zero chunk (``write_empty_chunks=False``) compares every value of every
+chunk with the fill value, and for integers that comparison goes through NaN checks and
+boolean indexing: it costs more than compressing the chunk. A :class:`LevelWriter` asks
+once per chunk whether it holds a nonzero value (one vectorised reduction); those chunks
+are written without Zarr's check, the others through it, so an all-zero chunk is still
+not stored (and one stored before is removed).
+
+:func:`level_writer` keeps one writer per level path in the process (a worker opens a
+level's metadata once, not once per block); :func:`forget_writers` drops an image's when
+it is finished or discarded.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from typing import Any
+
+import numpy as np
+
+__all__ = ["EMPTY_CHUNKS_CONFIG", "LevelWriter", "forget_writers", "level_writer", "open_level"]
+
+#: The Zarr array configuration of every level: all-zero chunks are not stored.
+EMPTY_CHUNKS_CONFIG = {"write_empty_chunks": False}
+
+_WRITERS: dict[str, LevelWriter] = {}
+_GUARD = threading.Lock()
+
+
+def open_level(path: str, keep_empty: bool = False):
+    """Open one level array for writing; all-zero chunks are not stored, unless
+    ``keep_empty`` (for a writer that knows its chunks are not empty)."""
+    import zarr
+
+    config = {**EMPTY_CHUNKS_CONFIG, "write_empty_chunks": True} if keep_empty else None
+    # open_array ignores ``config`` for an existing array: set it on the opened one
+    return zarr.open_array(path, mode="r+").with_config(config or EMPTY_CHUNKS_CONFIG)
+
+
+def _holds_nonzero(piece: np.ndarray) -> bool:
+    """Whether ``piece`` has a value other than zero. Unsigned integers and booleans
+    take a maximum (no conversion to bool); others ``any`` (a ``-0.0`` counts as zero
+    here: Zarr's check then decides)."""
+    if piece.size == 0:
+        return False
+    if piece.dtype.kind in "ub":
+        return bool(piece.max())
+    return bool(piece.any())
+
+
+class LevelWriter:
+    """One level array opened for block writes (see the module docstring).
+
+    ``writer[index] = data`` writes ``data`` at ``index`` (a tuple of slices with
+    ``start``/``stop``, one per axis); the region may start and end anywhere, its chunks
+    are split on the level's chunk grid.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.array = open_level(path, keep_empty=True)
+        self._checked: Any = None
+
+    @property
+    def chunks(self) -> tuple[int, ...]:
+        return tuple(self.array.chunks)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.array.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        return self.array[index]
+
+    def __setitem__(self, index: tuple[slice, ...], data: np.ndarray) -> None:
+        data = np.asarray(data)
+        origin = [0 if s.start is None else int(s.start) for s in index]
+        cuts = []
+        for o, n, c in zip(origin, data.shape, self.chunks):
+            inner = range((o // c + 1) * c, o + n, c)  # chunk boundaries inside the region
+            edges = [o, *inner, o + n]
+            cuts.append([slice(a - o, b - o) for a, b in zip(edges, edges[1:])])
+        pieces = list(itertools.product(*cuts))
+        empty = [p for p in pieces if not _holds_nonzero(data[p])]
+        at = tuple(slice(o, o + n) for o, n in zip(origin, data.shape))
+        if not empty:
+            self.array[at] = data
+            return
+        if self._checked is None:
+            self._checked = open_level(self.path)
+        for p in pieces:
+            where = tuple(slice(o + s.start, o + s.stop) for o, s in zip(origin, p))
+            (self._checked if p in empty else self.array)[where] = data[p]
+
+
+def level_writer(path: str) -> LevelWriter:
+    """The process's writer of the level at ``path`` (opened on first use)."""
+    writer = _WRITERS.get(path)
+    if writer is None:
+        with _GUARD:
+            writer = _WRITERS.get(path)
+            if writer is None:
+                writer = _WRITERS[path] = LevelWriter(path)
+    return writer
+
+
+def forget_writers(folder: str | os.PathLike) -> None:
+    """Drop the writers of every level under ``folder`` (an image, with its labels),
+    after the image is finished or discarded."""
+    prefix = os.path.join(os.fspath(folder), "")
+    with _GUARD:
+        for path in [p for p in _WRITERS if p.startswith(prefix)]:
+            _WRITERS.pop(path, None)
