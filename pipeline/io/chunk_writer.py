@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import threading
 from typing import Any
 
 import numpy as np
@@ -28,7 +27,6 @@ __all__ = ["EMPTY_CHUNKS_CONFIG", "LevelWriter", "forget_writers", "level_writer
 EMPTY_CHUNKS_CONFIG = {"write_empty_chunks": False}
 
 _WRITERS: dict[str, LevelWriter] = {}
-_GUARD = threading.Lock()
 
 
 def open_level(path: str, keep_empty: bool = False):
@@ -104,11 +102,8 @@ class LevelWriter:
 def level_writer(path: str) -> LevelWriter:
     """The process's writer of the level at ``path`` (opened on first use)."""
     writer = _WRITERS.get(path)
-    if writer is None:
-        with _GUARD:
-            writer = _WRITERS.get(path)
-            if writer is None:
-                writer = _WRITERS[path] = LevelWriter(path)
+    if writer is None:  # two threads opening it at once keep the same one
+        writer = _WRITERS.setdefault(path, LevelWriter(path))
     return writer
 
 
@@ -116,6 +111,5 @@ def forget_writers(folder: str | os.PathLike) -> None:
     """Drop the writers of every level under ``folder`` (an image, with its labels),
     after the image is finished or discarded."""
     prefix = os.path.join(os.fspath(folder), "")
-    with _GUARD:
-        for path in [p for p in _WRITERS if p.startswith(prefix)]:
-            _WRITERS.pop(path, None)
+    for path in [p for p in list(_WRITERS) if p.startswith(prefix)]:
+        _WRITERS.pop(path, None)
