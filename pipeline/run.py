@@ -36,6 +36,7 @@ from pipeline.cluster.clients import (
 from pipeline.config import RunConfig
 from pipeline.core import faults
 from pipeline.core.classes import label_names
+from pipeline.core.collector import frozen
 from pipeline.core.report import InputResult, RunReport
 from pipeline.core.retry import retrying
 from pipeline.engine.blocks import make_tasks, run_local
@@ -128,7 +129,7 @@ def run(
     except OSError as exc:
         raise output_error(exc, out) from exc
     run_id = new_run_id()
-    with OutputLock(state / "locks", run_id, shard) as lock:
+    with frozen(), OutputLock(state / "locks", run_id, shard) as lock:
         if shard is not None:
             inputs = [p for p in inputs if shard.owns(p)]
             decided = [r for r in decided if shard.owns(r.path)]

@@ -91,6 +91,7 @@ CORE_LAYERS: tuple[tuple[str, ...], ...] = (
         "pipeline.core.atomic",
         "pipeline.core.faults",
         "pipeline.core.buffers",
+        "pipeline.core.collector",
     ),
     ("pipeline.core", "pipeline.core._compat"),
 )

@@ -25,7 +25,11 @@ def _array(path: Path, shape, chunks, dtype) -> str:
 
 
 def _stored(path: str) -> set[str]:
-    return {str(p.relative_to(path)) for p in Path(path).rglob("*") if p.is_file() and p.name != "zarr.json"}
+    return {
+        str(p.relative_to(path))
+        for p in Path(path).rglob("*")
+        if p.is_file() and p.name != "zarr.json"
+    }
 
 
 @pytest.mark.parametrize("dtype", ["uint8", "uint16", "float32", "bool"])

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Protocol, Union
 
 import numpy as np
 
+from pipeline.core.collector import freeze_loaded
 from pipeline.core.devices import host_threads, torch_device
 from pipeline.core.geometry import Region
 from pipeline.core.pyramid import downsample, level_region
@@ -183,6 +184,9 @@ def get_backend(ref: BackendRef) -> Backend:
                     ort_provider=ref.ort_provider,
                     cuda_graphs=ref.cuda_graphs,
                 )
+                import torch  # noqa: F401  (every block's device section runs on it)
+
+                freeze_loaded()  # the model, its runtime and torch: out of the GC's walks
     return backend
 
 
