@@ -92,6 +92,7 @@ CORE_LAYERS: tuple[tuple[str, ...], ...] = (
         "pipeline.core.faults",
         "pipeline.core.buffers",
         "pipeline.core.collector",
+        "pipeline.core.priority_lock",
     ),
     ("pipeline.core", "pipeline.core._compat"),
 )

@@ -24,6 +24,7 @@ import numpy as np
 
 from pipeline.core.devices import empty, quantize, scale_into, scale_of, to_device, to_host
 from pipeline.core.geometry import Region, reflect_index
+from pipeline.core.priority_lock import PriorityLock
 from pipeline.engine.blend import BlendMode
 from pipeline.engine.merge import TensorMerger, weights_on
 from pipeline.engine.tiling import Lattice
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "URGENT",
     "HostBox",
     "blend_block",
     "box_to_device",
@@ -47,15 +49,20 @@ __all__ = [
 Tile = tuple[int, ...]
 Runner = Callable[["torch.Tensor"], "torch.Tensor"]
 
-_LOCKS: dict[str, threading.RLock] = {}
+_LOCKS: dict[str, PriorityLock] = {}
 _LOCKS_GUARD = threading.Lock()
 
+#: Device-lock priority of a task whose predictions other blocks wait for (shared tiles),
+#: ahead of a block's own (:attr:`PriorityLock.DEFAULT`).
+URGENT = 0
 
-def device_lock(device: str) -> threading.RLock:
+
+def device_lock(device: str) -> PriorityLock:
     """The lock held while a block uses ``device`` in this process (one per device;
-    reentrant, so a holder may call code that takes it too)."""
+    reentrant, so a holder may call code that takes it too; :data:`URGENT` waiters
+    first, then first come, first served)."""
     with _LOCKS_GUARD:
-        return _LOCKS.setdefault(str(device), threading.RLock())
+        return _LOCKS.setdefault(str(device), PriorityLock())
 
 
 class HostBox:

@@ -29,10 +29,12 @@ import numpy as np
 from pipeline.core.collector import freeze_loaded
 from pipeline.core.devices import host_threads, torch_device
 from pipeline.core.geometry import Region
+from pipeline.core.priority_lock import PriorityLock
 from pipeline.core.pyramid import downsample, level_region
 from pipeline.core.tissue_mask import TissueMask
 from pipeline.engine.blend import BlendMode
 from pipeline.engine.device_section import (
+    URGENT,
     HostBox,
     box_to_device,
     device_lock,
@@ -280,13 +282,14 @@ class _Section:
     """The device section of a block: the device's lock, and on CPU one torch thread for
     the small per-tile ops (:func:`pipeline.core.devices.host_threads` says why)."""
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, priority: int = PriorityLock.DEFAULT) -> None:
         self.device = torch_device(_device_name(backend))
         self.lock = device_lock(str(self.device))
+        self.priority = priority
         self.threads = host_threads(1 if self.device.type == "cpu" else None)
 
     def __enter__(self) -> _Section:
-        self.lock.acquire()
+        self.lock.acquire(self.priority)
         self.threads.__enter__()
         return self
 
@@ -337,7 +340,7 @@ def predict_shared(job: BlockJob) -> dict[Tile, np.ndarray]:
     batches = [tiles[i : i + size] for i in range(0, len(tiles), size)]
     boxes = [read_box(source, _bounds([lat.in_region(t) for t in b])) for b in batches]
     out: dict[Tile, np.ndarray] = {}
-    with _Section(backend) as section:
+    with _Section(backend, URGENT) as section:  # other blocks wait for these
         for batch, box in zip(batches, boxes):
             for t, pred in _predictions(job, backend, box, batch, section.device):
                 out[t] = pred.detach().to("cpu", copy=True).numpy()
