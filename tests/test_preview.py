@@ -17,6 +17,7 @@ from pipeline.outputs.preview import (
     PALETTE,
     coarsest_level,
     compose_preview,
+    encode_png,
     labels_from_probabilities,
     make_preview,
     read_input_thumbnail,
@@ -143,6 +144,28 @@ def test_write_png_round_trips_atomically(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(OutputError, match="cannot write the preview"):
         write_png(tmp_path / "file" / "x.png", rgb)
+
+
+@pytest.mark.parametrize("shape", [(31, 45), (31, 45, 1), (31, 45, 2), (31, 45, 3), (5, 3, 4)])
+def test_png_decodes_to_the_same_pixels_in_libpng_and_pillow(shape) -> None:
+    """The hand-assembled PNG (SUB-filtered rows, libdeflate) is a valid file for two
+    independent decoders, with every value kept (the filter's differences wrap mod 256)."""
+    import io
+
+    from PIL import Image
+
+    image = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)
+    image.reshape(-1)[:4] = [255, 0, 1, 254]  # wrapping differences next to each other
+    data = encode_png(image)
+    squeezed = image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image
+    np.testing.assert_array_equal(imagecodecs.png_decode(data), squeezed)
+    with Image.open(io.BytesIO(data)) as pil:
+        pil.load()
+        channels = 1 if image.ndim == 2 else image.shape[2]
+        assert pil.mode == {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[channels]
+        np.testing.assert_array_equal(np.asarray(pil), squeezed)
+    with pytest.raises(ValueError, match="PNG image must be"):
+        encode_png(np.zeros((4, 4, 5), np.uint8))
 
 
 def test_coarsest_level_at_least_size() -> None:

@@ -18,7 +18,9 @@ import contextlib
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+import struct
+import zlib
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -135,6 +137,11 @@ def compose_preview(
 _BAND_ROWS = 32
 
 
+#: Up to this label value a colour table covers every value (counting which values occur,
+#: an int64 copy of the labels, costs more than colouring them all).
+_ALL_COLOURS = 4096
+
+
 def _colours(labels: np.ndarray, fg: np.ndarray, colours: Colours | None):
     """``rows -> (len(rows), w, 3)`` float32 colour of each pixel's label (background:
     black): a lookup table over the label values for small non-negative integers, a
@@ -142,7 +149,10 @@ def _colours(labels: np.ndarray, fg: np.ndarray, colours: Colours | None):
     if labels.dtype.kind in "ub" or (labels.dtype.kind == "i" and labels.min() >= 0):
         top = int(labels.max())
         if top < 2**16:
-            present = np.flatnonzero(np.bincount(labels.ravel(), minlength=top + 1)[1:]) + 1
+            if top <= _ALL_COLOURS:  # every value up to the largest: no count needed
+                present = np.arange(1, top + 1)
+            else:
+                present = np.flatnonzero(np.bincount(labels.ravel(), minlength=top + 1)[1:]) + 1
             table = np.zeros((top + 1, 3), np.float32)
             table[present] = [_colour_of(int(v), colours) for v in present]
             return lambda rows: table[labels[rows]]
@@ -190,19 +200,42 @@ def to_rgb8(image: np.ndarray) -> np.ndarray:
 
 
 def encode_png(rgb: np.ndarray) -> bytes:
-    """PNG bytes of a uint8 ``(H, W, 3)`` (or ``(H, W)``) image.
+    """PNG bytes of a uint8 ``(H, W, 3)`` (or ``(H, W)``, ``(H, W, 1|2|4)``) image.
 
-    zlib level 1 with the SUB filter: a 2048² slide preview encodes 4x faster than with
-    the defaults (level 6, adaptive filters) for 2 % more bytes."""
+    Rows filtered with PNG's SUB filter (in numpy), compressed with libdeflate at level
+    1: a 2048² slide preview encodes about twice as fast as libpng at zlib level 1, and
+    in fewer bytes. The file is a plain 8-bit PNG (signature, IHDR, one IDAT, IEND).
+    """
     import imagecodecs
 
-    return bytes(
-        imagecodecs.png_encode(
-            np.ascontiguousarray(rgb, dtype=np.uint8),
-            level=1,
-            filter=imagecodecs.PNG.FILTER.SUB,
-        )
-    )
+    image = np.ascontiguousarray(rgb, dtype=np.uint8)
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim != 3 or image.shape[2] not in _PNG_COLOUR_TYPES:
+        raise ValueError(f"a PNG image must be (H, W) or (H, W, 1|2|3|4), got {image.shape}")
+    height, width, channels = image.shape
+    rows = image.reshape(height, width * channels)
+    filtered = np.empty((height, width * channels + 1), np.uint8)
+    filtered[:, 0] = 1  # SUB: each byte minus the byte one pixel to its left (mod 256)
+    filtered[:, 1 : 1 + channels] = rows[:, :channels]
+    np.subtract(rows[:, channels:], rows[:, :-channels], out=filtered[:, 1 + channels :])
+    if imagecodecs.DEFLATE.available:
+        data = bytes(imagecodecs.deflate_encode(filtered, level=1))  # a zlib stream
+    else:
+        data = zlib.compress(filtered.tobytes(), 1)
+    header = struct.pack(">IIBBBBB", width, height, 8, _PNG_COLOUR_TYPES[channels], 0, 0, 0)
+    return b"".join(
+        [b"\x89PNG\r\n\x1a\n", _png_chunk(b"IHDR", header), _png_chunk(b"IDAT", data),
+         _png_chunk(b"IEND", b"")]
+    )  # fmt: skip
+
+
+#: PNG colour type by channels: grey, grey + alpha, RGB, RGBA.
+_PNG_COLOUR_TYPES = {1: 0, 2: 4, 3: 2, 4: 6}
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def write_png(path: str | os.PathLike, rgb: np.ndarray) -> Path:
@@ -230,6 +263,7 @@ def make_preview(
     max_side: int = MAX_SIDE,
     alpha: float = 0.4,
     contour: bool = True,
+    thumbnail: Callable[[], np.ndarray] | None = None,
 ) -> Path:
     """Write the preview PNG of one input and its output.
 
@@ -246,6 +280,10 @@ def make_preview(
         As for :func:`compose_preview`.
     size, max_side
         The coarsest input level at least ``size`` long is read, at most ``max_side`` a side.
+    thumbnail
+        Returns the input's thumbnail (:func:`read_input_thumbnail` with the same
+        arguments) when it was started beforehand, e.g. while the output was being
+        finished; its errors are raised as that function's would be.
 
     Returns
     -------
@@ -259,12 +297,15 @@ def make_preview(
         not an NGFF image or the PNG cannot be written. A preview is an extra: callers
         log the error and carry on.
     """
-    thumbnail = read_input_thumbnail(input_path, series=series, size=size, max_side=max_side)
+    if thumbnail is None:
+        small = read_input_thumbnail(input_path, series=series, size=size, max_side=max_side)
+    else:
+        small = thumbnail()
     labels, label_colours = read_output_labels(
-        output_image, target=thumbnail.shape[:2], threshold=threshold
+        output_image, target=small.shape[:2], threshold=threshold
     )
     rgb = compose_preview(
-        thumbnail,
+        small,
         labels,
         colours=colours if colours is not None else label_colours,
         alpha=alpha,
