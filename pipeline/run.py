@@ -218,10 +218,10 @@ def _plan(
         if key is not None and not force and ledger.up_to_date(key, name):
             record = ledger.record(os.path.realpath(path)) or {}
             if products_current(record.get("products"), key, products, out, name):
-                _up_to_date(result, ledger, out)
+                _up_to_date(result, record, out)
                 continue
             refresh = True  # the image stays; what it lacks (a GeoJSON...) is made
-            _carry(result, ledger)
+            _carry(result, record)
         jobs.append(
             InputJob(
                 os.path.abspath(path),  # workers may run elsewhere (another cwd, a node)
@@ -247,9 +247,10 @@ def _fingerprint(path: str):
     return fingerprint(path)
 
 
-def _carry(result: InputResult, ledger: Ledger) -> None:
-    """The figures and files of an input's last done entry, for an image that stays."""
-    before = (ledger.record(os.path.realpath(result.path)) or {}).get("result") or {}
+def _carry(result: InputResult, record: dict) -> None:
+    """The figures and files of an input's last done entry (its ledger ``record``), for
+    an image that stays."""
+    before = record.get("result") or {}
     if before.get("state") in ("done", "skipped") and before.get("output"):
         for field in (
             "shape",
@@ -264,9 +265,10 @@ def _carry(result: InputResult, ledger: Ledger) -> None:
             setattr(result, field, before.get(field, getattr(result, field)))
 
 
-def _up_to_date(result: InputResult, ledger: Ledger, out: Path) -> None:
-    """An input whose output holds its key: skipped, its last done entry carried over."""
-    _carry(result, ledger)
+def _up_to_date(result: InputResult, record: dict, out: Path) -> None:
+    """An input whose output holds its key: skipped, its last done entry (in its ledger
+    ``record``) carried over."""
+    _carry(result, record)
     result.state, result.reason = "skipped", UP_TO_DATE
     result.output = str(out / result.name)
     result.message = (

@@ -165,3 +165,42 @@ def test_many_skipped_inputs_are_counted_per_reason(capsys):
     assert "not-an-image: n0.txt, n1.txt" in lines[2]
     assert lines[4].startswith("1 done, 21 skipped;")
     assert lines[6] == "  napari: napari /o.zarr/a   (each image with its labels)"
+
+
+def _realpath_calls(tmp_path, monkeypatch, count: int) -> dict[str, int]:
+    """How often a run of ``count`` inputs resolves each input's path."""
+    import numpy as np
+    import tifffile
+
+    from pipeline.config import RunConfig
+    from pipeline.run import run
+
+    folder = tmp_path / str(count)
+    folder.mkdir()
+    inputs = []
+    for i in range(count):
+        path = folder / f"in{i}.tif"
+        tifffile.imwrite(path, np.full((32, 32), i, np.uint8))
+        inputs.append(str(path))
+    calls: dict[str, int] = {}
+    realpath = os.path.realpath
+
+    def counting(path, *args, **kwargs):
+        key = os.fspath(path)
+        if key in inputs:
+            calls[key] = calls.get(key, 0) + 1
+        return realpath(path, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os.path, "realpath", counting)
+        report = run(inputs, folder / "out", None, RunConfig(backend="identity", scheduler="sync"))
+    assert report.ok and set(calls) == set(inputs)
+    return calls
+
+
+def test_a_run_resolves_each_input_path_as_often_whatever_the_batch_size(tmp_path, monkeypatch):
+    """Reports are rewritten after every input and name them all: resolving every
+    input's real path on each rewrite made a batch of N inputs cost O(N²) lookups."""
+    small = _realpath_calls(tmp_path, monkeypatch, 2)
+    large = _realpath_calls(tmp_path, monkeypatch, 6)
+    assert max(large.values()) == max(small.values())

@@ -99,6 +99,16 @@ class Batch:
         self.lock: Any = None  # the run's OutputLock: no input starts once it is lost
         self.progress: Any = None  # start_input / advance / finish_input (pipeline.cli.progress)
         self._last_write = self._write_cost = 0.0
+        self._reals: dict[str, str] = {}
+
+    def _real(self, path: str) -> str:
+        """``path`` resolved (symbolic links, ``..``), once per run: a report write names
+        every input of the run, and resolving each again would make writing the reports
+        of a batch of N inputs O(N²) file-system lookups."""
+        real = self._reals.get(path)
+        if real is None:
+            real = self._reals[path] = os.path.realpath(path)
+        return real
 
     # --- the steps (driver.Work) ------------------------------------------------------
 
@@ -117,7 +127,7 @@ class Batch:
             raise self.halt  # the output is full, or not ours: the input is not started
         self.started[job.path] = time.perf_counter()
         given = self.results[job.path].path
-        self._record(self.ledger.start, _real(job.path), given, job.name, job.key, job.run)
+        self._record(self.ledger.start, self._real(job.path), given, job.name, job.key, job.run)
         return Step(prepare_input, (job, self.model))
 
     def shared(self, prepared: Prepared, task: Any) -> Step:
@@ -182,7 +192,7 @@ class Batch:
         result = self.results[job.path]
         final = self.out / job.name
         made = info.get("products") or {}
-        before = (self.ledger.record(_real(job.path)) or {}).get("products")
+        before = (self.ledger.record(self._real(job.path)) or {}).get("products")
 
         def recorded() -> None:
             # after the image, before the record: a crash between leaves an image whose
@@ -266,7 +276,12 @@ class Batch:
     def record_skipped(self, result: InputResult) -> None:
         """An input decided before running (up to date): into the ledger."""
         self._record(
-            self.ledger.finish, _real(result.path), result.to_dict(), result.run, result.key, False
+            self.ledger.finish,
+            self._real(result.path),
+            result.to_dict(),
+            result.run,
+            result.key,
+            False,
         )
 
     def interrupted(self, jobs: list[InputJob]) -> None:
@@ -291,7 +306,7 @@ class Batch:
             result.seconds = round(time.perf_counter() - t0, 3)
         self._record(
             self.ledger.finish,
-            _real(job.path),
+            self._real(job.path),
             result.to_dict(),
             job.run,
             job.key,
@@ -309,7 +324,7 @@ class Batch:
         now = time.perf_counter()
         if not final and now - self._last_write < self._write_cost / _REPORT_SHARE:
             return
-        this_run = {_real(r.path) for r in self.report.inputs}
+        this_run = {self._real(r.path) for r in self.report.inputs}
         ledger = Ledger(self.out).load() if final or self.merge_on_write else self.ledger
         try:
             faults.point("report", self.report.run)
@@ -351,7 +366,3 @@ class Batch:
             fn(*args)
         except OSError as exc:
             log.warning("could not update the ledger in %s: %s", self.ledger.root, exc)
-
-
-def _real(path: str) -> str:
-    return os.path.realpath(path)
