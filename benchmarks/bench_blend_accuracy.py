@@ -1,7 +1,7 @@
 """How far tiled inference of a `same` (padded) U-Net is from one whole-image pass.
 
 For each blend mode and overlap, runs the pipeline's in-process path
-(:func:`pipeline.run.predict_array`, the same lattice and blending as `pipeline run`) and
+(:func:`pipeline.predict.predict_array`, the same lattice and blending as `pipeline run`) and
 compares with the same model run once on the whole image. A padded network sees the
 tile border as an image border, so tiled output differs from whole-image output near
 tile edges; blending over an overlap hides that. The figures chose the default overlap
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import RunConfig
-from pipeline.run import predict_array
+from pipeline.predict import predict_array
 
 HISTORY = Path(__file__).with_name("results") / "history.jsonl"
 

@@ -11,7 +11,6 @@ input as it ends.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 
 from pipeline.backends.base import ModelSpec
 from pipeline.batch.batch import Batch
-from pipeline.batch.driver import Driver, Step, SyncClient, ThreadClient
+from pipeline.batch.driver import Driver, SyncClient, ThreadClient
 from pipeline.batch.ledger import Ledger, init_state_dir, new_run_id, output_settings, run_key
 from pipeline.batch.lock import OutputLock, short_lock
 from pipeline.batch.products import Products, products_current
@@ -39,9 +38,11 @@ from pipeline.core.classes import label_names
 from pipeline.core.collector import frozen
 from pipeline.core.report import InputResult, RunReport
 from pipeline.core.retry import retrying
-from pipeline.engine.blocks import make_tasks, run_local
-from pipeline.engine.plan import check_options, make_plan
-from pipeline.engine.stages import BLOCK_THREADS, BackendRef, predict_shared, process_block
+from pipeline.engine.plan import check_options
+from pipeline.engine.stages import (
+    BLOCK_THREADS,
+    BackendRef,
+)
 from pipeline.errors import UP_TO_DATE, ConfigError, PipelineError
 from pipeline.io import ngff, sink
 from pipeline.io.collection import write_collection
@@ -373,92 +374,3 @@ def _device(cfg: RunConfig) -> str:
     from pipeline.backends import resolve_device
 
     return resolve_device(cfg.device)
-
-
-def run_blocks(tasks: list, client, progress: Callable[[int, int], None]) -> int:
-    """Run bare block tasks (no staging, no ledger; e.g. for tests and benchmarks) on
-    ``client`` (a ``distributed.Client``; None: this process's block threads) through the
-    same driver as :func:`run`. Returns the tiles run."""
-    work = _Blocks(progress)
-    prepared = _Prepared([dataclasses.replace(t, done=False) for t in tasks])
-    with contextlib.ExitStack() as stack:
-        if client is None:
-            client, slots = stack.enter_context(ThreadClient(BLOCK_THREADS)), BLOCK_THREADS
-        else:
-            slots = max(1, sum(client.nthreads().values()))
-        Driver(client, work, max_open=1, max_queued=2 * slots + 1).run([None], {0: prepared})
-    if work.error is not None:
-        raise work.error
-    return work.tiles
-
-
-@dataclasses.dataclass
-class _Prepared:
-    tasks: list
-
-
-class _Blocks:
-    """The driver's :class:`~pipeline.batch.driver.Work` for a bare list of block tasks."""
-
-    def __init__(self, progress: Callable[[int, int], None]) -> None:
-        self.progress, self.tiles, self.done, self.total, self.error = progress, 0, 0, 0, None
-
-    def name(self, item) -> str:
-        return "blocks"
-
-    def shared(self, prepared, task) -> Step:
-        return Step(predict_shared, (task.job,))
-
-    def block(self, prepared, task) -> Step:
-        return Step(process_block, (task.job,))
-
-    def finalize(self, item, prepared) -> Step:
-        return Step(len, ((),))
-
-    def prepared(self, item, prepared) -> None:
-        self.total = len(prepared.tasks)
-        self.progress(0, self.total)
-
-    def block_done(self, item, result) -> None:
-        self.tiles += result.tiles
-        self.done += 1
-        self.progress(self.done, self.total)
-
-    def failed(self, item, exc, what) -> None:
-        self.error = exc
-
-    def deaths(self, prepared, kind, task) -> int:
-        return 0
-
-    def finished(self, item, prepared, value) -> None:
-        pass
-
-    def settled(self, item, prepared) -> None:
-        pass
-
-    def prepare(self, item) -> Step:  # pragma: no cover - the tasks come prepared
-        raise AssertionError("bare block tasks are prepared already")
-
-
-def predict_array(
-    array, model: str | None = None, cfg: RunConfig | None = None, *, spec: ModelSpec | None = None
-):
-    """In-process prediction of an array ``(C, *spatial)`` (numpy or dask).
-
-    Same lattice, blocks and blending as :func:`run`, without Dask or Zarr: for
-    debugging, tests and notebooks. Returns ``(K, *spatial)`` in ``cfg.dtype``.
-    """
-    import numpy as np
-
-    cfg = cfg or RunConfig()
-    spec = spec or resolve_model(model, cfg)
-    channels = int(array.shape[0])
-    classes = spec.classes or channels
-    plan = make_plan(
-        spec, tuple(int(s) for s in array.shape[1:]), channels, classes, cfg, array.dtype.itemsize
-    )
-    ref = backend_ref(spec, cfg)
-    out = np.zeros((classes, *array.shape[1:]), dtype=cfg.dtype)
-    for res in run_local(make_tasks(plan, array, ref, spec, classes, cfg, None)):
-        out[(slice(None), *res.region.to_slices())] = res.data
-    return out

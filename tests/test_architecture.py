@@ -27,6 +27,7 @@ MAX_LINES = 500
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("pipeline.cli",),
     ("pipeline.demo", "pipeline.testing"),
+    ("pipeline.predict",),
     ("pipeline.run",),
     ("pipeline.batch", "pipeline.cluster"),
     ("pipeline.engine", "pipeline.outputs", "pipeline.model"),
@@ -67,7 +68,6 @@ CLUSTER_LAYERS: tuple[tuple[str, ...], ...] = (
 #: Inside ``pipeline.engine``, from an input's blocks down to the pure tile maths.
 ENGINE_LAYERS: tuple[tuple[str, ...], ...] = (
     ("pipeline.engine.blocks",),
-    ("pipeline.engine.inprocess",),
     ("pipeline.engine.stages", "pipeline.engine.tissue"),
     ("pipeline.engine.device_section",),
     ("pipeline.engine.plan",),

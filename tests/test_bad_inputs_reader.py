@@ -435,7 +435,7 @@ def test_float_volume_with_nan_fails_where_it_is_read(tmp_path: Path) -> None:
 @pytest.mark.parametrize("shape", [(1, 1), (1, 7), (5, 3), (40, 30)])
 def test_tiny_images_run_padded(tmp_path: Path, shape: tuple[int, int]) -> None:
     from pipeline.config import RunConfig
-    from pipeline.run import predict_array
+    from pipeline.predict import predict_array
 
     image = np.random.default_rng(0).integers(0, 255, (*shape, 3), dtype=np.uint8)
     tifffile.imwrite(tmp_path / "tiny.tif", image, photometric="rgb")

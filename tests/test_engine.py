@@ -10,7 +10,7 @@ import torch
 
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError
-from pipeline.run import predict_array
+from pipeline.predict import predict_array
 
 
 def identity(array, **cfg):
@@ -136,9 +136,10 @@ def test_torchscript_matches_onnx_end_to_end(valid_net, rng):
 def test_every_tile_runs_exactly_once(block, blend):
     """Shared tiles are computed by one owner block and reused by the others."""
     from pipeline.backends.base import ModelSpec
-    from pipeline.engine.blocks import make_tasks, run_local
+    from pipeline.engine.blocks import make_tasks
     from pipeline.engine.plan import make_plan
     from pipeline.engine.stages import BackendRef
+    from pipeline.predict import run_local
 
     spec = ModelSpec(format="identity", ndim=2, in_channels=0, classes=0)
     cfg = RunConfig(backend="identity", tile=(32,), overlap=8, blend=blend, block=block, chunk=16)

@@ -142,7 +142,7 @@ def test_two_block_run_on_cuda_equals_cpu(torchscript, tmp_path, precision):
 def test_identity_blocks_on_cuda_are_exact():
     """Pinned transfers, tiles cut and blended on the GPU, quantised there: bit for bit."""
     from pipeline.config import RunConfig
-    from pipeline.run import predict_array
+    from pipeline.predict import predict_array
 
     image = np.random.default_rng(2).integers(0, 256, (3, 301, 257), dtype=np.uint8)
     for blend in ("gaussian", "crop"):

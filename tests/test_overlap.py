@@ -15,9 +15,10 @@ import torch  # noqa: F401  (imported before the clock starts: the blocks' devic
 from pipeline.backends.identity import IdentityBackend, identity_spec
 from pipeline.config import RunConfig
 from pipeline.engine import stages
+from pipeline.engine.blocks import make_tasks
 from pipeline.engine.plan import make_plan
 from pipeline.engine.stages import BackendRef
-from pipeline.run import make_tasks, run_blocks, run_local
+from pipeline.predict import run_blocks, run_local
 
 STAGE_S = 0.15
 BLOCKS = 6

@@ -273,7 +273,7 @@ def test_input_ref_rebuilds_the_same_array_elsewhere(data_dir: Path) -> None:
 
 def test_identity_prediction_through_the_resampled_input(data_dir: Path) -> None:
     from pipeline.config import RunConfig
-    from pipeline.run import predict_array
+    from pipeline.predict import predict_array
 
     model = open_for_model(data_dir / OME_TIFF, ndim=2, in_channels=3, mpp=3.1, level=None)
     out = predict_array(model.array, cfg=RunConfig(backend="identity", tile=128))

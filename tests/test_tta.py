@@ -11,7 +11,8 @@ import torch
 from pipeline.config import RunConfig
 from pipeline.core._compat import quiet_torch
 from pipeline.errors import ConfigError
-from pipeline.run import predict_array, resolve_model
+from pipeline.predict import predict_array
+from pipeline.run import resolve_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

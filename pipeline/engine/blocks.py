@@ -3,13 +3,12 @@
 :func:`make_tasks` turns a per-image :class:`~pipeline.engine.plan.Plan` into
 :class:`~pipeline.engine.stages.BlockJob` s (coordinates and references, never pixels), each with
 the blocks whose shared tiles it needs; :mod:`pipeline.batch.tasks` runs them on workers with
-staging and resume, :func:`run_local` in this process without them.
+staging and resume, :func:`pipeline.predict.run_blocks` without them (the same driver).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -17,17 +16,12 @@ from pipeline import __version__
 from pipeline.backends.base import ModelSpec
 from pipeline.config import RunConfig
 from pipeline.core.tissue_mask import TissueMask
-from pipeline.engine.inprocess import run_in_threads
 from pipeline.engine.plan import Plan
 from pipeline.engine.stages import (
-    BLOCK_THREADS,
     BackendRef,
     BlockJob,
     BlockOutput,
-    BlockResult,
     Source,
-    predict_shared,
-    process_block,
 )
 
 if TYPE_CHECKING:
@@ -115,12 +109,6 @@ def make_tasks(
         tasks.append(Task(job, tuple(sorted(number[o] for o in owners))))
     kept = {t.job.index for t in tasks}
     return [Task(t.job, tuple(i for i in t.needs if i in kept)) for t in tasks]
-
-
-def run_local(tasks: list[Task], threads: int = BLOCK_THREADS) -> Iterator[BlockResult]:
-    """The in-process path without staging (:func:`pipeline.run.predict_array`): blocks on
-    ``threads`` threads, results in order."""
-    return run_in_threads(tasks, predict_shared, process_block, threads)
 
 
 def provenance(

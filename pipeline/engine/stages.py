@@ -57,7 +57,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: What a block reads: an input's reference (opened on the worker, ``.open()``), or an
-#: array ``(C, *spatial)`` in memory (:func:`pipeline.run.predict_array`).
+#: array ``(C, *spatial)`` in memory (:func:`pipeline.predict.predict_array`).
 Source = Union["InputRef", np.ndarray, "dask.array.Array"]
 
 #: Block tasks in flight per worker process: one computing, one reading, one writing.
