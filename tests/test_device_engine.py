@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.core.devices import normalize_, quantize, to_device, to_host
+from pipeline.core.devices import quantize, scale_into, scale_of, to_device, to_host
 from pipeline.core.geometry import Region, reflect_index
 from pipeline.engine.blend import BlendMode, tile_weights
 from pipeline.engine.device_section import (
-    blend_block,
     box_to_device,
     device_lock,
     finish_block,
+    merge_tiles,
     read_box,
     stream_predictions,
 )
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("dtype", ["uint8", "uint16", "int8", "int16", "uint32", "bool", "float32"])
-def test_normalize_matches_numpy_division(dtype):
+def test_scaling_matches_numpy_division(dtype):
     rng = np.random.default_rng(0)
     if dtype == "bool":
         raw = rng.random(5000) > 0.5
@@ -43,10 +43,10 @@ def test_normalize_matches_numpy_division(dtype):
         if raw.dtype.kind in "iu"
         else raw.astype(np.float32)
     )
-    got = torch.empty(raw.shape, dtype=torch.float32).copy_(torch.from_numpy(raw))
-    np.testing.assert_array_equal(normalize_(got, raw.dtype, "dtype").numpy(), want)
-    same = torch.empty(raw.shape, dtype=torch.float32).copy_(torch.from_numpy(raw))
-    np.testing.assert_array_equal(normalize_(same, raw.dtype, "none").numpy(), raw.astype("f4"))
+    for mode, expected in (("dtype", want), ("none", raw.astype("f4"))):
+        got = torch.empty(raw.shape, dtype=torch.float32)
+        scale_into(got, torch.from_numpy(raw), scale_of(raw.dtype, mode))
+        np.testing.assert_array_equal(got.numpy(), expected)
 
 
 def test_quantize_is_numpy_rint_of_clipped_probabilities():
@@ -100,8 +100,8 @@ def _identity_blocks(image, lattice, blend, block, model_ndim=None):
             source_dtype=image.dtype,
             normalize="dtype",
         )
-        prob = blend_block(write, lattice, blend, image.shape[0], tiles, preds, device=CPU)
-        out[(slice(None), *write.to_slices())] = finish_block(prob, "uint8")
+        merged = merge_tiles(write, lattice, blend, image.shape[0], tiles, preds, device=CPU)
+        out[(slice(None), *write.to_slices())] = finish_block(merged.result(), "uint8")
     return out
 
 

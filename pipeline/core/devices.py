@@ -26,7 +26,6 @@ if TYPE_CHECKING:
 __all__ = [
     "empty",
     "host_threads",
-    "normalize_",
     "quantize",
     "scale_into",
     "scale_of",
@@ -96,25 +95,13 @@ def scale_of(dtype: np.dtype | str, mode: str) -> float | None:
 
 def scale_into(out: torch.Tensor, values: torch.Tensor, scale: float | None) -> torch.Tensor:
     """``values`` (any dtype) into the float32 ``out``, divided by ``scale`` (see
-    :func:`scale_of`) in the same pass: what :func:`normalize_` computes after a copy,
-    with one pass over the memory instead of two."""
+    :func:`scale_of`) in the same pass: the bits of a float32 copy then divided, with one
+    pass over the memory instead of two. The division is float32, as numpy's was."""
     import torch
 
     if scale is None:
         return out.copy_(values)
     return torch.div(values, scale, out=out)
-
-
-def normalize_(batch: torch.Tensor, source_dtype: np.dtype | str, mode: str) -> torch.Tensor:
-    """Scale a float32 ``batch`` (holding values of ``source_dtype``) in place.
-
-    ``dtype``: integers divided by their dtype's maximum (uint8 by 255), booleans and
-    floats unchanged; ``none``: unchanged. The division is float32, as numpy's was.
-    """
-    scale = scale_of(source_dtype, mode)
-    if scale is not None:
-        batch.div_(scale)
-    return batch
 
 
 def quantize(prob: torch.Tensor, dtype: str, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 __all__ = [
     "URGENT",
     "HostBox",
-    "blend_block",
     "box_to_device",
     "device_lock",
     "finish_block",
@@ -223,12 +222,6 @@ def _fresh(lattice: Lattice, tile: Tile, first: Tile, origin: tuple[int, ...]) -
         o if k == f else lattice.origin(a, k - 1) + n
         for a, (k, f, o, n) in enumerate(zip(tile, first, origin, lattice.out_tile))
     )
-
-
-def blend_block(*args: Any, **kwargs: Any) -> torch.Tensor:
-    """:func:`merge_tiles` (the same arguments), divided: the blended probabilities
-    ``(K, *write.shape)``."""
-    return merge_tiles(*args, **kwargs).result()
 
 
 #: Values per band of the CPU finishing pass: a band of every channel stays in L2 cache

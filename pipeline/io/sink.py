@@ -204,10 +204,6 @@ class ImageWriter:
     def format(self) -> ngff.NgffFormat:
         return ngff.get_format(self.ngff)
 
-    @property
-    def final(self) -> Path:
-        return self.root / self.name
-
     def level_path(self, level: int) -> str:
         return str(self.staging / str(level))
 
