@@ -7,6 +7,7 @@ import itertools
 import dask.array as da
 import numpy as np
 import pytest
+import zarr
 
 from pipeline.core.geometry import Region
 from pipeline.core.pyramid import (
@@ -151,3 +152,26 @@ def test_a_run_writes_the_pyramid_of_the_dask_pass(tmp_path, dtype, block, writt
         np.testing.assert_array_equal(g, w, err_msg=f"level {k}")
     if dtype == "uint8":
         np.testing.assert_array_equal(levels[0], image.transpose(2, 0, 1))  # identity
+
+
+@pytest.mark.parametrize("shape", [(2, 64, 48), (1, 37, 50)])
+def test_a_level_built_chunk_by_chunk_equals_the_whole_level(shape):
+    """``build_level``: the mean as ``downsample`` of the whole level computes it, the
+    nearest as every second pixel, whatever the chunking of the level it writes."""
+    from pipeline.core.pyramid import build_level, downsample
+
+    src_data = np.random.default_rng(2).integers(0, 256, shape, dtype=np.uint8)
+    src = zarr.create_array(zarr.storage.MemoryStore(), shape=shape, chunks=(1, 16, 16), dtype="u1")
+    src[:] = src_data
+    half = (shape[0], shape[1] // 2, shape[2] // 2)
+    for reduce, want in (
+        ("mean", downsample(src_data, "cyx", src.chunks)),
+        ("nearest", src_data[:, : 2 * half[1] : 2, : 2 * half[2] : 2]),
+    ):
+        target = zarr.create_array(
+            zarr.storage.MemoryStore(), shape=half, chunks=(1, 8, 8), dtype="u1"
+        )
+        build_level(src, target, "cyx", reduce)
+        np.testing.assert_array_equal(target[:], want)
+    with pytest.raises(ValueError, match="reduce"):
+        build_level(src, target, "cyx", "max")

@@ -22,12 +22,20 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from pipeline.core.geometry import Region
 
-__all__ = ["block_levels", "downsample", "level_chunks", "level_region", "pyramid_shapes"]
+__all__ = [
+    "block_levels",
+    "build_level",
+    "downsample",
+    "level_chunks",
+    "level_region",
+    "pyramid_shapes",
+]
 
 
 def pyramid_shapes(shape: Sequence[int], axes: str, min_size: int = 256) -> list[tuple[int, ...]]:
@@ -112,6 +120,34 @@ def downsample(data: np.ndarray, axes: str, chunks: Sequence[int]) -> np.ndarray
         if all(d.stop > d.start for d in dst):
             out[dst] = _coarsen_mean(piece, yx).astype(data.dtype)
     return out
+
+
+def build_level(src: Any, target: Any, axes: str, reduce: str = "mean") -> None:
+    """Every chunk of ``target`` (a level) from the part of ``src`` (the level before it)
+    under it, one chunk at a time, so each chunk has exactly one writer; any array-likes
+    with ``shape``, ``chunks`` and slicing (Zarr arrays).
+
+    ``mean``: 2×2 in y and x averaged as :func:`downsample` (whole chunks of ``src``; an
+    odd row or column at the end left out). ``nearest``: every second pixel in y and x
+    (labels, which are never averaged), so level ``k`` holds level 0's pixels
+    ``j * 2**k``.
+    """
+    if reduce not in ("mean", "nearest"):
+        raise ValueError(f"reduce must be 'mean' or 'nearest', got {reduce!r}")
+    yx = {axes.index("y"), axes.index("x")}
+    corners = itertools.product(*(range(0, n, c) for n, c in zip(target.shape, target.chunks)))
+    for corner in corners:
+        dst = tuple(slice(o, min(o + c, n)) for o, c, n in zip(corner, target.chunks, target.shape))
+        if reduce == "nearest":
+            pick = tuple(
+                slice(2 * d.start, 2 * d.stop, 2) if a in yx else d for a, d in enumerate(dst)
+            )
+            target[dst] = src[pick]
+        else:
+            under = tuple(
+                slice(2 * d.start, 2 * d.stop) if a in yx else d for a, d in enumerate(dst)
+            )
+            target[dst] = downsample(src[under], axes, src.chunks)
 
 
 def _coarsen_mean(piece: np.ndarray, yx: list[int]) -> np.ndarray:

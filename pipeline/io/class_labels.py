@@ -39,6 +39,7 @@ from pipeline.core.classes import (
     label_dtype,
     label_names,
 )
+from pipeline.core.pyramid import build_level
 from pipeline.io.chunk_writer import EMPTY_CHUNKS_CONFIG, LevelWriter, level_writer
 from pipeline.io.ngff import NgffFormat, get_format
 
@@ -223,34 +224,25 @@ def finish_class_labels(
     str
         The label image's path.
     """
-    import dask.array as da
     import zarr
 
     fmt = get_format(labels.ngff)
     group = zarr.open_group(labels.path, mode="r+", zarr_format=fmt.zarr_format)
     level0 = group["0"]
-    yx = [labels.axes.index("y"), labels.axes.index("x")]
     for level in range(labels.levels + 1, len(level_shapes)):
         shape = (1, *(int(n) for n in level_shapes[level][1:]))
-        previous = da.from_zarr(group[str(level - 1)])
-        # nearest: every second pixel in y and x, cut to the image's (floored) level shape
-        picked = previous[
-            tuple(slice(None, None, 2) if i in yx else slice(None) for i in range(previous.ndim))
-        ]
-        picked = picked[tuple(slice(0, n) for n in shape)]
-        chunks = tuple(min(c, n) for c, n in zip(level0.chunks, shape))
         target = group.create_array(
             str(level),
             shape=shape,
-            chunks=chunks,
+            chunks=tuple(min(c, n) for c, n in zip(level0.chunks, shape)),
             dtype=level0.dtype,
             fill_value=0,
             config=EMPTY_CHUNKS_CONFIG,
             **fmt.array_options(labels.axes),
             overwrite=True,  # a level left by a run killed while finishing is made again
         )
-        # chunk-aligned tasks: each output chunk has exactly one writer
-        da.store(picked.rechunk(chunks), target, lock=False)
+        # nearest: every second label of the level before, chunk by chunk (one writer each)
+        build_level(group[str(level - 1)], target, labels.axes, "nearest")
     all_names = label_names(labels.classes, names)
     content = {
         "multiscales": [

@@ -11,7 +11,6 @@ tasks.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import os
 import re
 import unicodedata
@@ -24,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.classes import channel_names, label_colors
-from pipeline.core.pyramid import block_levels, downsample, level_chunks, pyramid_shapes
+from pipeline.core.pyramid import block_levels, build_level, level_chunks, pyramid_shapes
 from pipeline.errors import OutputError
 from pipeline.io import ngff
 from pipeline.io.chunk_writer import EMPTY_CHUNKS_CONFIG
@@ -308,20 +307,8 @@ def write_pyramid(writer: ImageWriter, min_size: int = 256) -> int:
     for level in range(writer.block_levels + 1, len(shapes)):
         # a level left by a run killed while finishing is made again
         target = _create_level(group, writer, level, shapes[level], overwrite=True)
-        _downsample_level(group[str(level - 1)], target, writer.axes)
+        build_level(group[str(level - 1)], target, writer.axes)
     return len(shapes)
-
-
-def _downsample_level(src: Any, target: Any, axes: str) -> None:
-    """Every chunk of ``target`` from the part of ``src`` under it: whole chunks of
-    ``src`` (chunks of a level are its first level's, clipped), odd excess at the end
-    left out, averaged chunk by chunk as the dask pass over ``src`` did."""
-    yx = {axes.index("y"), axes.index("x")}
-    corners = itertools.product(*(range(0, n, c) for n, c in zip(target.shape, target.chunks)))
-    for corner in corners:
-        dst = tuple(slice(o, min(o + c, n)) for o, c, n in zip(corner, target.chunks, target.shape))
-        under = tuple(slice(2 * d.start, 2 * d.stop) if a in yx else d for a, d in enumerate(dst))
-        target[dst] = downsample(src[under], axes, src.chunks)
 
 
 def write_metadata(
