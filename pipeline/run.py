@@ -34,6 +34,7 @@ from pipeline.cluster.clients import (
 )
 from pipeline.config import RunConfig
 from pipeline.core import faults
+from pipeline.core.atomic import output_error
 from pipeline.core.classes import label_names
 from pipeline.core.collector import frozen
 from pipeline.core.report import InputResult, RunReport
@@ -47,7 +48,7 @@ from pipeline.errors import UP_TO_DATE, ConfigError, PipelineError
 from pipeline.io import ngff, sink
 from pipeline.io.collection import write_collection
 from pipeline.io.fingerprint import fingerprint
-from pipeline.io.staging import StagingArea, output_error
+from pipeline.io.staging import StagingArea
 
 log = logging.getLogger(__name__)
 

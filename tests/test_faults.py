@@ -217,6 +217,19 @@ def test_read_only_output_is_a_clear_error(tmp_path, tmpfs):
     assert "read-only file system" in done.stderr.lower() and "out.zarr" in done.stderr
 
 
+def test_a_new_output_on_a_read_only_disk_is_named_as_such(tmp_path, tmpfs):
+    """The output root cannot even be created: the read-only file system is named (not
+    a generic 'cannot write'), exit 2, nothing made."""
+    folder = slides(tmp_path / "in", names=("s1",))
+    disk = tmpfs("1m")
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    done = run(folder, disk / "new.zarr")
+    assert done.returncode == 2
+    no_traceback(done)
+    assert "the output is on a read-only file system" in done.stderr
+    assert str(disk / "new.zarr") in done.stderr and not (disk / "new.zarr").exists()
+
+
 def test_report_that_cannot_be_written_is_said_not_a_traceback(tmp_path):
     folder = slides(tmp_path / "in", names=("s1",))
     out = tmp_path / "out.zarr"

@@ -9,9 +9,10 @@ import sys
 
 import pytest
 
+from pipeline.core.atomic import output_error
 from pipeline.core.geometry import Region
 from pipeline.core.retry import is_transient, retrying
-from pipeline.io.staging import StagingArea, block_id, output_error
+from pipeline.io.staging import StagingArea, block_id
 
 KEY = "0123456789abcdef" * 4
 

@@ -46,6 +46,7 @@ from pipeline.batch.tasks import (
     run_shared,
 )
 from pipeline.core import atomic, faults
+from pipeline.core.atomic import output_error
 from pipeline.core.report import InputResult, RunReport
 from pipeline.core.retry import ATTEMPTS
 from pipeline.engine.blocks import block_tiles
@@ -62,7 +63,7 @@ from pipeline.errors import (
     ReadOnlyOutputError,
     WorkerCrashError,
 )
-from pipeline.io.staging import StagingArea, output_error
+from pipeline.io.staging import StagingArea
 
 log = logging.getLogger(__name__)
 

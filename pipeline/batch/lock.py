@@ -38,8 +38,8 @@ from typing import Any
 
 from pipeline.batch.shard import Shard
 from pipeline.core import atomic
+from pipeline.core.atomic import output_error
 from pipeline.errors import OutputError, OutputLockedError
-from pipeline.io.staging import output_error
 
 log = logging.getLogger(__name__)
 

@@ -41,6 +41,7 @@ from pipeline.batch.products import (
 )
 from pipeline.config import RunConfig
 from pipeline.core import faults
+from pipeline.core.atomic import output_error
 from pipeline.core.classes import label_dtype, label_names
 from pipeline.core.pyramid import pyramid_shapes
 from pipeline.core.retry import retrying
@@ -63,7 +64,6 @@ from pipeline.io.staging import (
     Stage,
     StagingArea,
     block_id,
-    output_error,
     published_key,
 )
 

@@ -10,14 +10,16 @@ the run page: :func:`write_output`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from pipeline.errors import OutputError
+from pipeline.errors import DiskFullError, OutputError, ReadOnlyOutputError
 
 
 @contextlib.contextmanager
@@ -64,8 +66,7 @@ def write_output(path: str | os.PathLike, data: bytes, what: str) -> Path:
         with replacing(path, text=False) as f:
             f.write(data)
     except OSError as exc:
-        problem = f"cannot write the {what} ({exc.strerror or exc})"
-        raise OutputError(problem, where=path, hint="check permissions and free space") from exc
+        raise output_error(exc, path, f"the {what}") from exc
     return path
 
 
@@ -111,3 +112,52 @@ def fsync_dir(path: str | os.PathLike) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def output_error(exc: OSError, folder: str | os.PathLike, what: str = "the output") -> OutputError:
+    """A clear error for a write of ``what`` that failed in ``folder``: what went wrong,
+    where, and the free space (a full disk and a read-only one have their own classes)."""
+    folder = Path(folder)
+    free = free_space(folder)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFullError(
+            f"no space left on the device ({free})",
+            where=folder,
+            hint="free some space or choose another --out, then rerun the same command: "
+            "finished blocks are kept",
+        )
+    if exc.errno == errno.EROFS:
+        return ReadOnlyOutputError(
+            "the output is on a read-only file system", where=folder, hint="choose a writable --out"
+        )
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return OutputError(
+            f"permission denied writing {what}",
+            where=folder,
+            hint="check the folder's permissions or choose another --out",
+        )
+    return OutputError(
+        f"cannot write {what} ({exc.strerror or exc}; {free})",
+        where=folder,
+        hint="check the file system and rerun the same command",
+    )
+
+
+def free_space(folder: str | os.PathLike) -> str:
+    """``"free 1.2 MB of 8.0 MB"`` for the file system holding ``folder``."""
+    path = Path(folder)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        usage = shutil.disk_usage(path)
+    except OSError:
+        return "free space unknown"
+    return f"free {_size(usage.free)} of {_size(usage.total)}"
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} PB"

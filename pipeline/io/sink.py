@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.core.atomic import output_error
 from pipeline.core.classes import channel_names, label_colors
 from pipeline.core.pyramid import block_levels, build_level, level_chunks, pyramid_shapes
 from pipeline.errors import OutputError
@@ -173,11 +174,7 @@ def open_root(out: str | os.PathLike, fmt: ngff.NgffFormat | str | None = None):
                 str(out), mode="r+", zarr_format=fmt.zarr_format, use_consolidated=False
             )
     except OSError as exc:
-        raise OutputError(
-            f"cannot write the output ({exc.strerror or exc})",
-            where=out,
-            hint="check permissions and free space",
-        ) from exc
+        raise output_error(exc, out) from exc
     except Exception as exc:  # zarr raises its own types for a broken root
         raise OutputError(
             f"not a Zarr v{fmt.zarr_format} group: {exc}",

@@ -49,7 +49,6 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core import atomic, faults
-from pipeline.errors import DiskFullError, OutputError, ReadOnlyOutputError
 
 KEY_CHARS = 12
 _STOP_FLAGS = ("discarded", "halted")
@@ -278,54 +277,6 @@ class StagingArea:
 
 
 FULL_ERRNOS = frozenset((errno.ENOSPC, errno.EDQUOT, errno.EROFS))
-
-
-def output_error(exc: OSError, folder: str | os.PathLike) -> OutputError:
-    """A clear error for a write that failed in ``folder``: what, where, the free space."""
-    folder = Path(folder)
-    free = free_space(folder)
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return DiskFullError(
-            f"no space left on the device ({free})",
-            where=folder,
-            hint="free some space or choose another --out, then rerun the same command: "
-            "finished blocks are kept",
-        )
-    if exc.errno == errno.EROFS:
-        return ReadOnlyOutputError(
-            "the output is on a read-only file system", where=folder, hint="choose a writable --out"
-        )
-    if exc.errno in (errno.EACCES, errno.EPERM):
-        return OutputError(
-            "permission denied writing the output",
-            where=folder,
-            hint="check the folder's permissions or choose another --out",
-        )
-    return OutputError(
-        f"cannot write the output ({exc.strerror or exc}; {free})",
-        where=folder,
-        hint="check the file system and rerun the same command",
-    )
-
-
-def free_space(folder: str | os.PathLike) -> str:
-    """``"free 1.2 MB of 8.0 MB"`` for the file system holding ``folder``."""
-    path = Path(folder)
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    try:
-        usage = shutil.disk_usage(path)
-    except OSError:
-        return "free space unknown"
-    return f"free {_size(usage.free)} of {_size(usage.total)}"
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} PB"
 
 
 def published_key(image: str | os.PathLike) -> str | None:
