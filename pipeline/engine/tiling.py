@@ -13,6 +13,7 @@ shape and the model geometry, never on blocks or workers.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -57,15 +58,16 @@ class Lattice:
     def ndim(self) -> int:
         return len(self.shape)
 
-    @property
+    # cached: a block's merge asks for these once per tile (thousands of times)
+    @functools.cached_property
     def out_tile(self) -> tuple[int, ...]:
         return tuple(t - 2 * m for t, m in zip(self.tile, self.margin))
 
-    @property
+    @functools.cached_property
     def overlap(self) -> tuple[int, ...]:
         return tuple(o - s for o, s in zip(self.out_tile, self.stride))
 
-    @property
+    @functools.cached_property
     def counts(self) -> tuple[int, ...]:
         """Number of tiles per axis: enough to cover the image, at least one."""
         return tuple(
