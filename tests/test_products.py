@@ -221,25 +221,3 @@ def test_a_killed_run_continues_with_the_same_labels_and_polygons(blob_file, tmp
     assert read_geojson(out / "geojson/blobs.geojson") == read_geojson(
         ref / "geojson/blobs.geojson"
     )
-
-
-def test_a_prefetched_thumbnail_is_the_thumbnail_and_keeps_its_errors(data_dir, tmp_path):
-    """The preview's thumbnail read ahead in a thread is what reading it then gives; a
-    read that fails raises when it is asked for (so the preview is left out as before);
-    no thread is left once the block is left."""
-    import threading
-
-    from pipeline.batch.products import prefetched_thumbnail
-    from pipeline.errors import PipelineError
-    from pipeline.outputs.preview import read_input_thumbnail
-
-    svs = str(data_dir / "wsi" / "CMU-1-Small-Region.svs")
-    with prefetched_thumbnail(svs, None) as thumbnail:
-        np.testing.assert_array_equal(thumbnail(), read_input_thumbnail(svs))
-    broken = tmp_path / "broken.tif"
-    broken.write_bytes(b"II*\x00 not a tiff")
-    with prefetched_thumbnail(str(broken), None) as thumbnail, pytest.raises(PipelineError):
-        thumbnail()
-    with prefetched_thumbnail(svs, None):
-        pass  # never asked for: still waited for on leaving
-    assert not [t for t in threading.enumerate() if t.name.startswith("thumbnail")]

@@ -36,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -63,7 +63,6 @@ __all__ = [
     "finish_products",
     "level0_scale",
     "load_block_polygons",
-    "prefetched_thumbnail",
     "products_current",
     "products_record",
     "publish_products",
@@ -203,7 +202,6 @@ def finish_products(
     input_path: str,
     series: int | None = None,
     blocks: Iterable[str] | None = None,
-    thumbnail: Callable[[], np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """The GeoJSON (if asked) and the preview of an image whose class labels are
     finished, into ``stage_dir/products`` (see the module docstring).
@@ -226,9 +224,6 @@ def finish_products(
         Block ids (:func:`~pipeline.io.staging.block_id`) of the blocks that ran; their
         polygon files are used, a missing one is traced again from the labels. None: the
         whole label image is traced.
-    thumbnail
-        The preview's input thumbnail, read beforehand (see
-        :func:`~pipeline.outputs.preview.make_preview`); None: read here.
 
     Returns
     -------
@@ -257,30 +252,12 @@ def finish_products(
     try:
         from pipeline.outputs.preview import make_preview
 
-        make_preview(input_path, label_image, preview, series=series, thumbnail=thumbnail)
+        make_preview(input_path, label_image, preview, series=series)
     except (PipelineError, OSError, ValueError) as exc:
         log.warning("%s: no preview: %s", name, exc)
         with contextlib.suppress(FileNotFoundError):
             preview.unlink()
     return {"geojson": settings, "preview": preview.is_file(), "volume": not flat}
-
-
-@contextlib.contextmanager
-def prefetched_thumbnail(input_path: str, series: int | None) -> Iterator[Callable[[], np.ndarray]]:
-    """The preview's input thumbnail, read in a thread from now on (while the output is
-    finished: for an input without a small level it means decoding all of level 0
-    again); yields what returns it (see :func:`finish_products`'s ``thumbnail``). On
-    leaving, a read still running is waited for, so no thread outlives the block."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from pipeline.outputs.preview import read_input_thumbnail
-
-    pool = ThreadPoolExecutor(1, thread_name_prefix="thumbnail")
-    future = pool.submit(read_input_thumbnail, input_path, series=series)
-    try:
-        yield future.result
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _is_2d(label_image: Path) -> bool:

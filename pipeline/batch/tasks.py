@@ -37,7 +37,6 @@ from pipeline.batch.products import (
     finish_products,
     level0_scale,
     polygons_folder,
-    prefetched_thumbnail,
 )
 from pipeline.config import RunConfig
 from pipeline.core import faults
@@ -68,10 +67,6 @@ from pipeline.io.staging import (
 )
 
 if TYPE_CHECKING:  # annotations only: the driver imports this module, workers read pixels
-    from collections.abc import Callable
-
-    import numpy as np
-
     from pipeline.core.tissue_mask import TissueMask
     from pipeline.io.model_input import ModelInput
 
@@ -329,73 +324,66 @@ def finalize_input(prepared: Prepared, model: Model) -> dict[str, Any]:
             hint="rerun the same command; this is a bug if it happens again",
         )
     cfg = model.cfg
-    with prefetched_thumbnail(job.path, cfg.series) as thumbnail:
-        writer = sink.ImageWriter(
-            Path(job.out),
-            job.name,
-            stage.image,
-            prepared.axes,
-            prepared.chunks,
-            cfg.dtype,
-            cfg.ngff,
-            prepared.block_levels,
-        )
-        try:
-            with _synchronous():
-                levels = sink.write_pyramid(writer, cfg.pyramid_min)
-                names = cfg.class_names or model.spec.class_names
-                sink.write_metadata(
-                    writer, levels, prepared.pixel_size, prepared.provenance, class_names=names
-                )
-                if prepared.tissue is not None:
-                    from pipeline.io.labels import write_tissue_labels
+    writer = sink.ImageWriter(
+        Path(job.out),
+        job.name,
+        stage.image,
+        prepared.axes,
+        prepared.chunks,
+        cfg.dtype,
+        cfg.ngff,
+        prepared.block_levels,
+    )
+    try:
+        with _synchronous():
+            levels = sink.write_pyramid(writer, cfg.pyramid_min)
+            names = cfg.class_names or model.spec.class_names
+            sink.write_metadata(
+                writer, levels, prepared.pixel_size, prepared.provenance, class_names=names
+            )
+            if prepared.tissue is not None:
+                from pipeline.io.labels import write_tissue_labels
 
-                    write_tissue_labels(
-                        stage.image,
-                        prepared.tissue,
-                        prepared.shape[1:],
-                        prepared.axes,
-                        prepared.pixel_size,
-                        fmt=cfg.ngff,
-                    )
-                if prepared.labels is not None:
-                    shapes = pyramid_shapes(prepared.shape, prepared.axes, cfg.pyramid_min)
-                    finish_class_labels(prepared.labels, shapes, prepared.pixel_size, names=names)
-        except OSError as exc:
-            _raise_if_full(exc, job)
-            raise
-        finally:
-            forget_writers(stage.image)
-        stage.remove_orphans()  # every block has ended: what a killed writer left is garbage
-        try:  # the pixels read are the pixels the key was made from (not a mix)
-            now = retrying(fingerprint, job.path, what=f"reading {job.path}")
-        except OSError:
-            raise _changed(job) from None  # gone, or unreadable, since the run began
-        if (now.sample, now.stamp) != (job.sample, tuple(job.stamp)):
-            raise _changed(job)
-        info = {
-            "key": job.key,
-            "levels": levels,
-            "shape": list(prepared.shape),
-            "blocks": len(prepared.block_ids),
-            "pixels": prepared.pixels,
-            "tiles_run": prepared.run_tiles,
-            "tiles_all": prepared.all_tiles,
-            "tissue_fraction": None
-            if prepared.tissue is None
-            else round(prepared.tissue.fraction, 4),
-            "products": _products(prepared, model, stage.image, prepared.block_ids, thumbnail),
-        }
+                write_tissue_labels(
+                    stage.image,
+                    prepared.tissue,
+                    prepared.shape[1:],
+                    prepared.axes,
+                    prepared.pixel_size,
+                    fmt=cfg.ngff,
+                )
+            if prepared.labels is not None:
+                shapes = pyramid_shapes(prepared.shape, prepared.axes, cfg.pyramid_min)
+                finish_class_labels(prepared.labels, shapes, prepared.pixel_size, names=names)
+    except OSError as exc:
+        _raise_if_full(exc, job)
+        raise
+    finally:
+        forget_writers(stage.image)
+    stage.remove_orphans()  # every block has ended: what a killed writer left is garbage
+    try:  # the pixels read are the pixels the key was made from (not a mix)
+        now = retrying(fingerprint, job.path, what=f"reading {job.path}")
+    except OSError:
+        raise _changed(job) from None  # gone, or unreadable, since the run began
+    if (now.sample, now.stamp) != (job.sample, tuple(job.stamp)):
+        raise _changed(job)
+    info = {
+        "key": job.key,
+        "levels": levels,
+        "shape": list(prepared.shape),
+        "blocks": len(prepared.block_ids),
+        "pixels": prepared.pixels,
+        "tiles_run": prepared.run_tiles,
+        "tiles_all": prepared.all_tiles,
+        "tissue_fraction": None if prepared.tissue is None else round(prepared.tissue.fraction, 4),
+        "products": _products(prepared, model, stage.image, prepared.block_ids),
+    }
     stage.mark_complete(info)
     return info
 
 
 def _products(
-    prepared: Prepared,
-    model: Model,
-    image: Path,
-    blocks: tuple[str, ...] | None,
-    thumbnail: Callable[[], np.ndarray] | None = None,
+    prepared: Prepared, model: Model, image: Path, blocks: tuple[str, ...] | None
 ) -> dict[str, Any]:
     """The GeoJSON and preview of ``image`` into the stage (see :mod:`pipeline.batch.products`)."""
     job = prepared.job
@@ -412,7 +400,6 @@ def _products(
                 input_path=job.path,
                 series=model.cfg.series,
                 blocks=blocks,
-                thumbnail=thumbnail,
             )
     except OSError as exc:
         _raise_if_full(exc, job)

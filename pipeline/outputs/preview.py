@@ -20,7 +20,7 @@ import math
 import os
 import struct
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -263,7 +263,6 @@ def make_preview(
     max_side: int = MAX_SIDE,
     alpha: float = 0.4,
     contour: bool = True,
-    thumbnail: Callable[[], np.ndarray] | None = None,
 ) -> Path:
     """Write the preview PNG of one input and its output.
 
@@ -280,10 +279,6 @@ def make_preview(
         As for :func:`compose_preview`.
     size, max_side
         The coarsest input level at least ``size`` long is read, at most ``max_side`` a side.
-    thumbnail
-        Returns the input's thumbnail (:func:`read_input_thumbnail` with the same
-        arguments) when it was started beforehand, e.g. while the output was being
-        finished; its errors are raised as that function's would be.
 
     Returns
     -------
@@ -297,15 +292,12 @@ def make_preview(
         not an NGFF image or the PNG cannot be written. A preview is an extra: callers
         log the error and carry on.
     """
-    if thumbnail is None:
-        small = read_input_thumbnail(input_path, series=series, size=size, max_side=max_side)
-    else:
-        small = thumbnail()
+    thumbnail = read_input_thumbnail(input_path, series=series, size=size, max_side=max_side)
     labels, label_colours = read_output_labels(
-        output_image, target=small.shape[:2], threshold=threshold
+        output_image, target=thumbnail.shape[:2], threshold=threshold
     )
     rgb = compose_preview(
-        small,
+        thumbnail,
         labels,
         colours=colours if colours is not None else label_colours,
         alpha=alpha,
