@@ -29,6 +29,8 @@ __all__ = [
     "PALETTE",
     "channel_names",
     "class_labels",
+    "default_colour",
+    "default_name",
     "label_colors",
     "label_count",
     "label_dtype",
@@ -87,6 +89,16 @@ def parse_class_names(value: str | Sequence[str] | None) -> tuple[str, ...] | No
     return names
 
 
+def default_name(label: int) -> str:
+    """The name of label ``label`` >= 1 when none is given."""
+    return f"class {label}"
+
+
+def default_colour(label: int) -> tuple[int, int, int]:
+    """The colour of label ``label`` >= 1 when none is given: :data:`PALETTE`, cycled."""
+    return PALETTE[(label - 1) % len(PALETTE)]
+
+
 def label_names(classes: int, names: Sequence[str] | None = None) -> tuple[str, ...]:
     """Names of label values ``0 .. L-1`` (see :func:`label_count`).
 
@@ -101,7 +113,7 @@ def label_names(classes: int, names: Sequence[str] | None = None) -> tuple[str, 
     """
     count = label_count(classes)
     if names is None:
-        return (BACKGROUND, *(f"class {i}" for i in range(1, count)))
+        return (BACKGROUND, *(default_name(i) for i in range(1, count)))
     names = tuple(names)
     if len(names) == count:
         return names
@@ -125,7 +137,7 @@ def channel_names(classes: int, names: Sequence[str] | None = None) -> tuple[str
 
 def label_colors(count: int) -> tuple[tuple[int, int, int, int], ...]:
     """RGBA of label values ``0 .. count-1``: 0 transparent, then :data:`PALETTE`."""
-    return ((0, 0, 0, 0), *((*PALETTE[(i - 1) % len(PALETTE)], 255) for i in range(1, count)))
+    return ((0, 0, 0, 0), *((*default_colour(i), 255) for i in range(1, count)))
 
 
 def class_labels(probabilities: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:

@@ -47,6 +47,7 @@ from rasterio import features as rio_features
 from pipeline.config import OBJECT_TYPES
 from pipeline.core import atomic
 from pipeline.core.classes import PALETTE as CLASS_PALETTE
+from pipeline.core.classes import default_colour, default_name
 from pipeline.errors import ConfigError, InputError, OutputError
 from pipeline.outputs.polygons import (
     CONNECTIVITY,
@@ -76,8 +77,8 @@ __all__ = [
 ]
 
 AREA_MEASUREMENT = "Area px^2"
-# default class colours, class k -> PALETTE[(k - 1) % len(PALETTE)]: the classes' colours
-# everywhere (the label image, previews), see pipeline.core.classes
+# default class colours (pipeline.core.classes.default_colour): the classes' colours
+# everywhere (the label image, previews)
 PALETTE = CLASS_PALETTE
 
 
@@ -279,8 +280,8 @@ def _class_styles(
             )
         color = _lookup(colors, cls)
         styles[cls] = (
-            str(name) if name is not None else f"class {cls}",
-            _rgb(color, cls) if color is not None else PALETTE[(cls - 1) % len(PALETTE)],
+            str(name) if name is not None else default_name(cls),
+            _rgb(color, cls) if color is not None else default_colour(cls),
         )
     return styles
 

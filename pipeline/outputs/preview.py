@@ -28,7 +28,7 @@ import numpy as np
 
 from pipeline.core.atomic import write_output
 from pipeline.core.classes import PALETTE as CLASS_PALETTE
-from pipeline.core.classes import class_labels
+from pipeline.core.classes import class_labels, default_colour
 from pipeline.errors import OutputError
 
 if TYPE_CHECKING:
@@ -441,7 +441,7 @@ def _colour_of(label: int, colours: Colours | None) -> tuple[int, int, int]:
         return tuple(int(c) for c in colours[label][:3])
     if colours is not None and not isinstance(colours, Mapping) and len(colours):
         return tuple(int(c) for c in colours[(label - 1) % len(colours)][:3])
-    return PALETTE[(label - 1) % len(PALETTE)]
+    return default_colour(label)
 
 
 def _resize_nearest(image: np.ndarray, height: int, width: int) -> np.ndarray:
