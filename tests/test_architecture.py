@@ -43,6 +43,7 @@ CLI_LAYERS: tuple[tuple[str, ...], ...] = (
     ("pipeline.cli.__main__",),
     ("pipeline.cli",),
     ("pipeline.cli.options", "pipeline.cli.progress", "pipeline.cli.describe"),
+    ("pipeline.cli.text",),
 )
 
 #: Inside ``pipeline.batch``: the driver's side, the steps, what they share.

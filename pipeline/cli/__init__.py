@@ -26,13 +26,13 @@ import json
 import logging
 import os
 import sys
-import unicodedata
 from pathlib import Path
 
 import click
 
 from pipeline.cli.describe import inspect_path, open_hints, render
 from pipeline.cli.options import RUN_EPILOG, given_options, run_options
+from pipeline.cli.text import cell, cells, fit, printable
 from pipeline.config import (
     ACTIVATIONS,
     MODEL_FORMATS,
@@ -211,85 +211,42 @@ def _summary(report, out) -> None:
     if failed:
         click.echo("failed:")
         for r in failed:
-            click.echo(f"  {_printable(r.message or r.reason or '')}")
+            click.echo(f"  {printable(r.message or r.reason or '')}")
     for error in report.errors:
-        click.echo(f"error: {_printable(error)}", err=True)
+        click.echo(f"error: {printable(error)}", err=True)
     counts = ", ".join(f"{n} {state}" for state, n in report.counts.items() if n)
     click.echo(
         f"{counts or 'no inputs'}; {report.pixels / 1e6:.1f} Mpix in "
         f"{report.seconds:.1f} s ({report.mpix_per_s:.2f} Mpix/s); "
-        f"report: {_printable(str(out))}/report.json"
+        f"report: {printable(str(out))}/report.json"
     )
     done = [Path(r.output).name for r in report.inputs if r.state == "done" and r.output]
     hints = open_hints(out, done, (report.config or {}).get("ngff"))
     if hints:
         click.echo("open it with:")
         for hint in hints:
-            click.echo(f"  {_printable(hint)}")
+            click.echo(f"  {printable(hint)}")
 
 
 def _row(state: str, name: str, seconds: str, mpix: str, tissue: str, detail: str) -> str:
-    head = f"  {state:7s} {_cell(name, 28)} {seconds:>6s} {mpix:>6s} {tissue:>6s}  "
-    return head + _fit(detail, WIDTH - _cells(head), cut="start" if state == "done" else "end")
+    head = f"  {state:7s} {cell(name, 28)} {seconds:>6s} {mpix:>6s} {tissue:>6s}  "
+    return head + fit(detail, WIDTH - cells(head), cut="start" if state == "done" else "end")
 
 
 def _detail(r) -> str:
     """The output path of a done input, else ``reason: problem`` (the path left out)."""
     if r.state == "done":
-        return _printable(r.output or "")
+        return printable(r.output or "")
     message = r.message or ""
     if message.startswith(f"{r.path}: "):
         message = message[len(r.path) + 2 :]  # the input column names it already
     if message.startswith(f"{r.reason}: "):
         message = message[len(r.reason) + 2 :]  # some messages lead with their reason
-    return _printable(f"{r.reason}: {message}" if message else str(r.reason))
+    return printable(f"{r.reason}: {message}" if message else str(r.reason))
 
 
 def _display(path: str) -> str:
-    return _printable(os.path.basename(os.path.normpath(path)) or path)
-
-
-def _printable(text: str) -> str:
-    """Control characters (a newline or escape sequence in a file name) shown as ``?``."""
-    return "".join(c if c.isprintable() else "?" for c in text)
-
-
-def _cells(text: str) -> int:
-    """Terminal columns ``text`` takes (East Asian wide characters take two)."""
-    return sum(
-        2 if unicodedata.east_asian_width(c) in "WF" else 0 if unicodedata.combining(c) else 1
-        for c in text
-    )
-
-
-def _cell(text: str, width: int) -> str:
-    """``text`` fitted and padded to exactly ``width`` terminal columns."""
-    text = _fit(text, width)
-    return text + " " * (width - _cells(text))
-
-
-def _fit(text: str, width: int, cut: str = "middle") -> str:
-    """``text`` in ``width`` columns: too long, its ``middle``, ``end`` or ``start`` is
-    replaced by one ``…`` (the middle keeps a name's suffix, the start a path's end)."""
-    if _cells(text) <= width:
-        return text
-    room = max(width - 1, 0)
-    if cut == "end":
-        return _take(text, room) + "…"
-    if cut == "start":
-        return "…" + _take(text[::-1], room)[::-1]
-    head = _take(text, room - room // 2)
-    return head + "…" + _take(text[::-1], room // 2)[::-1]
-
-
-def _take(text: str, width: int) -> str:
-    out, used = [], 0
-    for c in text:
-        used += _cells(c)
-        if used > width:
-            break
-        out.append(c)
-    return "".join(out)
+    return printable(os.path.basename(os.path.normpath(path)) or path)
 
 
 def _choice(flag: str, choices, default: str, text: str):

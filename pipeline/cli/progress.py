@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from pipeline.cli.text import fit
 from pipeline.engine.plan import summary_line
 
 __all__ = ["TerminalProgress", "format_seconds", "summary_line"]
@@ -96,7 +97,7 @@ class TerminalProgress:
             return
         if self._bars is not None and entry.task is not None:
             self._bars.update(
-                entry.task, description=f"{_short(name)} [{state}]", visible=state == "done"
+                entry.task, description=f"{fit(name, 32)} [{state}]", visible=state == "done"
             )
             self._bars.stop_task(entry.task)
         else:
@@ -139,7 +140,7 @@ class TerminalProgress:
         entry = self.inputs[name] = _Input(max(int(total), 0), unit)
         if self.tty:
             bars = self._start_bars()
-            entry.task = bars.add_task(_short(name), total=entry.total or None, unit=unit)
+            entry.task = bars.add_task(fit(name, 32), total=entry.total or None, unit=unit)
         return entry
 
     def _show(self, name: str, entry: _Input) -> None:
@@ -215,7 +216,3 @@ class TerminalProgress:
         for handler, stream in self._handlers:
             handler.setStream(stream)
         self._handlers.clear()
-
-
-def _short(name: str, width: int = 32) -> str:
-    return name if len(name) <= width else name[: width // 2 - 1] + "…" + name[-(width // 2) :]
