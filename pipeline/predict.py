@@ -34,7 +34,7 @@ def run_blocks(
 ) -> int:
     """Run bare block tasks (no staging, no ledger: :func:`predict_array`, tests and
     benchmarks) on ``client`` (a ``distributed.Client``; None: this process's block
-    threads) through the same driver as :func:`run`. ``on_result`` gets each block's
+    threads) through the same driver as :func:`pipeline.run.run`. ``on_result`` gets each block's
     result as it arrives (with its pixels when the task writes no sink). Returns the
     tiles run."""
     work = _Blocks(progress or (lambda done, total: None), on_result)
@@ -117,7 +117,7 @@ def predict_array(
 ):
     """In-process prediction of an array ``(C, *spatial)`` (numpy or dask).
 
-    Same lattice, blocks and blending as :func:`run`, without Dask or Zarr: for
+    Same lattice, blocks and blending as :func:`pipeline.run.run`, without Dask or Zarr: for
     debugging, tests and notebooks. Returns ``(K, *spatial)`` in ``cfg.dtype``.
     """
     import numpy as np

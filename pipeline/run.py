@@ -40,10 +40,7 @@ from pipeline.core.collector import frozen
 from pipeline.core.report import InputResult, RunReport
 from pipeline.core.retry import retrying
 from pipeline.engine.plan import check_options
-from pipeline.engine.stages import (
-    BLOCK_THREADS,
-    BackendRef,
-)
+from pipeline.engine.stages import BLOCK_THREADS, BackendRef
 from pipeline.errors import UP_TO_DATE, ConfigError, PipelineError
 from pipeline.io import ngff, sink
 from pipeline.io.collection import write_collection

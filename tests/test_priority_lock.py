@@ -16,8 +16,11 @@ def _queue(lock: PriorityLock, order: list[str], waiters: list[tuple[str, int]])
     for name, priority in waiters:
 
         def take(name=name, priority=priority) -> None:
-            with lock.held(priority):
+            lock.acquire(priority)
+            try:
                 order.append(name)
+            finally:
+                lock.release()
 
         before = len(lock._waiting)
         thread = threading.Thread(target=take)

@@ -20,8 +20,8 @@ __all__ = ["PriorityLock"]
 
 class PriorityLock:
     """Reentrant mutual exclusion; when released, it goes to the waiter with the lowest
-    ``priority``, the earliest among equals. ``with lock:`` takes it at :attr:`DEFAULT`.
-    """
+    ``priority`` (:meth:`acquire`), the earliest among equals. ``with lock:`` takes it at
+    :attr:`DEFAULT`."""
 
     #: The priority of ``with lock:`` (and of :meth:`acquire` without one).
     DEFAULT = 1
@@ -64,25 +64,9 @@ class PriorityLock:
                 self._owner = None
                 self._cond.notify_all()
 
-    def held(self, priority: int = DEFAULT) -> _Held:
-        """``with lock.held(priority):`` — the lock taken at ``priority``."""
-        return _Held(self, priority)
-
     def __enter__(self) -> PriorityLock:
         self.acquire()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.release()
-
-
-class _Held:
-    def __init__(self, lock: PriorityLock, priority: int) -> None:
-        self.lock, self.priority = lock, priority
-
-    def __enter__(self) -> PriorityLock:
-        self.lock.acquire(self.priority)
-        return self.lock
-
-    def __exit__(self, *exc: object) -> None:
-        self.lock.release()

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["EMPTY_CHUNKS_CONFIG", "LevelWriter", "forget_writers", "level_writer", "open_level"]
+__all__ = ["EMPTY_CHUNKS_CONFIG", "LevelWriter", "forget_writers", "level_writer"]
 
 #: The Zarr array configuration of every level: all-zero chunks are not stored.
 EMPTY_CHUNKS_CONFIG = {"write_empty_chunks": False}
@@ -29,14 +29,13 @@ EMPTY_CHUNKS_CONFIG = {"write_empty_chunks": False}
 _WRITERS: dict[str, LevelWriter] = {}
 
 
-def open_level(path: str, keep_empty: bool = False):
-    """Open one level array for writing; all-zero chunks are not stored, unless
-    ``keep_empty`` (for a writer that knows its chunks are not empty)."""
+def _open(path: str, write_empty: bool):
+    """One level array opened for writing; ``write_empty``: without Zarr's emptiness check
+    (for chunks known to hold a value)."""
     import zarr
 
-    config = {**EMPTY_CHUNKS_CONFIG, "write_empty_chunks": True} if keep_empty else None
     # open_array ignores ``config`` for an existing array: set it on the opened one
-    return zarr.open_array(path, mode="r+").with_config(config or EMPTY_CHUNKS_CONFIG)
+    return zarr.open_array(path, mode="r+").with_config({"write_empty_chunks": write_empty})
 
 
 def _holds_nonzero(piece: np.ndarray) -> bool:
@@ -60,7 +59,7 @@ class LevelWriter:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.array = open_level(path, keep_empty=True)
+        self.array = _open(path, write_empty=True)
         self._checked: Any = None
 
     @property
@@ -70,13 +69,6 @@ class LevelWriter:
     @property
     def dtype(self) -> np.dtype:
         return self.array.dtype
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.array.shape)
-
-    def __getitem__(self, index: Any) -> np.ndarray:
-        return self.array[index]
 
     def __setitem__(self, index: tuple[slice, ...], data: np.ndarray) -> None:
         data = np.asarray(data)
@@ -93,7 +85,7 @@ class LevelWriter:
             self.array[at] = data
             return
         if self._checked is None:
-            self._checked = open_level(self.path)
+            self._checked = _open(self.path, write_empty=False)
         for p in pieces:
             where = tuple(slice(o + s.start, o + s.stop) for o, s in zip(origin, p))
             (self._checked if p in empty else self.array)[where] = data[p]
