@@ -157,12 +157,14 @@ def test_model_layout_reads_only_the_tiles_under_a_window(
     """Moving axes with dask (transpose) defeated slice fusion: a 256 x 256 window
     decoded its whole 16 MiB dask chunk (100 tiles). The layout view reads 4."""
     from pipeline.core.geometry import Region
-    from pipeline.engine.stages import read_region
+    from pipeline.engine.device_section import read_box
 
     reads = tile_reads
     src = open_image(data_dir / "wsi/CMU-1-Small-Region.svs")
     array, _, _ = to_model_layout(src, ndim=2, in_channels=3)
-    block = read_region(array, Region((300, 300), (256, 256)))
+    box = read_box(array, Region((300, 300), (256, 256)))  # inside the image: no mirroring
+    assert box.index == [None, None]
+    block = box.data
     assert len(reads) == 4  # 240-px tiles: rows 1-2, columns 1-2
     expected = tifffile.imread(data_dir / "wsi/CMU-1-Small-Region.svs")[300:556, 300:556]
     np.testing.assert_array_equal(block, expected.transpose(2, 0, 1))

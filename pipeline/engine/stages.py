@@ -209,18 +209,6 @@ def worker_device(device: str) -> str:
     return f"cuda:{int(name) % count}" if isinstance(name, int) and count > 1 else device
 
 
-def read_region(array: np.ndarray | dask.array.Array, region: Region) -> np.ndarray:
-    """Pixels of ``region`` from ``array`` ``(C, *spatial)``, mirrored past the borders.
-
-    Only the in-image bounding box of the mirrored coordinates is read, so a lazy array
-    decodes just the tiles it touches.
-    """
-    box = read_box(array, region)
-    index = [np.arange(box.data.shape[0])]
-    index += [np.arange(n) if i is None else i for i, n in zip(box.index, box.data.shape[1:])]
-    return box.data if all(i is None for i in box.index) else box.data[np.ix_(*index)]
-
-
 def _bounds(regions: list[Region]) -> Region:
     ndim = regions[0].ndim
     return Region.from_bounds(
