@@ -74,6 +74,27 @@ def test_root_lists_its_images_and_lists_without_warnings(tmp_path, version):
     assert group[f"{NAMES[1]}/0"].shape == (1, 150, 130)
 
 
+@pytest.mark.parametrize("version", ["0.4", "0.5"])
+def test_an_image_with_unreadable_metadata_is_left_out_of_the_list_with_a_warning(
+    tmp_path, version, caplog
+):
+    """An image damaged outside the pipeline (an empty level metadata file, as a power
+    loss left it before outputs were flushed) does not stop the root being written."""
+    out = make_root(tmp_path / "out.zarr", version)
+    damaged = out / NAMES[0] / "0" / (".zarray" if version == "0.4" else "zarr.json")
+    damaged.write_bytes(b"")
+
+    listed = write_collection(out, get_format(version))
+
+    assert listed == [NAMES[1]] == read_collection(out)
+    assert {k.split("/")[0] for k in members(out)} == {NAMES[1], "OME"}
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(
+        str(out / NAMES[0]) in m and "metadata cannot be read" in m and "--force" in m
+        for m in warned
+    ), warned
+
+
 def test_without_consolidated_metadata_zarr_warns_about_report_files(tmp_path):
     """Why the root is consolidated: plain files at the root do warn in zarr 3."""
     out = make_root(tmp_path / "out.zarr", "0.5")

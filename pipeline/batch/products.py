@@ -143,7 +143,8 @@ class BlockProducts:
 
 def save_block_polygons(path: str | os.PathLike, polygons: BlockPolygons) -> None:
     """One block's polygons as a small ``.npz`` (classes and WKB; no pickle), written to a
-    temporary name and renamed: a reader sees the whole file or none."""
+    temporary name, flushed to disk and renamed: a reader sees the whole file or none,
+    also after a power loss (the block's record comes after it)."""
     import shapely
 
     arrays = {}
@@ -153,7 +154,7 @@ def save_block_polygons(path: str | os.PathLike, polygons: BlockPolygons) -> Non
         arrays[f"{part}_classes"] = np.asarray(found.classes, dtype=np.int32)
         arrays[f"{part}_sizes"] = np.fromiter(map(len, wkb), dtype=np.int64, count=len(wkb))
         arrays[f"{part}_wkb"] = np.frombuffer(b"".join(wkb), dtype=np.uint8)
-    with atomic.replacing(path, text=False, durable=False) as f:
+    with atomic.replacing(path, text=False) as f:
         np.savez(f, **arrays)
 
 
@@ -343,6 +344,8 @@ def publish_products(
         if src.is_file():
             (out / folder).mkdir(exist_ok=True)
             os.replace(src, out / rel)
+            atomic.fsync_dir(out / folder)  # its entry, and the folder's if it is new
+            atomic.fsync_dir(out)
         elif replace:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(out / rel)

@@ -39,7 +39,7 @@ from pipeline.batch.products import (
     polygons_folder,
 )
 from pipeline.config import RunConfig
-from pipeline.core import faults
+from pipeline.core import atomic, faults
 from pipeline.core.atomic import output_error
 from pipeline.core.classes import label_dtype, label_names
 from pipeline.core.pyramid import pyramid_shapes
@@ -247,6 +247,7 @@ def _open_stage(
         fmt=cfg.ngff,
         level_shapes=shapes[1 : writer.block_levels + 1],
     )
+    area.sync(stage)  # on disk before any block records chunks in it
     return stage, writer, labels, set()
 
 
@@ -378,6 +379,11 @@ def finalize_input(prepared: Prepared, model: Model) -> dict[str, Any]:
         "tissue_fraction": None if prepared.tissue is None else round(prepared.tissue.fraction, 4),
         "products": _products(prepared, model, stage.image, prepared.block_ids),
     }
+    try:  # complete means on disk: a power loss after publishing must not empty a file
+        atomic.sync_tree(stage.image)
+    except OSError as exc:
+        _raise_if_full(exc, job)
+        raise
     stage.mark_complete(info)
     return info
 

@@ -5,6 +5,10 @@ over the target (``os.replace``); on any error the temporary file is removed and
 is unchanged (:func:`replacing`, the one place this is done). Used for the run report, the
 ledger, locks and staging records, and for what the output root shows (previews, GeoJSON,
 the run page: :func:`write_output`).
+
+Files written in place by others (Zarr's chunks and metadata) are made durable by
+:func:`sync_path` and :func:`sync_tree` before anything records them as written: after a
+power loss, a file the kernel had not yet written back reads as empty.
 """
 
 from __future__ import annotations
@@ -107,11 +111,67 @@ def create_json(path: str | os.PathLike, data: Any) -> bool:
 def fsync_dir(path: str | os.PathLike) -> None:
     """Make renames inside the folder ``path`` durable (best effort)."""
     with contextlib.suppress(OSError):
+        sync_path(path)
+
+
+#: What fsync of a folder raises on file systems that do not support it (some network
+#: file systems): nothing to be done there, the folder's entries are as durable as it gets.
+_NO_DIR_SYNC = frozenset((errno.EINVAL, errno.ENOTSUP, errno.EBADF))
+
+
+#: Threads that flush the files of a tree at once.
+_SYNC_THREADS = 8
+
+
+def sync_path(path: str | os.PathLike) -> bool:
+    """Flush the file or folder ``path`` to disk (fsync): its content, or a folder's
+    entries. False when it does not exist.
+
+    Raises
+    ------
+    OSError
+        When the flush fails (``EIO``, or ``ENOSPC`` on file systems that allocate late):
+        what was written may not be on disk.
+    """
+    try:
         fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    except FileNotFoundError:
+        return False
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if not (exc.errno in _NO_DIR_SYNC and os.path.isdir(path)):
+            raise
+    finally:
+        os.close(fd)
+    return True
+
+
+def sync_tree(root: str | os.PathLike) -> int:
+    """Flush every file and folder under ``root``, and ``root`` itself, to disk: files
+    first, then folders deepest first, so after a power loss the tree reads as it was
+    written (without this, files the kernel had not yet written back come back empty).
+    Returns how many files were flushed.
+
+    The files are flushed by a few threads: each flush mostly waits (on the disk, or on
+    the server of a network file system), and waits overlap.
+
+    Raises
+    ------
+    OSError
+        As :func:`sync_path`.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    folders, files = [], []
+    for folder, _, names in os.walk(root):
+        folders.append(folder)
+        files.extend(os.path.join(folder, name) for name in names)
+    with ThreadPoolExecutor(max_workers=_SYNC_THREADS) as pool:
+        count = sum(pool.map(sync_path, files))
+    for folder in reversed(folders):
+        sync_path(folder)
+    return count
 
 
 def output_error(exc: OSError, folder: str | os.PathLike, what: str = "the output") -> OutputError:

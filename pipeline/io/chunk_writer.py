@@ -6,7 +6,9 @@ chunk with the fill value, and for integers that comparison goes through NaN che
 boolean indexing: it costs more than compressing the chunk. A :class:`LevelWriter` asks
 once per chunk whether it holds a nonzero value (one vectorised reduction); those chunks
 are written without Zarr's check, the others through it, so an all-zero chunk is still
-not stored (and one stored before is removed).
+not stored (and one stored before is removed). A write returns once its chunk files are
+on disk (fsync): a block records that it is written only after its writes returned, so
+a record never outlives its chunks in a power loss.
 
 :func:`level_writer` keeps one writer per level path in the process (a worker opens a
 level's metadata once, not once per block); :func:`forget_writers` drops an image's when
@@ -17,9 +19,12 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+
+from pipeline.core.atomic import sync_path
 
 __all__ = ["EMPTY_CHUNKS_CONFIG", "LevelWriter", "forget_writers", "level_writer"]
 
@@ -83,12 +88,31 @@ class LevelWriter:
         at = tuple(slice(o, o + n) for o, n in zip(origin, data.shape))
         if not empty:
             self.array[at] = data
-            return
-        if self._checked is None:
-            self._checked = _open(self.path, write_empty=False)
-        for p in pieces:
-            where = tuple(slice(o + s.start, o + s.stop) for o, s in zip(origin, p))
-            (self._checked if p in empty else self.array)[where] = data[p]
+        else:
+            if self._checked is None:
+                self._checked = _open(self.path, write_empty=False)
+            for p in pieces:
+                where = tuple(slice(o + s.start, o + s.stop) for o, s in zip(origin, p))
+                (self._checked if p in empty else self.array)[where] = data[p]
+        self._sync(
+            tuple((o + s.start) // c for o, s, c in zip(origin, p, self.chunks)) for p in pieces
+        )
+
+    def _sync(self, chunks: Iterable[tuple[int, ...]]) -> None:
+        """Flush the files of the chunks at grid positions ``chunks`` to disk, with the
+        folders that name them up to the level's own: once a write returns, a power loss
+        cannot empty its chunks. A chunk not stored (all zero) has no file to flush."""
+        level = os.path.normpath(self.path)
+        folders: set[str] = set()
+        for coords in chunks:
+            path = os.path.join(level, self.array.metadata.encode_chunk_key(coords))
+            sync_path(path)
+            folder = os.path.dirname(path)
+            while len(folder) >= len(level) and folder not in folders:
+                folders.add(folder)
+                folder = os.path.dirname(folder)
+        for folder in sorted(folders, key=len, reverse=True):
+            sync_path(folder)
 
 
 def level_writer(path: str) -> LevelWriter:

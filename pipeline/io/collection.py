@@ -64,6 +64,7 @@ __all__ = [
     "image_summary",
     "read_collection",
     "root_format",
+    "sync_root_metadata",
     "write_collection",
 ]
 
@@ -148,7 +149,8 @@ def write_collection(
     Returns
     -------
     list of str
-        The names listed.
+        The names listed. An image whose metadata cannot be read (damaged outside the
+        pipeline) is left out, with a warning naming it.
 
     Notes
     -----
@@ -158,15 +160,44 @@ def write_collection(
     import zarr
 
     out = Path(out)
-    names = list(images) if images is not None else find_images(out, fmt.zarr_format)
+    found = list(images) if images is not None else find_images(out, fmt.zarr_format)
     root = zarr.open_group(str(out), mode="r+", zarr_format=fmt.zarr_format, use_consolidated=False)
+    trees = {}
+    for name in found:
+        try:
+            trees[name] = _subtree(root, name)
+        except Exception as exc:  # zarr raises its own types for a damaged node
+            log.warning(
+                "%s: left out of the output's image list: its metadata cannot be read (%s). "
+                "Hint: rerun its input with --force, or remove the folder",
+                out / name,
+                exc,
+            )
+    names = list(trees)
     root_attrs, group_attrs = fmt.collection(names)
     kept = {k: v for k, v in root.attrs.asdict().items() if k not in (COLLECTION_KEY, "ome")}
     root.attrs.put({**kept, **root_attrs})
     group = root.require_group(COLLECTION_GROUP)
     group.attrs.put(group_attrs)
-    _consolidate(root, [*names, COLLECTION_GROUP])
+    trees[COLLECTION_GROUP] = _subtree(root, COLLECTION_GROUP)
+    _consolidate(root, trees)
+    sync_root_metadata(out, fmt.zarr_format)
     return names
+
+
+#: The metadata files of a group, by Zarr format.
+_GROUP_FILES = {2: (".zgroup", ".zattrs", ".zmetadata"), 3: ("zarr.json",)}
+
+
+def sync_root_metadata(out: str | os.PathLike, zarr_format: int) -> None:
+    """Put the root's and the collection group's metadata on disk (Zarr writes them in
+    place: after a power loss an unflushed one reads as empty, and the root no longer
+    opens)."""
+    out = Path(out)
+    for folder in (out / COLLECTION_GROUP, out):
+        for name in _GROUP_FILES[zarr_format]:
+            atomic.sync_path(folder / name)
+        atomic.sync_path(folder)
 
 
 def drop_consolidated(out: str | os.PathLike) -> None:
@@ -182,8 +213,18 @@ def drop_consolidated(out: str | os.PathLike) -> None:
             atomic.write_text(path, json.dumps(meta, indent=2), durable=False)
 
 
-def _consolidate(root: Any, names: Sequence[str]) -> None:
-    """Consolidated metadata of ``root`` made of the subtrees of ``names`` only.
+def _subtree(root: Any, name: str) -> dict[str, Any]:
+    """The metadata of the child ``name`` of ``root`` and of all its members, by path."""
+    child = root[name]
+    flat = {name: child.metadata}
+    for path, node in child.members(max_depth=None):
+        flat[f"{name}/{path}"] = node.metadata
+    return flat
+
+
+def _consolidate(root: Any, trees: Mapping[str, Mapping[str, Any]]) -> None:
+    """Consolidated metadata of ``root`` made of the chosen children's subtrees only
+    (``trees``: :func:`_subtree` of each).
 
     zarr's own ``consolidate_metadata`` walks every member, which would take in hidden
     half-written images and warn about the report files; this is its recipe on a chosen
@@ -194,11 +235,8 @@ def _consolidate(root: Any, names: Sequence[str]) -> None:
     from zarr.core.sync import sync
 
     flat: dict[str, Any] = {}
-    for name in names:
-        child = root[name]
-        flat[name] = child.metadata
-        for path, node in child.members(max_depth=None):
-            flat[f"{name}/{path}"] = node.metadata
+    for tree in trees.values():
+        flat.update(tree)
     for key, meta in flat.items():
         if isinstance(meta, GroupMetadata) and meta.consolidated_metadata is None:
             flat[key] = dataclasses.replace(

@@ -28,7 +28,12 @@ from pipeline.core.pyramid import block_levels, build_level, level_chunks, pyram
 from pipeline.errors import OutputError
 from pipeline.io import ngff
 from pipeline.io.chunk_writer import EMPTY_CHUNKS_CONFIG
-from pipeline.io.collection import RESERVED_NAMES, drop_consolidated, root_format
+from pipeline.io.collection import (
+    RESERVED_NAMES,
+    drop_consolidated,
+    root_format,
+    sync_root_metadata,
+)
 from pipeline.io.formats import NAME_SUFFIXES
 
 _WINDOWS_DEVICES = {
@@ -164,15 +169,17 @@ def open_root(out: str | os.PathLike, fmt: ngff.NgffFormat | str | None = None):
         out.mkdir(parents=True, exist_ok=True)
         drop_consolidated(out)
         try:
-            return zarr.open_group(
+            root = zarr.open_group(
                 str(out), mode="a", zarr_format=fmt.zarr_format, use_consolidated=False
             )
         except zarr.errors.ContainsGroupError:
             # another run (a shard of the same array) created it between zarr's check and
             # its write: it is there now, so open it
-            return zarr.open_group(
+            root = zarr.open_group(
                 str(out), mode="r+", zarr_format=fmt.zarr_format, use_consolidated=False
             )
+        sync_root_metadata(out, fmt.zarr_format)
+        return root
     except OSError as exc:
         raise output_error(exc, out) from exc
     except Exception as exc:  # zarr raises its own types for a broken root

@@ -6,7 +6,8 @@ Layout inside the output root::
     OUT/.pipeline/staging/<name>-<key12>/
         owner.json      {"name", "key", "input", "run", "created"}
         image/          the NGFF image group being written; published as OUT/<name>
-        blocks/<id>     one empty file per block whose chunks are all written
+        blocks/<id>     one empty file per block whose chunks are all written and on
+                        disk (flushed before the record: see chunk_writer)
         attempts/       one empty file per block attempt while it runs (``block-<id>-<pid>-…``):
                         what is left tells which block was running when a worker died
         complete.json   the image is finished and verified: publish it, never recompute it
@@ -26,6 +27,10 @@ Publishing ``image`` as ``OUT/<name>``:
 2. ``image`` is renamed to ``OUT/<name>``;
 3. the caller records the input as done (the ledger);
 4. ``old/<name>`` and the staging folder are deleted.
+
+The image is flushed to disk before step 1 (``sync_tree`` when it is finished) and
+the root folder after step 2, so a power loss never leaves a published image with empty
+files while the old one is gone.
 
 Each step is one rename or deletion, so a crash leaves one of these states, which
 :meth:`StagingArea.repair` resolves on the next start: ``old/<name>`` beside ``OUT/<name>``
@@ -201,6 +206,13 @@ class StagingArea:
                 {**owner, "name": name, "key": key, "created": time.time()},
             )
         return stage, reused
+
+    def sync(self, stage: Stage) -> None:
+        """Put a new stage on disk: its files (records, the image's metadata) and the
+        folders that lead to it from the output root."""
+        atomic.sync_tree(stage.dir)
+        for folder in (self.staging, self.root, self.out):
+            atomic.sync_path(folder)
 
     def stages(self) -> list[Stage]:
         try:
