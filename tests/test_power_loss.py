@@ -146,3 +146,22 @@ def test_blocks_recorded_before_a_power_loss_are_on_disk_and_the_rerun_keeps_the
     assert again.returncode == 0, again.stdout + again.stderr
     assert entries(after)["s0"]["resumed_blocks"] == blocks
     assert image_files(after) == image_files(reference)
+
+
+def test_a_republished_output_after_a_power_loss_is_the_new_one_whole(tmp_path, disk):
+    """Republishing deletes the old image once the new one is in place: by then the new
+    one must be on disk, or a power loss would leave neither."""
+    inputs = slides(tmp_path / "in", n=1)
+    reference = tmp_path / "ref.zarr"
+    assert run(inputs, reference, "--blend", "constant").returncode == 0
+    out = disk.mnt / "out.zarr"
+    assert run(inputs, out).returncode == 0
+    first = image_files(out)
+    again = run(inputs, out, "--blend", "constant")  # another key: recomputed, replaced
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert image_files(out) != first
+
+    after = disk.power_loss() / "out.zarr"
+
+    assert empty_files(after) == []
+    assert image_files(after) == image_files(reference)
