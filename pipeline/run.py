@@ -43,7 +43,7 @@ from pipeline.engine.plan import check_options
 from pipeline.engine.stages import BLOCK_THREADS, BackendRef
 from pipeline.errors import UP_TO_DATE, ConfigError, PipelineError
 from pipeline.io import ngff, sink
-from pipeline.io.collection import write_collection
+from pipeline.io.collection import damaged, write_collection
 from pipeline.io.fingerprint import fingerprint
 from pipeline.io.staging import StagingArea
 
@@ -214,7 +214,13 @@ def _plan(
         key = None if fp is None else run_key(fp, digest, settings)
         result.key = key
         refresh = False
-        if key is not None and not force and ledger.up_to_date(key, name):
+        current = key is not None and not force and ledger.up_to_date(key, name)
+        if current and (problem := damaged(out / name)):
+            log.warning(
+                "%s: its output %s is damaged (%s): it is computed again", path, name, problem
+            )
+            current = False
+        if current:
             record = ledger.record(os.path.realpath(path)) or {}
             if products_current(record.get("products"), key, products, out, name):
                 _up_to_date(result, record, out)

@@ -15,6 +15,7 @@ from ngff_helpers import blobs, write_image
 from pipeline.io.class_labels import create_class_labels, finish_class_labels, open_label_level
 from pipeline.io.class_labels import write_label_block as write_labels
 from pipeline.io.collection import (
+    damaged,
     drop_consolidated,
     find_images,
     image_summary,
@@ -93,6 +94,27 @@ def test_an_image_with_unreadable_metadata_is_left_out_of_the_list_with_a_warnin
         str(out / NAMES[0]) in m and "metadata cannot be read" in m and "--force" in m
         for m in warned
     ), warned
+
+
+@pytest.mark.parametrize("version", ["0.4", "0.5"])
+def test_damaged_names_what_is_unreadable_in_an_image(tmp_path, version):
+    v2 = version == "0.4"
+    cases = [  # (file emptied or folder removed, what damaged says)
+        ("labels/classes/0/" + (".zattrs" if v2 else "zarr.json"), "empty"),
+        ("1/" + (".zarray" if v2 else "zarr.json"), "empty"),
+        ("2", "level 2: no array metadata"),
+        (".zattrs" if v2 else "zarr.json", "empty"),
+    ]
+    for i, (where, says) in enumerate(cases):
+        add_image(tmp_path / f"root{i}", "image", version)
+        image = tmp_path / f"root{i}" / "image"
+        assert damaged(image) is None
+        target = image / where
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.write_bytes(b"")
+        assert damaged(image) == (f"{where}: {says}" if says == "empty" else says)
 
 
 def test_without_consolidated_metadata_zarr_warns_about_report_files(tmp_path):

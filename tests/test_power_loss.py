@@ -165,3 +165,22 @@ def test_a_republished_output_after_a_power_loss_is_the_new_one_whole(tmp_path, 
 
     assert empty_files(after) == []
     assert image_files(after) == image_files(reference)
+
+
+def test_an_up_to_date_output_with_empty_metadata_files_is_computed_again(tmp_path):
+    """What a power loss left before outputs were flushed (or any damage to an image's
+    metadata): the next run says so and recomputes the image instead of skipping it."""
+    inputs = slides(tmp_path / "in")
+    out = tmp_path / "out.zarr"
+    assert run(inputs, out).returncode == 0
+    made = image_files(out)
+    (out / "s0" / "0" / ".zarray").write_bytes(b"")
+    (out / "s0" / "labels" / "classes" / "0" / ".zattrs").write_bytes(b"")
+
+    again = run(inputs, out)
+
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "Traceback" not in again.stdout + again.stderr
+    assert "its output s0 is damaged (0/.zarray: empty): it is computed again" in again.stderr
+    assert {n: e["state"] for n, e in entries(out).items()} == {"s0": "done", "s1": "skipped"}
+    assert image_files(out) == made

@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "RESERVED_NAMES",
+    "damaged",
     "drop_consolidated",
     "find_images",
     "group_content",
@@ -118,6 +119,64 @@ def group_content(folder: Path, zarr_format: int) -> dict[str, Any] | None:
     return format_for_zarr(zarr_format).unwrap(attrs)
 
 
+#: The metadata files of a node, by Zarr format: (group, array, attributes).
+_NODE_FILES = {2: (".zgroup", ".zarray", ".zattrs"), 3: ("zarr.json", "zarr.json", "zarr.json")}
+
+
+def damaged(image: str | os.PathLike) -> str | None:
+    """What makes an image's metadata unreadable, e.g. ``"0/.zarray: empty"``; None when
+    the metadata of every group and array in it reads (and every level its multiscales
+    names is an array).
+
+    Only metadata is read, never a chunk: a few small files per image, cheap enough for
+    every up-to-date image of a nightly run. A power loss before the pipeline flushed its
+    outputs left such images (files the kernel had not written back come back empty).
+    """
+    image = Path(image)
+    zarr_format = 3 if (image / "zarr.json").is_file() else 2
+    group_file, array_file, attrs_file = _NODE_FILES[zarr_format]
+    todo, levels = [image], None
+    while todo:
+        node = todo.pop()
+        metas = {}
+        for name in dict.fromkeys((group_file, array_file, attrs_file)):
+            path = node / name
+            try:
+                metas[name] = json.loads(path.read_bytes())
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError) as exc:
+                problem = "empty" if path.is_file() and path.stat().st_size == 0 else str(exc)
+                return f"{path.relative_to(image)}: {problem}"
+        kind = _node_kind(metas, zarr_format)
+        if node == image:
+            if kind != "group":
+                return f"{group_file}: missing, or not a group"
+            attrs = metas.get(attrs_file) or {}
+            content = format_for_zarr(zarr_format).unwrap(
+                attrs.get("attributes", {}) if zarr_format == 3 else attrs
+            )
+            datasets = ((content.get("multiscales") or [{}])[0]).get("datasets") or []
+            levels = {str(d.get("path")) for d in datasets if isinstance(d, dict)}
+        elif kind == "array" and node.parent == image:
+            levels.discard(node.name)
+        if kind == "group":
+            todo.extend(p for p in sorted(node.iterdir(), reverse=True) if p.is_dir())
+    if levels:
+        return f"level {sorted(levels)[0]}: no array metadata"
+    return None
+
+
+def _node_kind(metas: dict[str, Any], zarr_format: int) -> str | None:
+    """``"group"``, ``"array"`` or None (not a node) from a folder's metadata files."""
+    if zarr_format == 3:
+        meta = metas.get("zarr.json")
+        return meta.get("node_type") if isinstance(meta, dict) else None
+    if ".zarray" in metas:
+        return "array"
+    return "group" if ".zgroup" in metas else None
+
+
 def read_collection(out: str | os.PathLike) -> list[str] | None:
     """The image paths the root's collection metadata lists, or None if it has none."""
     out = Path(out)
@@ -164,15 +223,19 @@ def write_collection(
     root = zarr.open_group(str(out), mode="r+", zarr_format=fmt.zarr_format, use_consolidated=False)
     trees = {}
     for name in found:
-        try:
-            trees[name] = _subtree(root, name)
-        except Exception as exc:  # zarr raises its own types for a damaged node
-            log.warning(
-                "%s: left out of the output's image list: its metadata cannot be read (%s). "
-                "Hint: rerun its input with --force, or remove the folder",
-                out / name,
-                exc,
-            )
+        problem = damaged(out / name)
+        if problem is None:
+            try:
+                trees[name] = _subtree(root, name)
+                continue
+            except Exception as exc:  # zarr raises its own types for a damaged node
+                problem = str(exc)
+        log.warning(
+            "%s: left out of the output's image list: its metadata cannot be read (%s). "
+            "Hint: rerun its input with --force, or remove the folder",
+            out / name,
+            problem,
+        )
     names = list(trees)
     root_attrs, group_attrs = fmt.collection(names)
     kept = {k: v for k, v in root.attrs.asdict().items() if k not in (COLLECTION_KEY, "ome")}
