@@ -208,8 +208,8 @@ def write_collection(
     Returns
     -------
     list of str
-        The names listed. An image whose metadata cannot be read (damaged outside the
-        pipeline) is left out, with a warning naming it.
+        The names listed. An image whose metadata cannot be read (:func:`damaged`) is
+        left out, with a warning naming it.
 
     Notes
     -----
@@ -232,7 +232,8 @@ def write_collection(
                 problem = str(exc)
         log.warning(
             "%s: left out of the output's image list: its metadata cannot be read (%s). "
-            "Hint: rerun its input with --force, or remove the folder",
+            "Hint: run its input again (a damaged image is computed again), or remove the "
+            "folder",
             out / name,
             problem,
         )
