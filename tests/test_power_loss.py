@@ -108,19 +108,22 @@ def empty_files(folder: Path) -> list[str]:
     )
 
 
-def test_a_finished_output_is_whole_after_a_power_loss_and_the_next_run_keeps_it(tmp_path, disk):
+@pytest.mark.parametrize("ngff", ["0.4", "0.5"])  # Zarr v2 and v3 chunk file layouts
+def test_a_finished_output_is_whole_after_a_power_loss_and_the_next_run_keeps_it(
+    tmp_path, disk, ngff
+):
     inputs = slides(tmp_path / "in")
     reference = tmp_path / "ref.zarr"
-    assert run(inputs, reference).returncode == 0
+    assert run(inputs, reference, "--ngff", ngff).returncode == 0
     out = disk.mnt / "out.zarr"
-    assert run(inputs, out).returncode == 0
+    assert run(inputs, out, "--ngff", ngff).returncode == 0
 
     after = disk.power_loss() / "out.zarr"
 
     # every file of every image, previews and root metadata included, came back whole
     assert empty_files(after) == []
     assert image_files(after) == image_files(reference)
-    again = run(inputs, after)
+    again = run(inputs, after, "--ngff", ngff)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "Traceback" not in again.stdout + again.stderr
     assert {e["state"] for e in entries(after).values()} == {"skipped"}  # up to date, kept
