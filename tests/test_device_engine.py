@@ -133,7 +133,7 @@ def test_tensor_merger_matches_weighted_mean():
         for x in range(-8, 33, 10):
             tile = Region((y, x), out_tile)
             pred = rng.random((2, *out_tile), dtype=np.float32)
-            merger.add(torch.from_numpy(pred), tile)
+            merger.add_at(torch.from_numpy(pred), tile.offset)
             t = tile.intersect(region)
             dst, src = t.relative_to(region).to_slices(), t.relative_to(tile).to_slices()
             acc[0][(slice(None), *dst)] += pred[(slice(None), *src)] * w[src]

@@ -82,6 +82,59 @@ def whole_image(net, image, spec):
     return y[(slice(None), *(slice(0, n) for n in image.shape[1:]))]
 
 
+@pytest.fixture(scope="module")
+def same_net(tmp_path_factory):
+    """A padded ("same") U-Net: its predictions near a tile's border differ from tile to
+    tile, so only a right blend gives the weighted mean of the tiles' predictions."""
+    from pipeline.model.export import export_model
+    from pipeline.model.unet import UNet
+
+    torch.manual_seed(1)
+    net = UNet(in_channels=1, classes=2, base=4, depth=2, ndim=2, padding="same").eval()
+    folder = tmp_path_factory.mktemp("same")
+    spec = export_model(folder / "same.pt", model=net)
+    return net, spec, str(folder / "same.pt")
+
+
+def blended(net, spec, image, cfg):
+    """The blending oracle in plain numpy: every tile of the run's lattice through the
+    network on its own, its prediction times the blend's weight window summed over its
+    output region, divided by the summed weights."""
+    from pipeline.engine.blend import tile_weights
+    from pipeline.engine.plan import make_plan
+
+    plan = make_plan(spec, image.shape[1:], image.shape[0], 2, cfg)
+    lat = plan.lattice
+    w = tile_weights(plan.blend, lat.out_tile, lat.overlap).astype(np.float64)
+    acc, wsum = np.zeros((2, *image.shape[1:])), np.zeros(image.shape[1:])
+    for t in np.ndindex(*lat.counts):
+        region = lat.in_region(t)
+        index = [np.clip(np.arange(o, o + n), 0, None) for o, n in zip(region.offset, region.shape)]
+        x = image[np.ix_([0], *index)].astype(np.float32) / 255.0
+        with torch.inference_mode():
+            pred = net(torch.from_numpy(x[None]))[0].numpy().astype(np.float64)
+        out = lat.out_region(t)
+        ys, xs = (
+            slice(o, min(o + n, m)) for o, n, m in zip(out.offset, out.shape, image.shape[1:])
+        )
+        h, v = ys.stop - ys.start, xs.stop - xs.start
+        acc[:, ys, xs] += pred[:, :h, :v] * w[:h, :v]
+        wsum[ys, xs] += w[:h, :v]
+    return acc / wsum
+
+
+@pytest.mark.parametrize("blend", ["gaussian", "cosine", "constant"])
+def test_a_padded_network_tiled_is_the_weighted_mean_of_its_tiles(same_net, rng, blend):
+    """Catches a blend that drops part of a tile's overlap (a seam): the tiles of a padded
+    network disagree near their borders, where identity tiles never do."""
+    net, spec, path = same_net
+    image = rng.integers(0, 256, size=(1, 150, 131), dtype=np.uint8)
+    cfg = RunConfig(tile=(32,), overlap=12, blend=blend, dtype="float32", block=64, chunk=32)
+    want = blended(net, spec, image, cfg)
+    got = predict_array(image, path, cfg)
+    np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
+
+
 @pytest.mark.parametrize("shape", [(1, 150, 97), (1, 61, 203), (1, 30, 30)])
 def test_valid_network_tiled_equals_whole_image(valid_net, rng, shape):
     net, spec, path = valid_net

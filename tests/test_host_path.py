@@ -129,17 +129,22 @@ def test_ordered_merger_equals_zeroed_sums_bit_for_bit(blend, flush) -> None:
 
 
 def _plain_sums(lattice, write, tiles, preds, blend, skipped):
-    """The reference: zeroed accumulators, every tile added in order."""
-    from pipeline.engine.merge import TensorMerger, weights_on
+    """The reference, without the merger: zeroed accumulators, every tile's weighted
+    prediction added in order (a skipped tile adds its weight only), then divided."""
+    from pipeline.engine.merge import weights_on
 
     w = weights_on(blend, lattice.out_tile, lattice.overlap, CPU)
-    merger = TensorMerger(write, 2, blend, CPU, w)
+    acc, wsum = torch.zeros((2, *write.shape)), torch.zeros(write.shape)
     for t in tiles:
-        if t in skipped:
-            merger.skip(lattice.out_region(t))
-        else:
-            merger.add(preds[t], lattice.out_region(t))
-    return merger.result().clone()
+        part = lattice.out_region(t).intersect(write)
+        if part.empty:
+            continue
+        dst = part.relative_to(write).to_slices()
+        src = part.relative_to(lattice.out_region(t)).to_slices()
+        if t not in skipped:
+            acc[(slice(None), *dst)].addcmul_(preds[t][(slice(None), *src)], w[src])
+        wsum[dst].add_(w[src])
+    return acc.div_(wsum)
 
 
 def test_finish_in_bands_equals_whole_block_passes(monkeypatch) -> None:

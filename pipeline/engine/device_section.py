@@ -185,7 +185,7 @@ def merge_tiles(
             fresh = None if first is None else _fresh(lattice, t, first, origin)
         if t in skipped:
             if crop:
-                merger.skip(tile_out, owned)
+                merger.skip(owned)
             else:
                 merger.skip_at(origin, fresh)
             continue

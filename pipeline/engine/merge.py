@@ -68,7 +68,9 @@ class TensorMerger:
     classes
         Output channels.
     mode
-        How tiles are blended; ``crop`` copies the part each tile owns.
+        How tiles are blended: weighted modes take tiles through :meth:`add_at` and
+        :meth:`skip_at`; ``crop`` through :meth:`add` and :meth:`skip`, and copies the
+        part each tile owns.
     weights
         The tile weight window on ``device`` (:func:`weights_on`); None for ``crop``.
     ordered
@@ -108,30 +110,23 @@ class TensorMerger:
         self._zero = torch.zeros((), dtype=torch.float32, device=device)
         self._filled = 0  # pixels written for the first time (crop: owned pixels)
 
-    def _target(self, tile_out: Region, owned: Region | None, ordered_call: str) -> Region:
-        """The part of this merger's region a tile writes (crop: the part it owns).
-        ``ordered_call`` is the method an ordered merger takes tiles through instead."""
-        if self.ordered and not self.crop:
-            raise RuntimeError(f"an ordered merger takes tiles through {ordered_call}")
-        return (owned if self.crop else tile_out).intersect(self.region)
+    def _owned(self, owned: Region, call: str) -> Region:
+        """The part of this merger's region a tile owns (crop); ``call``: the method a
+        weighted merger takes tiles through instead."""
+        if not self.crop:
+            raise RuntimeError(f"a weighted merger takes tiles through {call}")
+        return owned.intersect(self.region)
 
-    def add(self, pred: torch.Tensor, tile_out: Region, owned: Region | None = None) -> None:
-        """Add one tile's prediction ``(K, *tile_out.shape)`` float32.
-
-        In crop mode ``owned`` is the part of the tile that alone provides the output.
-        """
-        target = self._target(tile_out, owned, "add_at")
+    def add(self, pred: torch.Tensor, tile_out: Region, owned: Region) -> None:
+        """Crop: copy the part ``owned`` of one tile's prediction ``(K, *tile_out.shape)``
+        (the part of the tile that alone provides the output)."""
+        target = self._owned(owned, "add_at")
         if target.empty:
             return
         dst = target.relative_to(self.region).to_slices()
         src = target.relative_to(tile_out).to_slices()
-        if self.crop:
-            self.acc[(slice(None), *dst)] = pred[(slice(None), *src)]
-            self._filled += target.size
-            return
-        w = self.weights[src]
-        self.acc[(slice(None), *dst)].addcmul_(pred[(slice(None), *src)], w)
-        self.wsum[dst].add_(w)
+        self.acc[(slice(None), *dst)] = pred[(slice(None), *src)]
+        self._filled += target.size
 
     def _pieces(self, origin: tuple[int, ...], fresh: tuple[int, ...] | None):
         """(destination, source, first) slices of the tile whose output starts at
@@ -146,18 +141,19 @@ class TensorMerger:
             lo.append(a)
             hi.append(b)
         if fresh is None:
-            return [(lo, hi, False)]
-        cut = [min(max(f, a), b) for f, a, b in zip(fresh, lo, hi)]
-        pieces = [(cut, hi, True)]
-        for axis in range(len(lo)):  # axes before `axis` fresh, `axis` reached, rest whole
-            if cut[axis] > lo[axis]:
-                pieces.append(
-                    (
-                        cut[:axis] + [lo[axis]] + lo[axis + 1 :],
-                        cut[:axis] + [cut[axis]] + hi[axis + 1 :],
-                        False,
+            pieces = [(lo, hi, False)]
+        else:
+            cut = [min(max(f, a), b) for f, a, b in zip(fresh, lo, hi)]
+            pieces = [(cut, hi, True)]
+            for axis in range(len(lo)):  # axes before `axis` fresh, `axis` reached, rest whole
+                if cut[axis] > lo[axis]:
+                    pieces.append(
+                        (
+                            cut[:axis] + [lo[axis]] + lo[axis + 1 :],
+                            hi[:axis] + [cut[axis]] + hi[axis + 1 :],
+                            False,
+                        )
                     )
-                )
         out = []
         for a, b, first in pieces:
             if all(y > x for x, y in zip(a, b)):
@@ -169,8 +165,9 @@ class TensorMerger:
     def add_at(
         self, pred: torch.Tensor, origin: tuple[int, ...], fresh: tuple[int, ...] | None = None
     ) -> None:
-        """:meth:`add` for a weighted mode, the tile given by its output origin (and, in
-        an ordered merger, the start of its fresh part)."""
+        """Weighted modes: add one tile's prediction ``(K, *out_tile)`` float32, times the
+        weight window, the tile given by its output origin (and, in an ordered merger,
+        the start of its fresh part)."""
         import torch
 
         for dst, src, first in self._pieces(origin, fresh if self.ordered else None):
@@ -185,7 +182,8 @@ class TensorMerger:
                 self.wsum[dst].add_(w)
 
     def skip_at(self, origin: tuple[int, ...], fresh: tuple[int, ...] | None = None) -> None:
-        """:meth:`skip` for a weighted mode, the tile given by its output origin."""
+        """Weighted modes: a tile that was not run (no tissue) predicts zeros; its weight
+        still counts. The tile is given as for :meth:`add_at`."""
         for dst, src, first in self._pieces(origin, fresh if self.ordered else None):
             if first:
                 self.acc[(slice(None), *dst)].zero_()
@@ -194,17 +192,13 @@ class TensorMerger:
             else:
                 self.wsum[dst].add_(self.weights[src])
 
-    def skip(self, tile_out: Region, owned: Region | None = None) -> None:
-        """Count a tile that was not run (no tissue) as predicting zeros."""
-        target = self._target(tile_out, owned, "skip_at")
+    def skip(self, owned: Region) -> None:
+        """Crop: a tile that was not run (no tissue) predicts zeros over the part it owns."""
+        target = self._owned(owned, "skip_at")
         if target.empty:
             return
-        dst = target.relative_to(self.region).to_slices()
-        if self.crop:
-            self.acc[(slice(None), *dst)].zero_()
-            self._filled += target.size
-            return
-        self.wsum[dst].add_(self.weights[target.relative_to(tile_out).to_slices()])
+        self.acc[(slice(None), *target.relative_to(self.region).to_slices())].zero_()
+        self._filled += target.size
 
     def check(self) -> None:
         """Raise (a bug, never the user's) unless every pixel of the region got a tile."""
