@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from blend_oracle import blended, same_net
 
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError
@@ -82,56 +83,16 @@ def whole_image(net, image, spec):
     return y[(slice(None), *(slice(0, n) for n in image.shape[1:]))]
 
 
-def same_net(folder, ndim):
-    """A padded ("same") U-Net: its predictions near a tile's border differ from tile to
-    tile, so only a right blend gives the weighted mean of the tiles' predictions."""
-    from pipeline.model.export import export_model
-    from pipeline.model.unet import UNet
-
-    torch.manual_seed(1)
-    net = UNet(in_channels=1, classes=2, base=4, depth=2, ndim=ndim, padding="same").eval()
-    spec = export_model(folder / "same.pt", model=net)
-    return net, spec, str(folder / "same.pt")
-
-
-def blended(net, spec, image, cfg):
-    """The blending oracle in plain numpy: every tile of the run's lattice through the
-    network on its own, its prediction times the blend's weight window summed over its
-    output region (clipped to the image), divided by the summed weights."""
-    from pipeline.engine.blend import tile_weights
-    from pipeline.engine.plan import make_plan
-
-    space = image.shape[1:]
-    plan = make_plan(spec, space, image.shape[0], 2, cfg)
-    lat = plan.lattice
-    w = tile_weights(plan.blend, lat.out_tile, lat.overlap).astype(np.float64)
-    acc, wsum = np.zeros((2, *space)), np.zeros(space)
-    for t in np.ndindex(*lat.counts):
-        region = lat.in_region(t)
-        index = [np.arange(o, o + n) for o, n in zip(region.offset, region.shape)]
-        assert all(i.min() >= 0 and i.max() < n for i, n in zip(index, space))  # flush
-        x = image[np.ix_([0], *index)].astype(np.float32) / 255.0
-        with torch.inference_mode():
-            pred = net(torch.from_numpy(x[None]))[0].numpy().astype(np.float64)
-        out = lat.out_region(t)
-        at = tuple(slice(o, min(o + n, m)) for o, n, m in zip(out.offset, out.shape, space))
-        part = tuple(slice(0, a.stop - a.start) for a in at)
-        acc[(slice(None), *at)] += pred[(slice(None), *part)] * w[part]
-        wsum[at] += w[part]
-    return acc / wsum
-
-
 @pytest.mark.parametrize(
     "shape,tile,block",
     [((1, 150, 131), (32,), 64), ((1, 37, 45, 41), (16,), 32)],
     ids=["2d", "3d"],
 )
-@pytest.mark.parametrize("blend", ["gaussian", "cosine", "constant"])
-def test_a_padded_network_tiled_is_the_weighted_mean_of_its_tiles(
-    tmp_path, rng, blend, shape, tile, block
-):
-    """Catches a blend that drops part of a tile's overlap (a seam): the tiles of a padded
-    network disagree near their borders, where identity tiles never do."""
+@pytest.mark.parametrize("blend", ["gaussian", "cosine", "constant", "crop"])
+def test_a_padded_network_tiled_is_the_blend_of_its_tiles(tmp_path, rng, blend, shape, tile, block):
+    """Catches a blend that drops part of a tile's overlap (a seam), or a crop that takes
+    a pixel from the wrong tile: the tiles of a padded network disagree near their
+    borders, where identity tiles (and a valid network's) never do."""
     net, spec, path = same_net(tmp_path, len(shape) - 1)
     image = rng.integers(0, 256, size=shape, dtype=np.uint8)
     cfg = RunConfig(tile=tile, overlap=tile[0] // 3, blend=blend, dtype="float32", block=block,

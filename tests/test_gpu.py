@@ -200,3 +200,21 @@ def test_auto_batch_size_fills_the_device(torchscript):
     with load_backend(torchscript, device="cuda") as gpu:
         size = auto_batch_size(gpu.predict_tensor, (3, 512, 512), "cuda")
     assert 8 <= size <= MAX_BATCH  # an H200 fits far more than the CPU's 8 tiles of 512²
+
+
+@pytest.mark.parametrize("blend", ["gaussian", "crop"])
+def test_blocks_blended_on_cuda_equal_the_numpy_blend_of_the_tiles(tmp_path, blend):
+    """The merger on the GPU against the numpy oracle (tests/blend_oracle.py), not only
+    against the same merger on the CPU: a padded network's tiles disagree at borders."""
+    from blend_oracle import blended, same_net
+
+    from pipeline.config import RunConfig
+    from pipeline.predict import predict_array
+
+    net, spec, path = same_net(tmp_path, 2)
+    image = np.random.default_rng(3).integers(0, 256, (1, 150, 131), dtype=np.uint8)
+    cfg = RunConfig(tile=(32,), overlap=12, blend=blend, dtype="float32", block=64, chunk=32,
+                    device="cuda", precision="fp32")  # fmt: skip
+    want = blended(net, spec, image, cfg)
+    got = predict_array(image, path, cfg)
+    np.testing.assert_allclose(got, want, atol=TOL["fp32"], rtol=0)

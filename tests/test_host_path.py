@@ -129,12 +129,15 @@ def test_ordered_merger_equals_zeroed_sums_bit_for_bit(blend, flush) -> None:
 
 
 def _plain_sums(lattice, write, tiles, preds, blend, skipped):
-    """The reference, without the merger: zeroed accumulators, every tile's weighted
-    prediction added in order (a skipped tile adds its weight only), then divided."""
-    from pipeline.engine.merge import weights_on
+    """The reference, without the merger: zeroed accumulators, every tile touching the
+    block (from the lattice, not the block layout) weighted and added in order (a skipped
+    tile adds its weight only), then divided. Its own copy of the weights: a merger that
+    changed the shared ones in place would not change these."""
+    from pipeline.engine.blend import tile_weights
 
-    w = weights_on(blend, lattice.out_tile, lattice.overlap, CPU)
+    w = torch.from_numpy(tile_weights(blend, lattice.out_tile, lattice.overlap).copy())
     acc, wsum = torch.zeros((2, *write.shape)), torch.zeros(write.shape)
+    assert lattice.tiles_touching(write) == list(tiles)
     for t in tiles:
         part = lattice.out_region(t).intersect(write)
         if part.empty:
