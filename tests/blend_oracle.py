@@ -6,6 +6,8 @@ disagree near their borders."""
 
 from __future__ import annotations
 
+from itertools import combinations
+
 import numpy as np
 import torch
 
@@ -22,9 +24,30 @@ def same_net(folder, ndim):
     return net, spec, str(folder / "same.pt")
 
 
+def augmented(net, x, tta="none"):
+    """The network's prediction of the batch ``x`` (numpy), averaged over ``tta``'s
+    augmentations, each undone in numpy: ``flip`` every combination of spatial axis
+    flips, ``d4`` the 8 rotations and reflections of the (y, x) plane."""
+    space = list(range(2, x.ndim))
+    if tta == "flip":
+        ways = [(axes, 0) for r in range(len(space) + 1) for axes in combinations(space, r)]
+    elif tta == "d4":
+        ways = [(axes, k) for k in range(4) for axes in ((), (x.ndim - 1,))]
+    else:
+        ways = [((), 0)]
+    total = 0.0
+    for axes, k in ways:
+        a = np.rot90(np.flip(x, axes), k, axes=(-2, -1)) if axes else np.rot90(x, k, (-2, -1))
+        with torch.inference_mode():
+            y = net(torch.from_numpy(np.ascontiguousarray(a))).numpy().astype(np.float64)
+        y = np.rot90(y, -k, axes=(-2, -1))
+        total = total + (np.flip(y, axes) if axes else y)
+    return total / len(ways)
+
+
 def blended(net, spec, image, cfg):
     """The blending oracle in plain numpy: every tile of the run's lattice through the
-    network on its own. Weighted blends: each prediction times the blend's weight window,
+    network on its own (averaged over ``cfg.tta``'s augmentations). Weighted blends: each prediction times the blend's weight window,
     summed over its output region (clipped to the image), divided by the summed weights.
     Crop: each pixel from the one tile whose share it lies in, the shares cut in the
     middle of each overlap (computed here from the tile origins)."""
@@ -40,8 +63,7 @@ def blended(net, spec, image, cfg):
         index = [np.arange(o, o + n) for o, n in zip(region.offset, region.shape)]
         assert all(i.min() >= 0 and i.max() < n for i, n in zip(index, space))  # flush
         x = image[np.ix_([0], *index)].astype(np.float32) / 255.0
-        with torch.inference_mode():
-            preds[t] = net(torch.from_numpy(x[None]))[0].numpy().astype(np.float64)
+        preds[t] = augmented(net, x[None], cfg.tta)[0]
     origins = [[lat.origin(a, k) for k in range(c)] for a, c in enumerate(lat.counts)]
     if plan.blend is BlendMode.CROP:
         owner = []  # per axis, the tile each coordinate takes its value from
