@@ -13,7 +13,7 @@ tile edges; blending over an overlap hides that. The figures chose the default o
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +22,9 @@ import numpy as np
 
 from pipeline.config import RunConfig
 from pipeline.predict import predict_array
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import append_history  # noqa: E402
 
 HISTORY = Path(__file__).with_name("results") / "history.jsonl"
 
@@ -86,16 +89,13 @@ def main() -> None:
                     f"interior max {inner.max():.4f}  p99 {rows[-1]['p99_abs']:.4f}  mask disagreement {rows[-1]['mask_disagree']:.5f}"
                 )
     record = {
-        "bench": "blend_accuracy",
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "benchmark": "blend_accuracy",
         "size": args.size,
         "tile": args.tile,
         "train_seconds": args.train,
         "rows": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
+    append_history(args.out, record)  # with timestamp, commit and machine, as the others
 
 
 if __name__ == "__main__":
