@@ -63,7 +63,10 @@ def blended(net, spec, image, cfg):
         index = [np.arange(o, o + n) for o, n in zip(region.offset, region.shape)]
         assert all(i.min() >= 0 and i.max() < n for i, n in zip(index, space))  # flush
         x = image[np.ix_([0], *index)].astype(np.float32) / 255.0
-        preds[t] = augmented(net, x[None], cfg.tta)[0]
+        extra = lat.ndim - spec.ndim  # a 2D network on a volume: one plane per tile
+        plane = x.reshape(x.shape[:1] + x.shape[1 + extra :])
+        pred = augmented(net, plane[None], cfg.tta)[0]
+        preds[t] = pred.reshape(pred.shape[:1] + (1,) * extra + pred.shape[1:])
     origins = [[lat.origin(a, k) for k in range(c)] for a, c in enumerate(lat.counts)]
     if plan.blend is BlendMode.CROP:
         owner = []  # per axis, the tile each coordinate takes its value from

@@ -102,6 +102,21 @@ def test_a_padded_network_tiled_is_the_blend_of_its_tiles(tmp_path, rng, blend, 
     np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
 
 
+def test_a_2d_padded_network_on_a_volume_blends_each_plane_as_an_image(tmp_path, rng):
+    """A 2D network on a volume runs plane by plane: each plane is the blend of its own
+    tiles, nothing mixes between planes."""
+    net, spec, path = same_net(tmp_path, 2)
+    image = rng.integers(0, 256, size=(1, 3, 70, 61), dtype=np.uint8)
+    cfg = RunConfig(tile=(32,), overlap=12, dtype="float32", block=64, chunk=32)
+    want = blended(net, spec, image, cfg)
+    got = predict_array(image, path, cfg)
+    assert got.shape == (2, 3, 70, 61)
+    np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
+    for z in range(3):  # and each plane is the blend of that plane alone
+        plane = blended(net, spec, image[:, z], cfg)
+        np.testing.assert_allclose(got[:, z], plane, atol=2e-6, rtol=0)
+
+
 @pytest.mark.parametrize("tta", ["flip", "d4"])
 def test_a_padded_network_with_tta_is_the_blend_of_its_averaged_tiles(tmp_path, rng, tta):
     """TTA on a padded network: a flipped or turned tile's border effects land elsewhere,
