@@ -117,13 +117,16 @@ def test_a_2d_padded_network_on_a_volume_blends_each_plane_as_an_image(tmp_path,
         np.testing.assert_allclose(got[:, z], plane, atol=2e-6, rtol=0)
 
 
+@pytest.mark.parametrize("blend", ["gaussian", "crop"])
 @pytest.mark.parametrize("tta", ["flip", "d4"])
-def test_a_padded_network_with_tta_is_the_blend_of_its_averaged_tiles(tmp_path, rng, tta):
+def test_a_padded_network_with_tta_is_the_blend_of_its_averaged_tiles(tmp_path, rng, tta, blend):
     """TTA on a padded network: a flipped or turned tile's border effects land elsewhere,
     so only averaging the right augmentations, each turned back, matches the oracle."""
     net, spec, path = same_net(tmp_path, 2)
     image = rng.integers(0, 256, size=(1, 90, 77), dtype=np.uint8)
-    cfg = RunConfig(tile=(32,), overlap=12, tta=tta, dtype="float32", block=64, chunk=32)
+    cfg = RunConfig(
+        tile=(32,), overlap=12, tta=tta, blend=blend, dtype="float32", block=64, chunk=32
+    )
     want = blended(net, spec, image, cfg)
     got = predict_array(image, path, cfg)
     np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
