@@ -153,6 +153,34 @@ def run_process(*args: object, env: dict | None = None, wait: bool = True, timeo
     return run_cli(*args, env={"PYTHONPATH": str(ROOT), **(env or {})}, wait=wait, timeout=timeout)
 
 
+def small_slide(path: Path, seed: int, shape=(150, 200)) -> Path:
+    """A seeded random uint8 TIFF (32² zlib tiles) for :data:`SMALL_RUN` runs."""
+    image = np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+    return write_tiff(path, image, tile=(32, 32), compression="zlib")
+
+
+def small_slides(folder: Path, names=("s1", "s2", "s3"), **kwargs) -> Path:
+    """:func:`small_slide` ``folder/NAME.tif`` for each name, seeded by its position."""
+    for seed, name in enumerate(names):
+        small_slide(folder / f"{name}.tif", seed, **kwargs)
+    return folder
+
+
+def small_run(inputs, out, *extra, faults=None, env=None, sync=True):
+    """``pipeline run`` with :data:`SMALL_RUN` as a real process: in-process blocks
+    (``sync``) or 2 local workers; ``faults``: ``PIPELINE_FAULTS``."""
+    env = {**(env or {}), **({"PIPELINE_FAULTS": faults} if faults else {})}
+    where = ("--scheduler", "sync") if sync else ("--workers", "2")
+    return run_process("run", inputs, "--out", out, *where, *SMALL_RUN, *extra, env=env)
+
+
+def report_entries(out: Path) -> dict[str, dict]:
+    """The entries of ``OUT/report.json``, by output name."""
+    import json
+
+    return {e["name"]: e for e in json.loads((out / "report.json").read_text())["inputs"]}
+
+
 def image_files(out: Path) -> dict[str, dict[str, bytes]]:
     """Every file of every image in OUT, by image name and relative path: what must be
     bit-identical between two runs. The run settings recorded in each group's attributes

@@ -14,27 +14,10 @@ import numpy as np
 import pytest
 import tifffile
 from conftest import SMALL_RUN, image_dirs, image_files, run_process, write_tiff
-
-
-def slide(path: Path, seed: int, shape=(150, 200)) -> Path:
-    image = np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
-    return write_tiff(path, image, tile=(32, 32), compression="zlib")
-
-
-def slides(folder: Path, names=("s1", "s2", "s3"), **kwargs) -> Path:
-    for seed, name in enumerate(names):
-        slide(folder / f"{name}.tif", seed, **kwargs)
-    return folder
-
-
-def run(inputs, out, *extra, faults=None, env=None, sync=True):
-    env = {**(env or {}), **({"PIPELINE_FAULTS": faults} if faults else {})}
-    where = ("--scheduler", "sync") if sync else ("--workers", "2")
-    return run_process("run", inputs, "--out", out, *where, *SMALL_RUN, *extra, env=env)
-
-
-def entries(out: Path) -> dict[str, dict]:
-    return {e["name"]: e for e in json.loads((out / "report.json").read_text())["inputs"]}
+from conftest import report_entries as entries
+from conftest import small_run as run
+from conftest import small_slide as slide
+from conftest import small_slides as slides
 
 
 def stamps(out: Path, names) -> dict[str, tuple[int, int]]:

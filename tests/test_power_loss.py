@@ -10,15 +10,15 @@ that were never flushed come back empty. Root only (mount); skipped elsewhere.
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from conftest import SMALL_RUN, image_files, run_process, write_tiff
+from conftest import image_files, small_slides
+from conftest import report_entries as entries
+from conftest import small_run as run
 
 #: Longer than the mount's journal commit interval: the metadata of every write is
 #: committed, its data (written back only after 30 s) is not.
@@ -81,23 +81,6 @@ def disk(tmp_path):
         made.unmount()
 
 
-def slides(folder: Path, n: int = 2, shape=(150, 200)) -> Path:
-    for i in range(n):
-        image = np.random.default_rng(i).integers(0, 256, shape, dtype=np.uint8)
-        write_tiff(folder / f"s{i}.tif", image, tile=(32, 32), compression="zlib")
-    return folder
-
-
-def run(inputs, out, *extra, faults=None):
-    env = {"PIPELINE_FAULTS": faults} if faults else None
-    return run_process("run", inputs, "--out", out, "--scheduler", "sync", *SMALL_RUN, *extra,
-                       env=env)  # fmt: skip
-
-
-def entries(out: Path) -> dict[str, dict]:
-    return {e["name"]: e for e in json.loads((out / "report.json").read_text())["inputs"]}
-
-
 def empty_files(folder: Path) -> list[str]:
     """Files of ``folder`` that are empty, but for those empty by design: locks, block
     records and attempt marks."""
@@ -115,7 +98,7 @@ def empty_files(folder: Path) -> list[str]:
 def test_a_finished_output_is_whole_after_a_power_loss_and_the_next_run_keeps_it(
     tmp_path, disk, ngff
 ):
-    inputs = slides(tmp_path / "in")
+    inputs = small_slides(tmp_path / "in", names=("s0", "s1"))
     reference = tmp_path / "ref.zarr"
     assert run(inputs, reference, "--ngff", ngff).returncode == 0
     out = disk.mnt / "out.zarr"
@@ -134,7 +117,7 @@ def test_a_finished_output_is_whole_after_a_power_loss_and_the_next_run_keeps_it
 
 
 def test_blocks_recorded_before_a_power_loss_are_on_disk_and_the_rerun_keeps_them(tmp_path, disk):
-    inputs = slides(tmp_path / "in", n=1, shape=(200, 260))
+    inputs = small_slides(tmp_path / "in", names=("s0",), shape=(200, 260))
     reference = tmp_path / "ref.zarr"
     assert run(inputs, reference).returncode == 0
     out = disk.mnt / "out.zarr"
@@ -158,7 +141,7 @@ def test_blocks_recorded_before_a_power_loss_are_on_disk_and_the_rerun_keeps_the
 def test_a_republished_output_after_a_power_loss_is_the_new_one_whole(tmp_path, disk):
     """Republishing deletes the old image once the new one is in place: by then the new
     one must be on disk, or a power loss would leave neither."""
-    inputs = slides(tmp_path / "in", n=1)
+    inputs = small_slides(tmp_path / "in", names=("s0",))
     reference = tmp_path / "ref.zarr"
     assert run(inputs, reference, "--blend", "constant").returncode == 0
     out = disk.mnt / "out.zarr"
@@ -177,7 +160,7 @@ def test_a_republished_output_after_a_power_loss_is_the_new_one_whole(tmp_path, 
 def test_an_up_to_date_output_with_empty_metadata_files_is_computed_again(tmp_path):
     """What a power loss left before outputs were flushed (or any damage to an image's
     metadata): the next run says so and recomputes the image instead of skipping it."""
-    inputs = slides(tmp_path / "in")
+    inputs = small_slides(tmp_path / "in", names=("s0", "s1"))
     out = tmp_path / "out.zarr"
     assert run(inputs, out).returncode == 0
     made = image_files(out)

@@ -8,7 +8,6 @@ Dask cluster; faults are injected with ``PIPELINE_FAULTS`` (see :mod:`pipeline.c
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import SMALL_RUN, image_dirs, image_files, run_process, write_tiff
+from conftest import report_entries as entries
 
 NAMES = ("s1", "s2", "s3")
 # 150 x 200 pixels in blocks of 64 (SMALL_RUN): 12 blocks per slide
@@ -29,11 +29,6 @@ def make_slides(folder: Path, seed: int = 0) -> Path:
         image = rng.integers(0, 256, (150, 200), dtype=np.uint8)
         write_tiff(folder / f"{name}.tif", image, tile=(32, 32), compression="zlib")
     return folder
-
-
-def entries(out: Path) -> dict[str, dict]:
-    report = json.loads((out / "report.json").read_text())
-    return {e["name"]: e for e in report["inputs"]}
 
 
 @pytest.fixture(scope="module")
