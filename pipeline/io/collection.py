@@ -133,7 +133,7 @@ def damaged(image: str | os.PathLike) -> str | None:
     outputs left such images (files the kernel had not written back come back empty).
     """
     image = Path(image)
-    zarr_format = 3 if (image / "zarr.json").is_file() else 2
+    zarr_format = root_format(image) or 2  # neither file: ".zgroup" is what is missing
     group_file, array_file, attrs_file = _NODE_FILES[zarr_format]
     todo, levels = [image], None
     while todo:
